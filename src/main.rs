@@ -1,0 +1,246 @@
+//! The `kojo` command line.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use kojo::formats::GgmlType;
+use kojo::model::ModelSource;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "kojo", version, about = "kojo (工場): an LLM inference server")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show a model's architecture, hyperparameters, tensor types, tokenizer and chat template.
+    Inspect {
+        /// A GGUF file or a Hugging Face folder (config.json + safetensors + tokenizer.json).
+        model: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the token ids of TEXT as a JSON array.
+    Tokenize {
+        #[arg(long, short)]
+        model: PathBuf,
+        /// Recognise control tokens such as <|im_start|> written in the text.
+        #[arg(long)]
+        special: bool,
+        /// Add BOS/EOS where the model asks for them.
+        #[arg(long)]
+        add_special: bool,
+        text: String,
+    },
+    /// Print the text of token ids (control tokens included).
+    Detokenize {
+        #[arg(long, short)]
+        model: PathBuf,
+        /// Leave control tokens out of the text.
+        #[arg(long)]
+        skip_special: bool,
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Render the model's chat template over the messages in MESSAGES.json (a JSON array of
+    /// {role, content}, or an object with "messages").
+    ChatTemplate {
+        #[arg(long, short)]
+        model: PathBuf,
+        /// Leave out the assistant prompt that starts the model's reply.
+        #[arg(long)]
+        no_generation_prompt: bool,
+        /// Use this template file instead of the model's own.
+        #[arg(long)]
+        template: Option<PathBuf>,
+        messages: PathBuf,
+    },
+    /// List tensors (name, type, shape); with --sha256, the hash of each tensor dequantized to
+    /// little-endian f32.
+    Tensors {
+        model: PathBuf,
+        #[arg(long)]
+        sha256: bool,
+        /// Only tensors whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Inspect { model, json } => inspect(&model, json),
+        Cmd::Tokenize { model, special, add_special, text } => {
+            let src = ModelSource::open(&model)?;
+            let tok = src.tokenizer()?;
+            let ids = tok.encode(&text, add_special, special)?;
+            println!("{}", serde_json::to_string(&ids)?);
+            Ok(())
+        }
+        Cmd::Detokenize { model, skip_special, ids } => {
+            let ids = parse_ids(&ids)?;
+            let src = ModelSource::open(&model)?;
+            let tok = src.tokenizer()?;
+            print!("{}", tok.decode(&ids, !skip_special)?);
+            Ok(())
+        }
+        Cmd::ChatTemplate { model, no_generation_prompt, template, messages } => {
+            let src = ModelSource::open(&model)?;
+            let tok = src.tokenizer()?;
+            let tmpl = match template {
+                Some(p) => {
+                    let s = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+                    let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
+                    kojo::tokenizer::ChatTemplate::new(&s, &text(tok.bos()), &text(tok.eos()))?
+                }
+                None => src.chat_template(&tok)?,
+            };
+            let text = std::fs::read_to_string(&messages).with_context(|| format!("reading {}", messages.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", messages.display()))?;
+            let msgs = match &v {
+                serde_json::Value::Array(_) => v.clone(),
+                serde_json::Value::Object(o) if o.get("messages").is_some_and(|m| m.is_array()) => o["messages"].clone(),
+                _ => bail!("{}: expected a JSON array of messages or an object with \"messages\"", messages.display()),
+            };
+            print!("{}", tmpl.render(&msgs, !no_generation_prompt, None)?);
+            Ok(())
+        }
+        Cmd::Tensors { model, sha256, filter } => tensors(&model, sha256, filter.as_deref()),
+    }
+}
+
+fn parse_ids(args: &[String]) -> Result<Vec<u32>> {
+    // accept `1 2 3`, `1,2,3` and `[1, 2, 3]`
+    let joined = args.join(" ");
+    joined
+        .split(|c: char| c == ',' || c.is_whitespace() || c == '[' || c == ']')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<u32>().with_context(|| format!("'{s}' is not a token id")))
+        .collect()
+}
+
+fn inspect(path: &Path, json: bool) -> Result<()> {
+    let src = ModelSource::open(path)?;
+    let cfg = src.config()?;
+    let mut types: BTreeMap<String, usize> = BTreeMap::new();
+    let (n_tensors, n_params, format) = match &src {
+        ModelSource::Gguf(g) => {
+            for t in &g.tensors {
+                *types.entry(t.ty.name()).or_default() += 1;
+            }
+            (g.tensors.len(), g.tensors.iter().map(|t| t.n_elements()).sum::<u64>(), format!("GGUF v{}", g.version))
+        }
+        ModelSource::Hf { weights, .. } => {
+            for t in weights.tensors.values() {
+                *types.entry(format!("{:?}", t.dtype)).or_default() += 1;
+            }
+            let n: u64 = weights.tensors.values().map(|t| t.shape.iter().product::<usize>() as u64).sum();
+            (weights.tensors.len(), n, "safetensors".to_string())
+        }
+    };
+    let tok = src.tokenizer();
+    let template = src.chat_template_source()?;
+    if json {
+        let v = serde_json::json!({
+            "path": path,
+            "format": format,
+            "config": cfg,
+            "tensors": n_tensors,
+            "parameters": n_params,
+            "tensor_types": types,
+            "tokenizer": match &tok { Ok(t) => serde_json::json!({
+                "kind": t.kind(), "vocab_size": t.vocab_size(), "bos": t.bos(), "eos": t.eos(), "adds_bos": t.adds_bos()}),
+                Err(e) => serde_json::json!({"error": e.to_string()}) },
+            "chat_template": template,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("model:          {}", path.display());
+    println!("format:         {format}");
+    println!("architecture:   {}", cfg.arch);
+    if let Some(n) = &cfg.name {
+        println!("name:           {n}");
+    }
+    println!("parameters:     {n_params} in {n_tensors} tensors");
+    println!("layers:         {}", cfg.n_layers);
+    println!("hidden:         {}", cfg.hidden);
+    println!("ffn:            {}", cfg.ffn);
+    println!("heads:          {} query, {} kv, head dim {}", cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+    println!("vocab:          {}", cfg.vocab_size);
+    println!("context:        {}", cfg.context_length);
+    println!("rope base:      {}", cfg.rope_base);
+    println!("rms eps:        {:e}", cfg.rms_eps);
+    println!("tied embedding: {}", cfg.tied_embeddings);
+    if let Some(w) = cfg.sliding_window {
+        println!("sliding window: {w}");
+    }
+    let types: Vec<String> = types.iter().map(|(k, v)| format!("{k} × {v}")).collect();
+    println!("tensor types:   {}", types.join(", "));
+    match &tok {
+        Ok(t) => {
+            let name = |id: Option<u32>| match id {
+                Some(i) => format!("{i} {:?}", t.token_text(i).unwrap_or_default()),
+                None => "none".into(),
+            };
+            println!("tokenizer:      {}, {} tokens", t.kind(), t.vocab_size());
+            println!("bos / eos:      {} / {} (BOS added: {})", name(t.bos()), name(t.eos()), t.adds_bos());
+        }
+        Err(e) => println!("tokenizer:      unavailable: {e}"),
+    }
+    match template {
+        Some(t) => println!("chat template:  {} chars\n{t}", t.len()),
+        None => println!("chat template:  none"),
+    }
+    Ok(())
+}
+
+fn tensors(path: &Path, sha256: bool, filter: Option<&str>) -> Result<()> {
+    let src = ModelSource::open(path)?;
+    let hash = |v: &[f32]| {
+        let mut h = Sha256::new();
+        for x in v {
+            h.update(x.to_le_bytes());
+        }
+        format!("{:x}", h.finalize())
+    };
+    let keep = |n: &str| filter.is_none_or(|f| n.contains(f));
+    let mut rows = Vec::new();
+    match &src {
+        ModelSource::Gguf(g) => {
+            for t in g.tensors.iter().filter(|t| keep(&t.name)) {
+                let mut row = serde_json::json!({"name": t.name, "type": t.ty.name(), "shape": t.dims});
+                if sha256 {
+                    row["sha256"] = hash(&g.tensor_f32(&t.name)?).into();
+                }
+                rows.push(row);
+            }
+        }
+        ModelSource::Hf { weights, .. } => {
+            for (name, t) in weights.tensors.iter().filter(|(n, _)| keep(n)) {
+                let mut row = serde_json::json!({"name": name, "type": format!("{:?}", t.dtype), "shape": t.shape});
+                if sha256 {
+                    row["sha256"] = hash(&weights.tensor_f32(name)?).into();
+                }
+                rows.push(row);
+            }
+        }
+    }
+    let _ = GgmlType::F32;
+    println!("{}", serde_json::to_string(&rows)?);
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! Opening a model path: a GGUF file, or a Hugging Face folder (`config.json`,
+//! `*.safetensors`, `tokenizer.json`, `tokenizer_config.json`).
+
+use super::config::ModelConfig;
+use crate::formats::safetensors::SafetensorsModel;
+use crate::formats::GgufFile;
+use crate::tokenizer::{ChatTemplate, Tokenizer};
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+pub enum ModelSource {
+    Gguf(GgufFile),
+    Hf { dir: PathBuf, weights: SafetensorsModel, config: ModelConfig },
+}
+
+impl ModelSource {
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            bail!("{}: no such file or folder", path.display());
+        }
+        if path.is_dir() {
+            let config = ModelConfig::from_hf_config(&path.join("config.json"))?;
+            let weights = SafetensorsModel::open(path)?;
+            return Ok(ModelSource::Hf { dir: path.to_path_buf(), weights, config });
+        }
+        Ok(ModelSource::Gguf(GgufFile::open(path)?))
+    }
+
+    pub fn config(&self) -> Result<ModelConfig> {
+        match self {
+            ModelSource::Gguf(g) => Ok(ModelConfig::from_gguf(g)?),
+            ModelSource::Hf { config, .. } => Ok(config.clone()),
+        }
+    }
+
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        match self {
+            ModelSource::Gguf(g) => Ok(Tokenizer::from_gguf(g)?),
+            ModelSource::Hf { dir, .. } => {
+                let p = dir.join("tokenizer.json");
+                Ok(Tokenizer::from_tokenizer_json(&p).with_context(|| format!("loading {}", p.display()))?)
+            }
+        }
+    }
+
+    /// The template source, if the model ships one.
+    pub fn chat_template_source(&self) -> Result<Option<String>> {
+        match self {
+            ModelSource::Gguf(g) => Ok(g.get_str("tokenizer.chat_template").map(str::to_string)),
+            ModelSource::Hf { dir, .. } => {
+                let jinja = dir.join("chat_template.jinja");
+                if jinja.exists() {
+                    return Ok(Some(std::fs::read_to_string(&jinja).with_context(|| format!("reading {}", jinja.display()))?));
+                }
+                let cfg = dir.join("tokenizer_config.json");
+                let Ok(text) = std::fs::read_to_string(&cfg) else { return Ok(None) };
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg.display()))?;
+                Ok(match v.get("chat_template") {
+                    Some(serde_json::Value::String(s)) => Some(s.clone()),
+                    // a list of named templates: take "default"
+                    Some(serde_json::Value::Array(list)) => list
+                        .iter()
+                        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                        .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+                    _ => None,
+                })
+            }
+        }
+    }
+
+    /// The model's chat template, ready to render.
+    pub fn chat_template(&self, tok: &Tokenizer) -> Result<ChatTemplate> {
+        let src = self.chat_template_source()?.ok_or_else(|| anyhow!("{}: the model has no chat template", self.path().display()))?;
+        let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
+        Ok(ChatTemplate::new(&src, &text(tok.bos()), &text(tok.eos()))?)
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            ModelSource::Gguf(g) => &g.path,
+            ModelSource::Hf { dir, .. } => dir,
+        }
+    }
+}

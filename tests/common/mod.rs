@@ -1,0 +1,70 @@
+//! Helpers shared by the integration tests: the `kojo` binary, the real models, the references.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A real model fetched by scripts/fetch-models; a missing model fails the test loudly.
+pub fn model(file: &str) -> PathBuf {
+    let p = root().join("models").join(file);
+    assert!(p.exists(), "{} is missing: run scripts/fetch-models first", p.display());
+    p
+}
+
+pub fn smollm2() -> PathBuf {
+    model("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+pub fn gemma3() -> PathBuf {
+    model("gemma-3-270m-q4_k_m.gguf")
+}
+
+/// The shared reference folder (`../shared/ref`, or $KOJO_SHARED/ref).
+pub fn reference(file: &str) -> serde_json::Value {
+    let shared = std::env::var("KOJO_SHARED").map(PathBuf::from).unwrap_or_else(|_| root().join("../shared"));
+    let p = shared.join("ref").join(file);
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn kojo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kojo")).args(args).output().expect("run kojo")
+}
+
+/// Run kojo and return stdout; panics with stderr when it fails.
+pub fn kojo_ok(args: &[&str]) -> String {
+    let out = kojo(args);
+    assert!(out.status.success(), "kojo {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+pub fn ids_of(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+}
+
+pub fn tokenize(model: &Path, text: &str, special: bool) -> Vec<u64> {
+    let m = model.to_str().unwrap();
+    let mut args = vec!["tokenize", "-m", m];
+    if special {
+        args.push("--special");
+    }
+    args.push("--");
+    args.push(text);
+    serde_json::from_str(&kojo_ok(&args)).unwrap()
+}
+
+pub fn detokenize(model: &Path, ids: &[u64]) -> String {
+    let m = model.to_str().unwrap();
+    let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    let mut args = vec!["detokenize", "-m", m, "--"];
+    args.extend(ids.iter().map(String::as_str));
+    kojo_ok(&args)
+}
+
+pub fn python() -> String {
+    std::env::var("KOJO_PYTHON").unwrap_or_else(|_| "python3".to_string())
+}
