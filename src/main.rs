@@ -2,7 +2,6 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use kojo::formats::GgmlType;
 use kojo::model::ModelSource;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -44,6 +43,10 @@ enum Cmd {
         /// Leave control tokens out of the text.
         #[arg(long)]
         skip_special: bool,
+        /// Feed the ids one at a time through the streaming detokenizer and print the piece
+        /// each one releases, as a JSON array (whole UTF-8 characters only).
+        #[arg(long)]
+        stream: bool,
         #[arg(required = true)]
         ids: Vec<String>,
     },
@@ -73,6 +76,11 @@ enum Cmd {
 }
 
 fn main() {
+    // Behave like a Unix tool when stdout closes early (`kojo inspect m.gguf | head`).
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
@@ -90,11 +98,22 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&ids)?);
             Ok(())
         }
-        Cmd::Detokenize { model, skip_special, ids } => {
+        Cmd::Detokenize { model, skip_special, stream, ids } => {
             let ids = parse_ids(&ids)?;
             let src = ModelSource::open(&model)?;
             let tok = src.tokenizer()?;
-            print!("{}", tok.decode(&ids, !skip_special)?);
+            if stream {
+                let n = tok.vocab_size();
+                if let Some(bad) = ids.iter().find(|&&i| i as usize >= n) {
+                    bail!("token id {bad} is outside the vocabulary (size {n})");
+                }
+                let mut dec = kojo::tokenizer::StreamDecoder::new(&tok, !skip_special);
+                let mut pieces: Vec<String> = ids.iter().map(|&id| dec.push(id)).collect();
+                pieces.push(dec.finish());
+                println!("{}", serde_json::to_string(&pieces)?);
+            } else {
+                print!("{}", tok.decode(&ids, !skip_special)?);
+            }
             Ok(())
         }
         Cmd::ChatTemplate { model, no_generation_prompt, template, messages } => {
@@ -240,7 +259,6 @@ fn tensors(path: &Path, sha256: bool, filter: Option<&str>) -> Result<()> {
             }
         }
     }
-    let _ = GgmlType::F32;
     println!("{}", serde_json::to_string(&rows)?);
     Ok(())
 }

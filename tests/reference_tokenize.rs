@@ -126,3 +126,42 @@ fn gemma3_adds_bos_when_asked() {
     let ids: Vec<u64> = serde_json::from_str(&out).unwrap();
     assert_eq!(ids, vec![2, 818, 5279, 529, 7001, 563]);
 }
+
+/// Japanese and emoji come out of the streaming detokenizer as whole characters: llama.cpp's
+/// ids for these strings split characters across tokens, and no piece is ever a fragment.
+/// `extra` texts are tokenized by kojo itself (for characters the vocabulary lacks, which fall
+/// back to byte tokens).
+fn stream_whole_characters(model: &std::path::Path, ref_file: &str, extra: &[&str]) {
+    let r = reference(ref_file);
+    let mut held_back = 0;
+    let mut cases: Vec<(String, Vec<u64>)> = r["tokenize_cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["text"].as_str().unwrap().to_string(), ids_of(&c["ids"])))
+        .collect();
+    cases.extend(extra.iter().map(|t| (t.to_string(), tokenize(model, t, false))));
+    for (text, ids) in &cases {
+        let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+        let mut args = vec!["detokenize", "--stream", "-m", model.to_str().unwrap(), "--"];
+        args.extend(ids.iter().map(String::as_str));
+        let pieces: Vec<String> = serde_json::from_str(&kojo_ok(&args)).unwrap();
+        assert_eq!(pieces.len(), ids.len() + 1);
+        assert_eq!(&pieces.concat(), text, "stream of {text:?}");
+        assert!(!pieces.concat().contains('\u{FFFD}'));
+        held_back += pieces[..ids.len()].iter().filter(|p| p.is_empty()).count();
+    }
+    // the cases do split characters across tokens, so some pushes must have held bytes back
+    assert!(held_back > 0, "no token ended inside a character: the test would prove nothing");
+}
+
+#[test]
+fn smollm2_streams_whole_characters() {
+    stream_whole_characters(&smollm2(), "llamacpp-smollm2-reference.json", &[]);
+}
+
+#[test]
+fn gemma3_streams_whole_characters() {
+    // Egyptian hieroglyphs and a rare emoji sequence are not in Gemma's vocabulary: byte fallback
+    stream_whole_characters(&gemma3(), "llamacpp-gemma3-270m-reference.json", &["𓀀𓀁 工場 🫨🪿"]);
+}
