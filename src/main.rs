@@ -91,14 +91,24 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model, json } => inspect(&model, json),
-        Cmd::Tokenize { model, special, add_special, text } => {
+        Cmd::Tokenize {
+            model,
+            special,
+            add_special,
+            text,
+        } => {
             let src = ModelSource::open(&model)?;
             let tok = src.tokenizer()?;
             let ids = tok.encode(&text, add_special, special)?;
             println!("{}", serde_json::to_string(&ids)?);
             Ok(())
         }
-        Cmd::Detokenize { model, skip_special, stream, ids } => {
+        Cmd::Detokenize {
+            model,
+            skip_special,
+            stream,
+            ids,
+        } => {
             let ids = parse_ids(&ids)?;
             let src = ModelSource::open(&model)?;
             let tok = src.tokenizer()?;
@@ -116,29 +126,46 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::ChatTemplate { model, no_generation_prompt, template, messages } => {
+        Cmd::ChatTemplate {
+            model,
+            no_generation_prompt,
+            template,
+            messages,
+        } => {
             let src = ModelSource::open(&model)?;
             let tok = src.tokenizer()?;
             let tmpl = match template {
                 Some(p) => {
-                    let s = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-                    let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
+                    let s = std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    let text =
+                        |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
                     kojo::tokenizer::ChatTemplate::new(&s, &text(tok.bos()), &text(tok.eos()))?
                 }
                 None => src.chat_template(&tok)?,
             };
-            let text = std::fs::read_to_string(&messages).with_context(|| format!("reading {}", messages.display()))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", messages.display()))?;
+            let text = std::fs::read_to_string(&messages)
+                .with_context(|| format!("reading {}", messages.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: invalid JSON", messages.display()))?;
             let msgs = match &v {
                 serde_json::Value::Array(_) => v.clone(),
-                serde_json::Value::Object(o) if o.get("messages").is_some_and(|m| m.is_array()) => o["messages"].clone(),
-                _ => bail!("{}: expected a JSON array of messages or an object with \"messages\"", messages.display()),
+                serde_json::Value::Object(o) if o.get("messages").is_some_and(|m| m.is_array()) => {
+                    o["messages"].clone()
+                }
+                _ => bail!(
+                    "{}: expected a JSON array of messages or an object with \"messages\"",
+                    messages.display()
+                ),
             };
             print!("{}", tmpl.render(&msgs, !no_generation_prompt, None)?);
             Ok(())
         }
-        Cmd::Tensors { model, sha256, filter } => tensors(&model, sha256, filter.as_deref()),
+        Cmd::Tensors {
+            model,
+            sha256,
+            filter,
+        } => tensors(&model, sha256, filter.as_deref()),
     }
 }
 
@@ -148,7 +175,10 @@ fn parse_ids(args: &[String]) -> Result<Vec<u32>> {
     joined
         .split(|c: char| c == ',' || c.is_whitespace() || c == '[' || c == ']')
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<u32>().with_context(|| format!("'{s}' is not a token id")))
+        .map(|s| {
+            s.parse::<u32>()
+                .with_context(|| format!("'{s}' is not a token id"))
+        })
         .collect()
 }
 
@@ -161,13 +191,21 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
             for t in &g.tensors {
                 *types.entry(t.ty.name()).or_default() += 1;
             }
-            (g.tensors.len(), g.tensors.iter().map(|t| t.n_elements()).sum::<u64>(), format!("GGUF v{}", g.version))
+            (
+                g.tensors.len(),
+                g.tensors.iter().map(|t| t.n_elements()).sum::<u64>(),
+                format!("GGUF v{}", g.version),
+            )
         }
         ModelSource::Hf { weights, .. } => {
             for t in weights.tensors.values() {
                 *types.entry(format!("{:?}", t.dtype)).or_default() += 1;
             }
-            let n: u64 = weights.tensors.values().map(|t| t.shape.iter().product::<usize>() as u64).sum();
+            let n: u64 = weights
+                .tensors
+                .values()
+                .map(|t| t.shape.iter().product::<usize>() as u64)
+                .sum();
             (weights.tensors.len(), n, "safetensors".to_string())
         }
     };
@@ -199,7 +237,10 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
     println!("layers:         {}", cfg.n_layers);
     println!("hidden:         {}", cfg.hidden);
     println!("ffn:            {}", cfg.ffn);
-    println!("heads:          {} query, {} kv, head dim {}", cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+    println!(
+        "heads:          {} query, {} kv, head dim {}",
+        cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    );
     println!("vocab:          {}", cfg.vocab_size);
     println!("context:        {}", cfg.context_length);
     println!("rope base:      {}", cfg.rope_base);
@@ -217,7 +258,12 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
                 None => "none".into(),
             };
             println!("tokenizer:      {}, {} tokens", t.kind(), t.vocab_size());
-            println!("bos / eos:      {} / {} (BOS added: {})", name(t.bos()), name(t.eos()), t.adds_bos());
+            println!(
+                "bos / eos:      {} / {} (BOS added: {})",
+                name(t.bos()),
+                name(t.eos()),
+                t.adds_bos()
+            );
         }
         Err(e) => println!("tokenizer:      unavailable: {e}"),
     }
@@ -242,7 +288,8 @@ fn tensors(path: &Path, sha256: bool, filter: Option<&str>) -> Result<()> {
     match &src {
         ModelSource::Gguf(g) => {
             for t in g.tensors.iter().filter(|t| keep(&t.name)) {
-                let mut row = serde_json::json!({"name": t.name, "type": t.ty.name(), "shape": t.dims});
+                let mut row =
+                    serde_json::json!({"name": t.name, "type": t.ty.name(), "shape": t.dims});
                 if sha256 {
                     row["sha256"] = hash(&g.tensor_f32(&t.name)?).into();
                 }

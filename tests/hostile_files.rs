@@ -37,9 +37,17 @@ fn sample() -> Vec<u8> {
                 Value::Array(vec![Value::U32(3)]),
             ]),
         )
-        .kv("strings", Value::Array(vec![Value::String("a".into()), Value::String("bc".into())]))
+        .kv(
+            "strings",
+            Value::Array(vec![Value::String("a".into()), Value::String("bc".into())]),
+        )
         .tensor("mystery", &[32], GgmlType::Other(99), vec![0xAB; 64])
-        .tensor("a", &[4, 2], GgmlType::F32, f32_bytes(&[1., 2., 3., 4., 5., 6., 7., 8.]))
+        .tensor(
+            "a",
+            &[4, 2],
+            GgmlType::F32,
+            f32_bytes(&[1., 2., 3., 4., 5., 6., 7., 8.]),
+        )
         .tensor("b", &[32], GgmlType::Q8_0, {
             let mut b = half::f16::from_f32(0.5).to_bits().to_le_bytes().to_vec();
             b.extend((0..32).map(|i| i as u8));
@@ -60,8 +68,16 @@ fn sample_parses_with_every_value_type() {
     assert_eq!(g.get("i64"), Some(&Value::I64(-(1 << 40))));
     assert_eq!(g.get("f64"), Some(&Value::F64(-2.25)));
     assert_eq!(g.get_str("str"), Some("日本語"));
-    assert_eq!(g.get("nested").unwrap().as_array().unwrap()[0].as_array().unwrap()[1], Value::U32(2));
-    assert_eq!(g.tensor_f32("a").unwrap(), vec![1., 2., 3., 4., 5., 6., 7., 8.]);
+    assert_eq!(
+        g.get("nested").unwrap().as_array().unwrap()[0]
+            .as_array()
+            .unwrap()[1],
+        Value::U32(2)
+    );
+    assert_eq!(
+        g.tensor_f32("a").unwrap(),
+        vec![1., 2., 3., 4., 5., 6., 7., 8.]
+    );
     assert_eq!(g.tensor_f32("b").unwrap()[3], 1.5);
     assert_eq!(g.tensor("a").unwrap().dims, vec![4, 2]);
 }
@@ -70,7 +86,10 @@ fn sample_parses_with_every_value_type() {
 fn unknown_tensor_type_is_an_error_only_when_used() {
     let g = parse(&sample()).unwrap();
     let e = g.tensor_f32("mystery").unwrap_err().to_string();
-    assert!(e.contains("test.gguf") && e.contains("mystery") && e.contains("not supported"), "{e}");
+    assert!(
+        e.contains("test.gguf") && e.contains("mystery") && e.contains("not supported"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -82,9 +101,14 @@ fn every_truncation_is_rejected_without_panic() {
     for len in 0..full.len() {
         let r = parse(&full[..len]);
         if len < end_of_data {
-            let e = r.err().unwrap_or_else(|| panic!("truncated to {len} bytes was accepted"));
+            let e = r
+                .err()
+                .unwrap_or_else(|| panic!("truncated to {len} bytes was accepted"));
             let msg = e.to_string();
-            assert!(msg.starts_with("test.gguf: ") && msg.contains("byte offset"), "{msg}");
+            assert!(
+                msg.starts_with("test.gguf: ") && msg.contains("byte offset"),
+                "{msg}"
+            );
         }
     }
 }
@@ -115,11 +139,16 @@ fn random_corruption_never_panics() {
 
 /// Offsets of fields in the sample, found by scanning for known byte patterns.
 fn find(hay: &[u8], needle: &[u8]) -> usize {
-    hay.windows(needle.len()).position(|w| w == needle).expect("pattern")
+    hay.windows(needle.len())
+        .position(|w| w == needle)
+        .expect("pattern")
 }
 
 fn expect_err(bytes: &[u8], want: &[&str]) {
-    let e = parse(bytes).err().expect("corrupt file accepted").to_string();
+    let e = parse(bytes)
+        .err()
+        .expect("corrupt file accepted")
+        .to_string();
     for w in want {
         assert!(e.contains(w), "error {e:?} should mention {w:?}");
     }
@@ -196,12 +225,22 @@ fn deep_nesting_duplicates_and_alignment() {
     for _ in 0..20 {
         v = Value::Array(vec![v]);
     }
-    expect_err(&GgufWriter::new().kv("deep", v).to_bytes(), &["nested deeper"]);
-    let dup = GgufWriter::new().kv("k", Value::U8(1)).kv("k", Value::U8(2)).to_bytes();
+    expect_err(
+        &GgufWriter::new().kv("deep", v).to_bytes(),
+        &["nested deeper"],
+    );
+    let dup = GgufWriter::new()
+        .kv("k", Value::U8(1))
+        .kv("k", Value::U8(2))
+        .to_bytes();
     expect_err(&dup, &["metadata 'k'", "duplicate"]);
-    let bad_align = GgufWriter::new().kv("general.alignment", Value::U32(24)).to_bytes();
+    let bad_align = GgufWriter::new()
+        .kv("general.alignment", Value::U32(24))
+        .to_bytes();
     expect_err(&bad_align, &["general.alignment", "power-of-two"]);
-    let row = GgufWriter::new().tensor("q", &[16], GgmlType::Q4_0, vec![0; 18]).to_bytes();
+    let row = GgufWriter::new()
+        .tensor("q", &[16], GgmlType::Q4_0, vec![0; 18])
+        .to_bytes();
     expect_err(&row, &["tensor 'q'.ne[0]", "block size"]);
 }
 
@@ -213,7 +252,10 @@ fn cli_names_the_file_and_offset() {
     let out = kojo(&["inspect", p.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("broken.gguf") && err.contains("byte offset"), "{err}");
+    assert!(
+        err.contains("broken.gguf") && err.contains("byte offset"),
+        "{err}"
+    );
     let out = kojo(&["inspect", dir.path().join("absent.gguf").to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("absent.gguf"));
     // an empty file
@@ -257,23 +299,37 @@ fn safetensors_truncations_and_corruptions_are_errors() {
     let full = st_sample();
     for len in 0..full.len() {
         let e = SafetensorsModel::from_bytes(full[..len].to_vec(), "m.safetensors");
-        let msg = e.err().unwrap_or_else(|| panic!("truncated to {len} accepted")).to_string();
+        let msg = e
+            .err()
+            .unwrap_or_else(|| panic!("truncated to {len} accepted"))
+            .to_string();
         assert!(msg.starts_with("m.safetensors: "), "{msg}");
     }
     let mut b = full.clone();
     b[..8].copy_from_slice(&u64::MAX.to_le_bytes());
     assert!(SafetensorsModel::from_bytes(b, "m").is_err());
-    let overlap = st_file(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, &[0; 8]);
+    let overlap = st_file(
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+        &[0; 8],
+    );
     assert!(SafetensorsModel::from_bytes(overlap, "m").is_err());
-    let wrong_size = st_file(r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, &[0; 8]);
+    let wrong_size = st_file(
+        r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+        &[0; 8],
+    );
     assert!(SafetensorsModel::from_bytes(wrong_size, "m").is_err());
-    let huge = st_file(r#"{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,8]}}"#, &[0; 8]);
+    let huge = st_file(
+        r#"{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,8]}}"#,
+        &[0; 8],
+    );
     assert!(SafetensorsModel::from_bytes(huge, "m").is_err());
     assert!(SafetensorsModel::from_bytes(st_file("not json", &[]), "m").is_err());
     let mut state = 12345u64;
     for _ in 0..20_000 {
         let mut b = full.clone();
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let i = (state >> 33) as usize % b.len();
         b[i] = (state >> 20) as u8;
         if let Ok(m) = SafetensorsModel::from_bytes(b, "m") {

@@ -11,14 +11,36 @@ fn tokenize_cases(model: &std::path::Path, ref_file: &str) {
     for c in cases {
         let text = c["text"].as_str().unwrap();
         let want = ids_of(&c["ids"]);
-        let with_special: Vec<u64> = c["parse_special_true"].as_array().unwrap().iter().map(|p| p["id"].as_u64().unwrap()).collect();
+        let with_special: Vec<u64> = c["parse_special_true"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_u64().unwrap())
+            .collect();
         assert_eq!(want, with_special);
-        assert_eq!(tokenize(model, text, true), want, "tokenize --special {text:?}");
+        assert_eq!(
+            tokenize(model, text, true),
+            want,
+            "tokenize --special {text:?}"
+        );
         if let Some(plain) = c.get("parse_special_false") {
-            let plain: Vec<u64> = plain.as_array().unwrap().iter().map(|p| p["id"].as_u64().unwrap()).collect();
-            assert_eq!(tokenize(model, text, false), plain, "tokenize (no --special) {text:?}");
+            let plain: Vec<u64> = plain
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["id"].as_u64().unwrap())
+                .collect();
+            assert_eq!(
+                tokenize(model, text, false),
+                plain,
+                "tokenize (no --special) {text:?}"
+            );
         }
-        assert_eq!(detokenize(model, &want), c["detokenize_roundtrip"].as_str().unwrap(), "detokenize {want:?}");
+        assert_eq!(
+            detokenize(model, &want),
+            c["detokenize_roundtrip"].as_str().unwrap(),
+            "detokenize {want:?}"
+        );
         assert_eq!(c["detokenize_roundtrip"].as_str().unwrap(), text);
     }
 }
@@ -27,14 +49,33 @@ fn raw_prompts(model: &std::path::Path, ref_file: &str) {
     let r = reference(ref_file);
     for g in r["generation_cases"].as_array().unwrap() {
         let raw = g["raw_prompt"].as_str().unwrap();
-        assert_eq!(tokenize(model, raw, false), ids_of(&g["raw_prompt_ids"]), "raw prompt of {}", g["id"]);
+        assert_eq!(
+            tokenize(model, raw, false),
+            ids_of(&g["raw_prompt_ids"]),
+            "raw prompt of {}",
+            g["id"]
+        );
         // the completion's own record of generated ids detokenizes to its content
         let done = &g["completion_raw"];
-        let toks: Vec<String> = ids_of(&done["tokens"]).iter().map(|i| i.to_string()).collect();
-        let mut args = vec!["detokenize", "--skip-special", "-m", model.to_str().unwrap(), "--"];
+        let toks: Vec<String> = ids_of(&done["tokens"])
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        let mut args = vec![
+            "detokenize",
+            "--skip-special",
+            "-m",
+            model.to_str().unwrap(),
+            "--",
+        ];
         args.extend(toks.iter().map(String::as_str));
         // the server's content leaves out control tokens such as the final EOS
-        assert_eq!(kojo_ok(&args), done["content"].as_str().unwrap(), "completion of {}", g["id"]);
+        assert_eq!(
+            kojo_ok(&args),
+            done["content"].as_str().unwrap(),
+            "completion of {}",
+            g["id"]
+        );
     }
 }
 
@@ -65,11 +106,23 @@ fn smollm2_chat_template_matches_llama_cpp() {
     let r = reference("llamacpp-smollm2-reference.json");
     let dir = tempfile::tempdir().unwrap();
     for g in r["generation_cases"].as_array().unwrap() {
-        let f = dir.path().join(format!("{}.json", g["id"].as_str().unwrap()));
+        let f = dir
+            .path()
+            .join(format!("{}.json", g["id"].as_str().unwrap()));
         std::fs::write(&f, g["messages"].to_string()).unwrap();
         let rendered = kojo_ok(&["chat-template", "-m", m, f.to_str().unwrap()]);
-        assert_eq!(rendered, g["templated_prompt"].as_str().unwrap(), "template of {}", g["id"]);
-        assert_eq!(tokenize(&model, &rendered, true), ids_of(&g["templated_prompt_ids"]), "templated ids of {}", g["id"]);
+        assert_eq!(
+            rendered,
+            g["templated_prompt"].as_str().unwrap(),
+            "template of {}",
+            g["id"]
+        );
+        assert_eq!(
+            tokenize(&model, &rendered, true),
+            ids_of(&g["templated_prompt_ids"]),
+            "templated ids of {}",
+            g["id"]
+        );
     }
 }
 
@@ -79,7 +132,12 @@ fn gemma3_has_no_template_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("m.json");
     std::fs::write(&f, r#"[{"role":"user","content":"hi"}]"#).unwrap();
-    let out = kojo(&["chat-template", "-m", model.to_str().unwrap(), f.to_str().unwrap()]);
+    let out = kojo(&[
+        "chat-template",
+        "-m",
+        model.to_str().unwrap(),
+        f.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no chat template"), "{err}");
@@ -101,7 +159,10 @@ fn inspect_both_models() {
     assert_eq!(v["tensor_types"]["Q4_1"], 210);
     assert_eq!(v["tokenizer"]["adds_bos"], false);
     assert!(v["tokenizer"]["kind"].as_str().unwrap().contains("smollm"));
-    assert!(v["chat_template"].as_str().unwrap().contains("<|im_start|>"));
+    assert!(v["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>"));
 
     let s = kojo_ok(&["inspect", "--json", gemma3().to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_str(&s).unwrap();
@@ -113,7 +174,10 @@ fn inspect_both_models() {
     assert_eq!(v["tensor_types"]["Q4_K"], 27);
     assert_eq!(v["tokenizer"]["vocab_size"], 262144);
     assert_eq!(v["tokenizer"]["adds_bos"], true);
-    assert!(v["tokenizer"]["kind"].as_str().unwrap().contains("SentencePiece"));
+    assert!(v["tokenizer"]["kind"]
+        .as_str()
+        .unwrap()
+        .contains("SentencePiece"));
     // the text form works too
     let text = kojo_ok(&["inspect", gemma3().to_str().unwrap()]);
     assert!(text.contains("architecture:   gemma3"), "{text}");
@@ -122,7 +186,13 @@ fn inspect_both_models() {
 #[test]
 fn gemma3_adds_bos_when_asked() {
     let m = gemma3();
-    let out = kojo_ok(&["tokenize", "-m", m.to_str().unwrap(), "--add-special", "The capital of France is"]);
+    let out = kojo_ok(&[
+        "tokenize",
+        "-m",
+        m.to_str().unwrap(),
+        "--add-special",
+        "The capital of France is",
+    ]);
     let ids: Vec<u64> = serde_json::from_str(&out).unwrap();
     assert_eq!(ids, vec![2, 818, 5279, 529, 7001, 563]);
 }
@@ -140,10 +210,20 @@ fn stream_whole_characters(model: &std::path::Path, ref_file: &str, extra: &[&st
         .iter()
         .map(|c| (c["text"].as_str().unwrap().to_string(), ids_of(&c["ids"])))
         .collect();
-    cases.extend(extra.iter().map(|t| (t.to_string(), tokenize(model, t, false))));
+    cases.extend(
+        extra
+            .iter()
+            .map(|t| (t.to_string(), tokenize(model, t, false))),
+    );
     for (text, ids) in &cases {
         let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-        let mut args = vec!["detokenize", "--stream", "-m", model.to_str().unwrap(), "--"];
+        let mut args = vec![
+            "detokenize",
+            "--stream",
+            "-m",
+            model.to_str().unwrap(),
+            "--",
+        ];
         args.extend(ids.iter().map(String::as_str));
         let pieces: Vec<String> = serde_json::from_str(&kojo_ok(&args)).unwrap();
         assert_eq!(pieces.len(), ids.len() + 1);
@@ -152,7 +232,10 @@ fn stream_whole_characters(model: &std::path::Path, ref_file: &str, extra: &[&st
         held_back += pieces[..ids.len()].iter().filter(|p| p.is_empty()).count();
     }
     // the cases do split characters across tokens, so some pushes must have held bytes back
-    assert!(held_back > 0, "no token ended inside a character: the test would prove nothing");
+    assert!(
+        held_back > 0,
+        "no token ended inside a character: the test would prove nothing"
+    );
 }
 
 #[test]
@@ -163,5 +246,9 @@ fn smollm2_streams_whole_characters() {
 #[test]
 fn gemma3_streams_whole_characters() {
     // Egyptian hieroglyphs and a rare emoji sequence are not in Gemma's vocabulary: byte fallback
-    stream_whole_characters(&gemma3(), "llamacpp-gemma3-270m-reference.json", &["𓀀𓀁 工場 🫨🪿"]);
+    stream_whole_characters(
+        &gemma3(),
+        "llamacpp-gemma3-270m-reference.json",
+        &["𓀀𓀁 工場 🫨🪿"],
+    );
 }

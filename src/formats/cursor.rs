@@ -35,7 +35,10 @@ impl<'a> Cursor<'a> {
             return Err(self.error(
                 field,
                 self.pos(),
-                format!("needs {n} bytes but the file ends after {} (truncated?)", self.remaining()),
+                format!(
+                    "needs {n} bytes but the file ends after {} (truncated?)",
+                    self.remaining()
+                ),
             ));
         }
         let out = &self.data[self.pos..self.pos + n];
@@ -107,6 +110,7 @@ impl<'a> Cursor<'a> {
         let at = self.pos();
         let n = self.count(field, 1, u32::MAX as u64)?;
         let b = self.bytes(n, field)?;
-        std::str::from_utf8(b).map_err(|e| self.error(field, at, format!("string is not valid UTF-8 ({e})")))
+        std::str::from_utf8(b)
+            .map_err(|e| self.error(field, at, format!("string is not valid UTF-8 ({e})")))
     }
 }

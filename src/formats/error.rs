@@ -15,8 +15,18 @@ pub struct FormatError {
 }
 
 impl FormatError {
-    pub fn new(file: &Path, field: impl Into<String>, offset: u64, message: impl Into<String>) -> Self {
-        Self { file: file.to_path_buf(), field: field.into(), offset, message: message.into() }
+    pub fn new(
+        file: &Path,
+        field: impl Into<String>,
+        offset: u64,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            file: file.to_path_buf(),
+            field: field.into(),
+            offset,
+            message: message.into(),
+        }
     }
 }
 

@@ -172,14 +172,16 @@ impl GgufFile {
     /// Open and validate a GGUF file, memory-mapping its data.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|e| FormatError::new(path, "file", 0, format!("cannot open: {e}")))?;
+        let file = File::open(path)
+            .map_err(|e| FormatError::new(path, "file", 0, format!("cannot open: {e}")))?;
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         let storage = if len == 0 {
             Storage::Owned(Vec::new())
         } else {
             // SAFETY: the map is read-only; kojo never writes model files. Like every
             // mmap-based loader, it assumes no other process truncates the file while mapped.
-            let map = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::new(path, "file", 0, format!("cannot mmap: {e}")))?;
+            let map = unsafe { Mmap::map(&file) }
+                .map_err(|e| FormatError::new(path, "file", 0, format!("cannot mmap: {e}")))?;
             Storage::Mmap(map)
         };
         Self::parse(storage, path)
@@ -195,11 +197,19 @@ impl GgufFile {
         let mut c = Cursor::new(data, path);
         let magic = c.bytes(4, "magic")?;
         if magic != b"GGUF" {
-            return Err(c.error("magic", 0, format!("not a GGUF file (magic {:02x?}, want \"GGUF\")", magic)));
+            return Err(c.error(
+                "magic",
+                0,
+                format!("not a GGUF file (magic {:02x?}, want \"GGUF\")", magic),
+            ));
         }
         let version = c.u32("version")?;
         if version != 2 && version != 3 {
-            return Err(c.error("version", 4, format!("GGUF version {version} is not supported (only 2 and 3)")));
+            return Err(c.error(
+                "version",
+                4,
+                format!("GGUF version {version} is not supported (only 2 and 3)"),
+            ));
         }
         // a tensor info is at least 8 (name len) + 4 (n_dims) + 4 (type) + 8 (offset) bytes
         let n_tensors = c.count("tensor_count", 24, MAX_TENSORS)?;
@@ -241,7 +251,11 @@ impl GgufFile {
             let dims_at = c.pos();
             let n_dims = c.u32(&format!("{field}.n_dims"))?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(c.error(&format!("{field}.n_dims"), dims_at, format!("{n_dims} dimensions (must be 1..={MAX_DIMS})")));
+                return Err(c.error(
+                    &format!("{field}.n_dims"),
+                    dims_at,
+                    format!("{n_dims} dimensions (must be 1..={MAX_DIMS})"),
+                ));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             let mut total: u64 = 1;
@@ -249,12 +263,18 @@ impl GgufFile {
                 let at = c.pos();
                 let ne = c.u64(&format!("{field}.ne[{d}]"))?;
                 if ne == 0 || ne > i64::MAX as u64 {
-                    return Err(c.error(&format!("{field}.ne[{d}]"), at, format!("dimension {ne} out of range")));
+                    return Err(c.error(
+                        &format!("{field}.ne[{d}]"),
+                        at,
+                        format!("dimension {ne} out of range"),
+                    ));
                 }
                 total = total
                     .checked_mul(ne)
                     .filter(|&t| t <= i64::MAX as u64)
-                    .ok_or_else(|| c.error(&format!("{field}.ne[{d}]"), at, "element count overflows"))?;
+                    .ok_or_else(|| {
+                        c.error(&format!("{field}.ne[{d}]"), at, "element count overflows")
+                    })?;
                 dims.push(ne);
             }
             let ty = GgmlType::from_id(c.u32(&format!("{field}.type"))?);
@@ -270,7 +290,13 @@ impl GgufFile {
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
                 return Err(c.error(&field, info_offset, "duplicate tensor name"));
             }
-            tensors.push(TensorInfo { name, dims, ty, offset, info_offset });
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ty,
+                offset,
+                info_offset,
+            });
         }
 
         let data_offset = c.pos().div_ceil(alignment) * alignment;
@@ -278,7 +304,17 @@ impl GgufFile {
         if n_tensors > 0 && data_offset > file_len {
             return Err(c.error("tensor data", c.pos(), format!("data section starts at {data_offset}, past the end of the file ({file_len} bytes)")));
         }
-        let gguf = GgufFile { path: path.to_path_buf(), version, metadata, tensors, alignment, data_offset, meta_index, tensor_index, storage };
+        let gguf = GgufFile {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            tensors,
+            alignment,
+            data_offset,
+            meta_index,
+            tensor_index,
+            storage,
+        };
         // Every tensor of a known type must lie inside the file; unknown types are checked on use.
         for t in &gguf.tensors {
             if t.ty.is_supported() {
@@ -321,16 +357,25 @@ impl GgufFile {
     fn tensor_range(&self, t: &TensorInfo) -> Result<std::ops::Range<usize>> {
         let field = format!("tensor '{}'", t.name);
         let n = t.n_elements();
-        let row_ok = t.ty.block_size().is_none_or(|bs| t.dims[0] % bs as u64 == 0);
+        let row_ok =
+            t.ty.block_size()
+                .is_none_or(|bs| t.dims[0] % bs as u64 == 0);
         if !row_ok {
             return Err(FormatError::new(
                 &self.path,
                 format!("{field}.ne[0]"),
                 t.info_offset,
-                format!("row length {} is not a multiple of the {} block size", t.dims[0], t.ty.name()),
+                format!(
+                    "row length {} is not a multiple of the {} block size",
+                    t.dims[0],
+                    t.ty.name()
+                ),
             ));
         }
-        let nbytes = t.ty.bytes_for(n).map_err(|m| FormatError::new(&self.path, format!("{field}.type"), t.info_offset, m))?;
+        let nbytes = t
+            .ty
+            .bytes_for(n)
+            .map_err(|m| FormatError::new(&self.path, format!("{field}.type"), t.info_offset, m))?;
         let len = self.storage.bytes().len() as u64;
         let start = self.data_offset.checked_add(t.offset);
         let end = start.and_then(|s| s.checked_add(nbytes));
@@ -350,9 +395,9 @@ impl GgufFile {
 
     /// The raw bytes of a tensor (whole blocks of its type).
     pub fn tensor_data(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
-        let t = self
-            .tensor(name)
-            .ok_or_else(|| FormatError::new(&self.path, format!("tensor '{name}'"), 0, "no such tensor"))?;
+        let t = self.tensor(name).ok_or_else(|| {
+            FormatError::new(&self.path, format!("tensor '{name}'"), 0, "no such tensor")
+        })?;
         let r = self.tensor_range(t)?;
         Ok((t, &self.storage.bytes()[r]))
     }
@@ -360,10 +405,17 @@ impl GgufFile {
     /// A tensor dequantized to f32, in ggml order.
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
         let (t, data) = self.tensor_data(name)?;
-        let n = usize::try_from(t.n_elements())
-            .map_err(|_| FormatError::new(&self.path, format!("tensor '{name}'"), t.info_offset, "too large for this machine"))?;
-        quant::dequantize_to_vec(t.ty, data, n)
-            .map_err(|e| FormatError::new(&self.path, format!("tensor '{name}'"), t.info_offset, e.0))
+        let n = usize::try_from(t.n_elements()).map_err(|_| {
+            FormatError::new(
+                &self.path,
+                format!("tensor '{name}'"),
+                t.info_offset,
+                "too large for this machine",
+            )
+        })?;
+        quant::dequantize_to_vec(t.ty, data, n).map_err(|e| {
+            FormatError::new(&self.path, format!("tensor '{name}'"), t.info_offset, e.0)
+        })
     }
 }
 
@@ -385,10 +437,20 @@ fn read_value(c: &mut Cursor<'_>, ty: u32, field: &str, depth: usize) -> Result<
         8 => Value::String(c.string(field)?.to_string()),
         9 => {
             if depth >= MAX_ARRAY_DEPTH {
-                return Err(c.error(field, at, format!("arrays nested deeper than {MAX_ARRAY_DEPTH}")));
+                return Err(c.error(
+                    field,
+                    at,
+                    format!("arrays nested deeper than {MAX_ARRAY_DEPTH}"),
+                ));
             }
             let elem_ty = c.u32(&format!("{field}.array_type"))?;
-            let min = min_value_size(elem_ty).ok_or_else(|| c.error(&format!("{field}.array_type"), at, format!("unknown value type {elem_ty}")))?;
+            let min = min_value_size(elem_ty).ok_or_else(|| {
+                c.error(
+                    &format!("{field}.array_type"),
+                    at,
+                    format!("unknown value type {elem_ty}"),
+                )
+            })?;
             let n = c.count(&format!("{field}.array_len"), min, u32::MAX as u64)?;
             let mut items = Vec::with_capacity(n);
             for _ in 0..n {
@@ -399,7 +461,13 @@ fn read_value(c: &mut Cursor<'_>, ty: u32, field: &str, depth: usize) -> Result<
         10 => Value::U64(c.u64(field)?),
         11 => Value::I64(c.i64(field)?),
         12 => Value::F64(c.f64(field)?),
-        other => return Err(c.error(&format!("{field}.type"), at.saturating_sub(4), format!("unknown value type {other}"))),
+        other => {
+            return Err(c.error(
+                &format!("{field}.type"),
+                at.saturating_sub(4),
+                format!("unknown value type {other}"),
+            ))
+        }
     })
 }
 

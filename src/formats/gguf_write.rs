@@ -67,7 +67,11 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
 
 impl GgufWriter {
     pub fn new() -> Self {
-        Self { alignment: 32, kv: Vec::new(), tensors: Vec::new() }
+        Self {
+            alignment: 32,
+            kv: Vec::new(),
+            tensors: Vec::new(),
+        }
     }
 
     pub fn kv(mut self, key: &str, v: Value) -> Self {
@@ -82,7 +86,8 @@ impl GgufWriter {
 
     /// Add a tensor; `data` must already be in `ty`'s block format.
     pub fn tensor(mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> Self {
-        self.tensors.push((name.to_string(), dims.to_vec(), ty, data));
+        self.tensors
+            .push((name.to_string(), dims.to_vec(), ty, data));
         self
     }
 

@@ -147,7 +147,9 @@ impl GgmlType {
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::SUPPORTED.into_iter().find(|t| t.name().eq_ignore_ascii_case(name))
+        Self::SUPPORTED
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(name))
     }
 
     pub fn is_supported(self) -> bool {
@@ -190,9 +192,14 @@ impl GgmlType {
             _ => return Err(format!("tensor type {} is not supported", self.name())),
         };
         if n % bs != 0 {
-            return Err(format!("{n} weights is not a multiple of the {} block size {bs}", self.name()));
+            return Err(format!(
+                "{n} weights is not a multiple of the {} block size {bs}",
+                self.name()
+            ));
         }
-        (n / bs).checked_mul(ts).ok_or_else(|| format!("{n} weights of {} overflow u64 bytes", self.name()))
+        (n / bs)
+            .checked_mul(ts)
+            .ok_or_else(|| format!("{n} weights of {} overflow u64 bytes", self.name()))
     }
 }
 
@@ -226,9 +233,12 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), Dequ
     let (bs, ts) = (ty.block_size().unwrap_or(1), ty.type_size().unwrap_or(1));
     let blocks = data.chunks_exact(ts).zip(out.chunks_exact_mut(bs));
     match ty {
-        GgmlType::F32 => blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        GgmlType::F32 => {
+            blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        }
         GgmlType::F16 => blocks.for_each(|(b, y)| y[0] = h(b, 0)),
-        GgmlType::BF16 => blocks.for_each(|(b, y)| y[0] = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
+        GgmlType::BF16 => blocks
+            .for_each(|(b, y)| y[0] = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
         GgmlType::Q4_0 => blocks.for_each(|(b, y)| dequant_q4_0(b, y)),
         GgmlType::Q4_1 => blocks.for_each(|(b, y)| dequant_q4_1(b, y)),
         GgmlType::Q5_0 => blocks.for_each(|(b, y)| dequant_q5_0(b, y)),
@@ -426,7 +436,12 @@ mod tests {
             (GgmlType::Q6K, 256, 210),
         ];
         for (t, b, s) in want {
-            assert_eq!((t.block_size(), t.type_size()), (Some(b), Some(s)), "{}", t.name());
+            assert_eq!(
+                (t.block_size(), t.type_size()),
+                (Some(b), Some(s)),
+                "{}",
+                t.name()
+            );
             assert_eq!(GgmlType::from_id(t.id()), t);
         }
     }

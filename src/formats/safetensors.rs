@@ -49,7 +49,12 @@ pub struct SafetensorsModel {
 }
 
 fn st_error(path: &Path, e: safetensors::SafeTensorError) -> FormatError {
-    FormatError::new(path, "header", 0, format!("invalid safetensors header: {e}"))
+    FormatError::new(
+        path,
+        "header",
+        0,
+        format!("invalid safetensors header: {e}"),
+    )
 }
 
 impl SafetensorsModel {
@@ -74,32 +79,51 @@ impl SafetensorsModel {
             (None, Some(f)) => vec![f],
             (None, None) => unreachable!(),
         };
-        let mut model = SafetensorsModel { shards: Vec::new(), tensors: BTreeMap::new() };
+        let mut model = SafetensorsModel {
+            shards: Vec::new(),
+            tensors: BTreeMap::new(),
+        };
         for f in files {
-            let file = File::open(&f).map_err(|e| FormatError::new(&f, "file", 0, format!("cannot open: {e}")))?;
+            let file = File::open(&f)
+                .map_err(|e| FormatError::new(&f, "file", 0, format!("cannot open: {e}")))?;
             let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-            let map = if len == 0 {
-                None
-            } else {
-                // SAFETY: read-only map of a model file that kojo never writes.
-                Some(unsafe { Mmap::map(&file) }.map_err(|e| FormatError::new(&f, "file", 0, format!("cannot mmap: {e}")))?)
-            };
-            model.add_shard(Shard { path: f, map, bytes: Vec::new() })?;
+            let map =
+                if len == 0 {
+                    None
+                } else {
+                    // SAFETY: read-only map of a model file that kojo never writes.
+                    Some(unsafe { Mmap::map(&file) }.map_err(|e| {
+                        FormatError::new(&f, "file", 0, format!("cannot mmap: {e}"))
+                    })?)
+                };
+            model.add_shard(Shard {
+                path: f,
+                map,
+                bytes: Vec::new(),
+            })?;
         }
         Ok(model)
     }
 
     /// Parse one safetensors image held in memory (`path` only names it in errors).
     pub fn from_bytes(bytes: Vec<u8>, path: impl AsRef<Path>) -> Result<Self> {
-        let mut model = SafetensorsModel { shards: Vec::new(), tensors: BTreeMap::new() };
-        model.add_shard(Shard { path: path.as_ref().to_path_buf(), map: None, bytes })?;
+        let mut model = SafetensorsModel {
+            shards: Vec::new(),
+            tensors: BTreeMap::new(),
+        };
+        model.add_shard(Shard {
+            path: path.as_ref().to_path_buf(),
+            map: None,
+            bytes,
+        })?;
         Ok(model)
     }
 
     fn add_shard(&mut self, shard: Shard) -> Result<()> {
         let idx = self.shards.len();
         let data = shard.data();
-        let (header_len, meta): (usize, Metadata) = SafeTensors::read_metadata(data).map_err(|e| st_error(&shard.path, e))?;
+        let (header_len, meta): (usize, Metadata) =
+            SafeTensors::read_metadata(data).map_err(|e| st_error(&shard.path, e))?;
         let base = 8usize
             .checked_add(header_len)
             .ok_or_else(|| FormatError::new(&shard.path, "header_len", 0, "overflows"))?;
@@ -119,9 +143,21 @@ impl SafetensorsModel {
                 }
             };
             if self.tensors.contains_key(&name) {
-                return Err(FormatError::new(&shard.path, format!("tensor '{name}'"), 8, "appears in more than one shard"));
+                return Err(FormatError::new(
+                    &shard.path,
+                    format!("tensor '{name}'"),
+                    8,
+                    "appears in more than one shard",
+                ));
             }
-            let t = StTensor { name: name.clone(), dtype: info.dtype, shape: info.shape.clone(), shard: idx, start, end };
+            let t = StTensor {
+                name: name.clone(),
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                shard: idx,
+                start,
+                end,
+            };
             self.tensors.insert(name, t);
         }
         self.shards.push(shard);
@@ -139,7 +175,11 @@ impl SafetensorsModel {
     /// Raw bytes of a tensor.
     pub fn tensor_bytes(&self, name: &str) -> Result<(&StTensor, &[u8])> {
         let t = self.tensor(name).ok_or_else(|| {
-            let file = self.shards.first().map(|s| s.path.as_path()).unwrap_or(Path::new("?"));
+            let file = self
+                .shards
+                .first()
+                .map(|s| s.path.as_path())
+                .unwrap_or(Path::new("?"));
             FormatError::new(file, format!("tensor '{name}'"), 0, "no such tensor")
         })?;
         let data = self.shards[t.shard].data();
@@ -150,9 +190,18 @@ impl SafetensorsModel {
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
         let (t, b) = self.tensor_bytes(name)?;
         let out = match t.dtype {
-            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => b.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
-            Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+            Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+            Dtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
             other => {
                 return Err(FormatError::new(
                     self.shard_path(t),
@@ -168,9 +217,10 @@ impl SafetensorsModel {
 
 /// The shard files named by a `model.safetensors.index.json`, in first-use order.
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| FormatError::new(index, "file", 0, format!("cannot read: {e}")))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| FormatError::new(index, "json", 0, format!("invalid JSON: {e}")))?;
+    let text = std::fs::read_to_string(index)
+        .map_err(|e| FormatError::new(index, "file", 0, format!("cannot read: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| FormatError::new(index, "json", 0, format!("invalid JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -178,9 +228,16 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut files: Vec<PathBuf> = Vec::new();
     for (name, f) in map {
-        let f = f.as_str().ok_or_else(|| FormatError::new(index, format!("weight_map['{name}']"), 0, "not a string"))?;
+        let f = f.as_str().ok_or_else(|| {
+            FormatError::new(index, format!("weight_map['{name}']"), 0, "not a string")
+        })?;
         if f.contains('/') || f.contains('\\') || f == ".." {
-            return Err(FormatError::new(index, format!("weight_map['{name}']"), 0, format!("shard name '{f}' must be a plain file name")));
+            return Err(FormatError::new(
+                index,
+                format!("weight_map['{name}']"),
+                0,
+                format!("shard name '{f}' must be a plain file name"),
+            ));
         }
         let p = dir.join(f);
         if !files.contains(&p) {

@@ -47,14 +47,23 @@ impl ModelConfig {
         if self.n_heads % self.n_kv_heads != 0 {
             return Err(err(
                 "n_kv_heads",
-                format!("{} query heads are not a multiple of {} KV heads", self.n_heads, self.n_kv_heads),
+                format!(
+                    "{} query heads are not a multiple of {} KV heads",
+                    self.n_heads, self.n_kv_heads
+                ),
             ));
         }
         if !(self.rope_base.is_finite() && self.rope_base > 0.0) {
-            return Err(err("rope_base", format!("{} must be a positive number", self.rope_base)));
+            return Err(err(
+                "rope_base",
+                format!("{} must be a positive number", self.rope_base),
+            ));
         }
         if !(self.rms_eps.is_finite() && self.rms_eps > 0.0 && self.rms_eps < 1.0) {
-            return Err(err("rms_eps", format!("{} must be in (0, 1)", self.rms_eps)));
+            return Err(err(
+                "rms_eps",
+                format!("{} must be in (0, 1)", self.rms_eps),
+            ));
         }
         Ok(self)
     }
@@ -68,30 +77,46 @@ impl ModelConfig {
         let key = |k: &str| format!("{arch}.{k}");
         let req = |k: &str| -> Result<usize, FormatError> {
             let full = key(k);
-            let v = g.get_u64(&full).ok_or_else(|| g.meta_error(&full, "missing or not an integer (required)"))?;
+            let v = g
+                .get_u64(&full)
+                .ok_or_else(|| g.meta_error(&full, "missing or not an integer (required)"))?;
             usize::try_from(v).map_err(|_| g.meta_error(&full, "too large"))
         };
         let n_heads = req("attention.head_count")?;
         let hidden = req("embedding_length")?;
         let n_kv_heads = match g.get(&key("attention.head_count_kv")) {
             None => n_heads,
-            Some(v) => v.as_u64().ok_or_else(|| g.meta_error(&key("attention.head_count_kv"), "not an integer"))? as usize,
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| g.meta_error(&key("attention.head_count_kv"), "not an integer"))?
+                as usize,
         };
         let head_dim = match g.get_u64(&key("attention.key_length")) {
             Some(v) => v as usize,
             None => {
                 if n_heads == 0 || hidden % n_heads != 0 {
-                    return Err(g.meta_error(&key("embedding_length"), format!("{hidden} is not divisible by {n_heads} heads")));
+                    return Err(g.meta_error(
+                        &key("embedding_length"),
+                        format!("{hidden} is not divisible by {n_heads} heads"),
+                    ));
                 }
                 hidden / n_heads
             }
         };
         let vocab_size = match g.get_u64(&key("vocab_size")) {
             Some(v) => v as usize,
-            None => g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).unwrap_or(0),
+            None => g
+                .get("tokenizer.ggml.tokens")
+                .and_then(|v| v.as_array())
+                .map(|a| a.len())
+                .unwrap_or(0),
         };
         let tied_embeddings = g.tensor("output.weight").is_none();
-        let default_eps = if arch.starts_with("gemma") { 1e-6 } else { 1e-5 };
+        let default_eps = if arch.starts_with("gemma") {
+            1e-6
+        } else {
+            1e-5
+        };
         let cfg = ModelConfig {
             name: g.get_str("general.name").map(str::to_string),
             n_layers: req("block_count")?,
@@ -103,9 +128,13 @@ impl ModelConfig {
             vocab_size,
             context_length: req("context_length")?,
             rope_base: g.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0),
-            rms_eps: g.get_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(default_eps),
+            rms_eps: g
+                .get_f64(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(default_eps),
             tied_embeddings,
-            sliding_window: g.get_u64(&key("attention.sliding_window")).map(|v| v as usize),
+            sliding_window: g
+                .get_u64(&key("attention.sliding_window"))
+                .map(|v| v as usize),
             arch,
         };
         cfg.check(|field, msg| FormatError::new(&g.path, format!("hyperparameter {field}"), 0, msg))
@@ -113,18 +142,31 @@ impl ModelConfig {
 
     /// From a Hugging Face `config.json`.
     pub fn from_hf_config(path: &Path) -> Result<Self, FormatError> {
-        let text = std::fs::read_to_string(path).map_err(|e| FormatError::new(path, "file", 0, format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| FormatError::new(path, "file", 0, format!("cannot read: {e}")))?;
         Self::from_hf_json(&text, path)
     }
 
     pub fn from_hf_json(text: &str, path: &Path) -> Result<Self, FormatError> {
         let c: HfConfig = serde_json::from_str(text).map_err(|e| {
-            FormatError::new(path, format!("json line {} column {}", e.line(), e.column()), 0, format!("invalid config: {e}"))
+            FormatError::new(
+                path,
+                format!("json line {} column {}", e.line(), e.column()),
+                0,
+                format!("invalid config: {e}"),
+            )
         })?;
         let arch = match c.model_type.as_deref() {
             Some("llama") | Some("mistral") => "llama".to_string(),
             Some(other) => other.to_string(),
-            None => return Err(FormatError::new(path, "model_type", 0, "missing (required)")),
+            None => {
+                return Err(FormatError::new(
+                    path,
+                    "model_type",
+                    0,
+                    "missing (required)",
+                ))
+            }
         };
         let n_heads = c.num_attention_heads;
         let head_dim = match c.head_dim {
@@ -135,7 +177,10 @@ impl ModelConfig {
                     path,
                     "hidden_size",
                     0,
-                    format!("{} is not divisible by num_attention_heads {n_heads}", c.hidden_size),
+                    format!(
+                        "{} is not divisible by num_attention_heads {n_heads}",
+                        c.hidden_size
+                    ),
                 ))
             }
         };
@@ -195,6 +240,9 @@ mod tests {
         let zero = ok.replace("\"num_hidden_layers\":2", "\"num_hidden_layers\":0");
         assert!(ModelConfig::from_hf_json(&zero, p).is_err());
         let missing = ok.replace("\"vocab_size\":100", "\"x\":1");
-        assert!(ModelConfig::from_hf_json(&missing, p).unwrap_err().to_string().contains("vocab_size"));
+        assert!(ModelConfig::from_hf_json(&missing, p)
+            .unwrap_err()
+            .to_string()
+            .contains("vocab_size"));
     }
 }

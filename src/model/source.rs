@@ -10,7 +10,11 @@ use std::path::{Path, PathBuf};
 
 pub enum ModelSource {
     Gguf(GgufFile),
-    Hf { dir: PathBuf, weights: SafetensorsModel, config: ModelConfig },
+    Hf {
+        dir: PathBuf,
+        weights: SafetensorsModel,
+        config: ModelConfig,
+    },
 }
 
 impl ModelSource {
@@ -21,7 +25,11 @@ impl ModelSource {
         if path.is_dir() {
             let config = ModelConfig::from_hf_config(&path.join("config.json"))?;
             let weights = SafetensorsModel::open(path)?;
-            return Ok(ModelSource::Hf { dir: path.to_path_buf(), weights, config });
+            return Ok(ModelSource::Hf {
+                dir: path.to_path_buf(),
+                weights,
+                config,
+            });
         }
         Ok(ModelSource::Gguf(GgufFile::open(path)?))
     }
@@ -38,7 +46,8 @@ impl ModelSource {
             ModelSource::Gguf(g) => Ok(Tokenizer::from_gguf(g)?),
             ModelSource::Hf { dir, .. } => {
                 let p = dir.join("tokenizer.json");
-                Ok(Tokenizer::from_tokenizer_json(&p).with_context(|| format!("loading {}", p.display()))?)
+                Ok(Tokenizer::from_tokenizer_json(&p)
+                    .with_context(|| format!("loading {}", p.display()))?)
             }
         }
     }
@@ -50,12 +59,17 @@ impl ModelSource {
             ModelSource::Hf { dir, .. } => {
                 let jinja = dir.join("chat_template.jinja");
                 if jinja.exists() {
-                    return Ok(Some(std::fs::read_to_string(&jinja).with_context(|| format!("reading {}", jinja.display()))?));
+                    return Ok(Some(
+                        std::fs::read_to_string(&jinja)
+                            .with_context(|| format!("reading {}", jinja.display()))?,
+                    ));
                 }
                 let cfg = dir.join("tokenizer_config.json");
-                let Ok(text) = std::fs::read_to_string(&cfg) else { return Ok(None) };
-                let v: serde_json::Value =
-                    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg.display()))?;
+                let Ok(text) = std::fs::read_to_string(&cfg) else {
+                    return Ok(None);
+                };
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("{}: invalid JSON", cfg.display()))?;
                 Ok(match v.get("chat_template") {
                     Some(serde_json::Value::String(s)) => Some(s.clone()),
                     // a list of named templates: take "default"
@@ -71,7 +85,9 @@ impl ModelSource {
 
     /// The model's chat template, ready to render.
     pub fn chat_template(&self, tok: &Tokenizer) -> Result<ChatTemplate> {
-        let src = self.chat_template_source()?.ok_or_else(|| anyhow!("{}: the model has no chat template", self.path().display()))?;
+        let src = self
+            .chat_template_source()?
+            .ok_or_else(|| anyhow!("{}: the model has no chat template", self.path().display()))?;
         let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
         Ok(ChatTemplate::new(&src, &text(tok.bos()), &text(tok.eos()))?)
     }

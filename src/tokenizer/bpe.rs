@@ -44,14 +44,22 @@ impl Bpe {
         let pre = PreTokenizer::from_gguf_name(pre_name).ok_or_else(|| {
             g.meta_error("tokenizer.ggml.pre", format!("pre-tokenizer '{pre_name}' is not supported (gpt2, smollm and llama3 families are)"))
         })?;
-        let merges = super::vocab::string_array(g, "tokenizer.ggml.merges")?
-            .ok_or_else(|| g.meta_error("tokenizer.ggml.merges", "missing (a gpt2 tokenizer needs merges)"))?;
+        let merges = super::vocab::string_array(g, "tokenizer.ggml.merges")?.ok_or_else(|| {
+            g.meta_error(
+                "tokenizer.ggml.merges",
+                "missing (a gpt2 tokenizer needs merges)",
+            )
+        })?;
         Self::new(vocab, pre, &merges).map_err(|m| g.meta_error("tokenizer.ggml.merges", m))
     }
 
     pub fn new(vocab: &Vocab, pre: PreTokenizer, merges: &[String]) -> Result<Self, String> {
         let byte_char = byte_to_char_table();
-        let char_byte = byte_char.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        let char_byte = byte_char
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
         let mut sym_id: HashMap<String, u32> = vocab.token_to_id.clone();
         let mut next = vocab.len() as u32;
         let mut intern = |s: &str, sym_id: &mut HashMap<String, u32>| -> u32 {
@@ -65,9 +73,15 @@ impl Bpe {
         let mut table = HashMap::with_capacity(merges.len());
         for (rank, m) in merges.iter().enumerate() {
             // "left right": split at the first space that is not the first character
-            let split = m.char_indices().skip(1).find(|&(_, c)| c == ' ').map(|(i, _)| i);
+            let split = m
+                .char_indices()
+                .skip(1)
+                .find(|&(_, c)| c == ' ')
+                .map(|(i, _)| i);
             let Some(at) = split else {
-                return Err(format!("merge {rank} ({m:?}) is not two symbols separated by a space"));
+                return Err(format!(
+                    "merge {rank} ({m:?}) is not two symbols separated by a space"
+                ));
             };
             let (l, r) = (&m[..at], &m[at + 1..]);
             if r.is_empty() {
@@ -79,7 +93,14 @@ impl Bpe {
             let mi = intern(&merged, &mut sym_id);
             table.entry((li, ri)).or_insert((rank as u32, mi));
         }
-        Ok(Bpe { pre, ignore_merges: pre == PreTokenizer::Llama3, byte_char, char_byte, sym_id, merges: table })
+        Ok(Bpe {
+            pre,
+            ignore_merges: pre == PreTokenizer::Llama3,
+            byte_char,
+            char_byte,
+            sym_id,
+            merges: table,
+        })
     }
 
     pub fn pre_tokenizer(&self) -> PreTokenizer {
@@ -116,7 +137,13 @@ impl Bpe {
             .char_indices()
             .map(|(i, c)| {
                 let end = i + c.len_utf8();
-                Sym { start: i, end, id: self.sym_id.get(&word[i..end]).copied().unwrap_or(u32::MAX), prev: NONE, next: NONE }
+                Sym {
+                    start: i,
+                    end,
+                    id: self.sym_id.get(&word[i..end]).copied().unwrap_or(u32::MAX),
+                    prev: NONE,
+                    next: NONE,
+                }
             })
             .collect();
         let n = syms.len();

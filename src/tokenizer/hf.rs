@@ -30,16 +30,24 @@ pub struct HfTokenizer {
 
 impl HfTokenizer {
     pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| format!("{}: invalid JSON: {e}", path.display()))?;
-        let parse = tokenizers::Tokenizer::from_bytes(text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("{}: invalid JSON: {e}", path.display()))?;
+        let parse = tokenizers::Tokenizer::from_bytes(text.as_bytes())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         let mut plain = parse.clone();
         plain.set_encode_special_tokens(true);
-        let dec = json.get("decoder").map(|d| d.to_string()).unwrap_or_default();
+        let dec = json
+            .get("decoder")
+            .map(|d| d.to_string())
+            .unwrap_or_default();
         let pieces = if dec.contains("\"ByteLevel\"") {
             Pieces::ByteLevel
-        } else if dec.contains("\"Metaspace\"") || dec.contains("ByteFallback") || dec.contains('\u{2581}') {
+        } else if dec.contains("\"Metaspace\"")
+            || dec.contains("ByteFallback")
+            || dec.contains('\u{2581}')
+        {
             Pieces::Metaspace
         } else {
             Pieces::Library
@@ -60,14 +68,23 @@ impl HfTokenizer {
             .unwrap_or(serde_json::Value::Null);
         let tok_id = |key: &str| -> Option<u32> {
             let v = cfg.get(key)?;
-            let s = v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str()))?;
+            let s = v
+                .as_str()
+                .or_else(|| v.get("content").and_then(|c| c.as_str()))?;
             parse.token_to_id(s)
         };
-        let char_byte = byte_to_char_table().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        let char_byte = byte_to_char_table()
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
         Ok(HfTokenizer {
             bos: tok_id("bos_token"),
             eos: tok_id("eos_token"),
-            add_bos: cfg.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
+            add_bos: cfg
+                .get("add_bos_token")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
             parse,
             plain,
             pieces,
@@ -81,8 +98,14 @@ impl HfTokenizer {
     }
 
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, String> {
-        let t = if parse_special { &self.parse } else { &self.plain };
-        t.encode(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string())
+        let t = if parse_special {
+            &self.parse
+        } else {
+            &self.plain
+        };
+        t.encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| e.to_string())
     }
 
     pub fn is_special(&self, id: u32) -> bool {
@@ -95,7 +118,9 @@ impl HfTokenizer {
 
     /// The bytes of one token.
     pub fn token_bytes(&self, id: u32, out: &mut Vec<u8>) {
-        let Some(text) = self.parse.id_to_token(id) else { return };
+        let Some(text) = self.parse.id_to_token(id) else {
+            return;
+        };
         if self.is_special(id) {
             out.extend_from_slice(text.as_bytes());
             return;
@@ -110,7 +135,10 @@ impl HfTokenizer {
                 }
             }
             Pieces::Metaspace => {
-                let hex = text.strip_prefix("<0x").and_then(|t| t.strip_suffix('>')).filter(|h| h.len() == 2);
+                let hex = text
+                    .strip_prefix("<0x")
+                    .and_then(|t| t.strip_suffix('>'))
+                    .filter(|h| h.len() == 2);
                 if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                     out.push(b);
                 } else {

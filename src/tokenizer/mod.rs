@@ -58,23 +58,39 @@ impl Tokenizer {
             "llama" => Model::Spm(spm::Spm::new(&vocab)),
             other => {
                 return Err(g
-                    .meta_error("tokenizer.ggml.model", format!("tokenizer model '{other}' is not supported (gpt2 and llama are)"))
+                    .meta_error(
+                        "tokenizer.ggml.model",
+                        format!("tokenizer model '{other}' is not supported (gpt2 and llama are)"),
+                    )
                     .into())
             }
         };
-        Ok(Tokenizer { inner: Inner::Gguf { vocab, model } })
+        Ok(Tokenizer {
+            inner: Inner::Gguf { vocab, model },
+        })
     }
 
     pub fn from_tokenizer_json(path: &Path) -> Result<Self, TokenizerError> {
         let t = hf::HfTokenizer::from_file(path).map_err(TokenizerError::Other)?;
-        Ok(Tokenizer { inner: Inner::Hf(Box::new(t)) })
+        Ok(Tokenizer {
+            inner: Inner::Hf(Box::new(t)),
+        })
     }
 
     /// A short description: `gpt2 BPE (pre-tokenizer smollm)`, `SentencePiece`, `tokenizer.json`.
     pub fn kind(&self) -> String {
         match &self.inner {
-            Inner::Gguf { model: Model::Bpe(b), .. } => format!("gpt2 byte-level BPE (pre-tokenizer {})", b.pre_tokenizer().name()),
-            Inner::Gguf { model: Model::Spm(_), .. } => "llama SentencePiece BPE (scores, byte fallback)".to_string(),
+            Inner::Gguf {
+                model: Model::Bpe(b),
+                ..
+            } => format!(
+                "gpt2 byte-level BPE (pre-tokenizer {})",
+                b.pre_tokenizer().name()
+            ),
+            Inner::Gguf {
+                model: Model::Spm(_),
+                ..
+            } => "llama SentencePiece BPE (scores, byte fallback)".to_string(),
             Inner::Hf(_) => "tokenizer.json (HF tokenizers)".to_string(),
         }
     }
@@ -118,14 +134,22 @@ impl Tokenizer {
 
     /// Tokenize. `add_special` adds BOS/EOS where the model asks for them; `parse_special`
     /// recognises control tokens written in the text.
-    pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
+    pub fn encode(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
         let mut out = Vec::new();
         match &self.inner {
             Inner::Hf(h) => {
                 if add_special && self.adds_bos() {
                     out.extend(h.bos);
                 }
-                out.extend(h.encode(text, parse_special).map_err(TokenizerError::Other)?);
+                out.extend(
+                    h.encode(text, parse_special)
+                        .map_err(TokenizerError::Other)?,
+                );
             }
             Inner::Gguf { vocab, model } => {
                 if add_special && vocab.add_bos {
@@ -167,11 +191,15 @@ impl Tokenizer {
                 }
             }
             Inner::Gguf { vocab, model } => {
-                let Some(ty) = vocab.types.get(id as usize).copied() else { return };
+                let Some(ty) = vocab.types.get(id as usize).copied() else {
+                    return;
+                };
                 let text = &vocab.tokens[id as usize];
                 match ty {
                     TokenType::Control | TokenType::Unknown if !render_special => {}
-                    TokenType::Control | TokenType::Unknown | TokenType::UserDefined => out.extend_from_slice(text.as_bytes()),
+                    TokenType::Control | TokenType::Unknown | TokenType::UserDefined => {
+                        out.extend_from_slice(text.as_bytes())
+                    }
                     TokenType::Unused => {}
                     TokenType::Normal | TokenType::Byte => match model {
                         Model::Bpe(b) => b.decode_token(text, out),
@@ -188,7 +216,9 @@ impl Tokenizer {
         let mut bytes = Vec::new();
         for &id in ids {
             if id as usize >= n {
-                return Err(TokenizerError::Other(format!("token id {id} is outside the vocabulary (size {n})")));
+                return Err(TokenizerError::Other(format!(
+                    "token id {id} is outside the vocabulary (size {n})"
+                )));
             }
             self.token_bytes(id, render_special, &mut bytes);
         }

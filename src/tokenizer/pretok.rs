@@ -26,7 +26,8 @@ impl PreTokenizer {
     pub fn from_gguf_name(name: &str) -> Option<Self> {
         Some(match name {
             "default" | "gpt-2" | "gpt2" | "mpt" | "olmo" | "jais" => Self::Gpt2,
-            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => Self::Smollm,
+            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
+            | "minerva-7b" => Self::Smollm,
             "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" => Self::Llama3,
             _ => return None,
         })
@@ -84,7 +85,14 @@ struct Flags {
 fn flags(c: char) -> Flags {
     let cat = get_general_category(c);
     Flags {
-        letter: matches!(cat, G::UppercaseLetter | G::LowercaseLetter | G::TitlecaseLetter | G::ModifierLetter | G::OtherLetter),
+        letter: matches!(
+            cat,
+            G::UppercaseLetter
+                | G::LowercaseLetter
+                | G::TitlecaseLetter
+                | G::ModifierLetter
+                | G::OtherLetter
+        ),
         number: matches!(cat, G::DecimalNumber | G::LetterNumber | G::OtherNumber),
         whitespace: c.is_whitespace(),
         defined: cat != G::Unassigned,
@@ -114,7 +122,15 @@ impl Span<'_> {
         if self.cp(i) != Some('\'') {
             return 0;
         }
-        let low = |c: Option<char>| c.map(|c| if ignore_case { c.to_ascii_lowercase() } else { c });
+        let low = |c: Option<char>| {
+            c.map(|c| {
+                if ignore_case {
+                    c.to_ascii_lowercase()
+                } else {
+                    c
+                }
+            })
+        };
         let (a, b) = (low(self.cp(i + 1)), low(self.cp(i + 2)));
         match (a, b) {
             (Some('s' | 't' | 'm' | 'd'), _) => 2,
@@ -244,7 +260,10 @@ mod tests {
     #[test]
     fn gpt2_splits_like_the_regex() {
         let p = PreTokenizer::Gpt2.split("Hello world's  end 123!! \n x");
-        assert_eq!(p, vec!["Hello", " world", "'s", " ", " end", " 123", "!!", " \n", " x"]);
+        assert_eq!(
+            p,
+            vec!["Hello", " world", "'s", " ", " end", " 123", "!!", " \n", " x"]
+        );
     }
 
     #[test]
@@ -263,8 +282,20 @@ mod tests {
 
     #[test]
     fn pieces_tile_the_input() {
-        for pt in [PreTokenizer::Gpt2, PreTokenizer::Smollm, PreTokenizer::Llama3] {
-            for t in ["", " ", "日本語 テキスト", "a\u{0378}b", "  \t\n", "'", "x'"] {
+        for pt in [
+            PreTokenizer::Gpt2,
+            PreTokenizer::Smollm,
+            PreTokenizer::Llama3,
+        ] {
+            for t in [
+                "",
+                " ",
+                "日本語 テキスト",
+                "a\u{0378}b",
+                "  \t\n",
+                "'",
+                "x'",
+            ] {
                 assert_eq!(pt.split(t).concat(), t, "{pt:?} {t:?}");
             }
         }

@@ -24,7 +24,9 @@ impl PartialOrd for Pair {
 impl Ord for Pair {
     /// Max-heap order: higher score first, then the leftmost pair.
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.score.total_cmp(&other.score).then_with(|| other.left.cmp(&self.left))
+        self.score
+            .total_cmp(&other.score)
+            .then_with(|| other.left.cmp(&self.left))
     }
 }
 
@@ -36,14 +38,21 @@ impl Spm {
     pub fn new(vocab: &Vocab) -> Self {
         let mut byte_tokens = [None; 256];
         for (b, slot) in byte_tokens.iter_mut().enumerate() {
-            *slot = vocab.id(&format!("<0x{b:02X}>")).or_else(|| std::str::from_utf8(&[b as u8]).ok().and_then(|s| vocab.id(s)));
+            *slot = vocab.id(&format!("<0x{b:02X}>")).or_else(|| {
+                std::str::from_utf8(&[b as u8])
+                    .ok()
+                    .and_then(|s| vocab.id(s))
+            });
         }
         Spm { byte_tokens }
     }
 
     /// Tokenize one text fragment (already prefixed with a space where wanted).
     pub fn encode(&self, vocab: &Vocab, text: &str, out: &mut Vec<u32>) {
-        let text: String = text.chars().map(|c| if c == ' ' { SPACE } else { c }).collect();
+        let text: String = text
+            .chars()
+            .map(|c| if c == ' ' { SPACE } else { c })
+            .collect();
         struct Sym {
             start: usize,
             end: usize,
@@ -51,8 +60,15 @@ impl Spm {
             next: usize,
         }
         const NONE: usize = usize::MAX;
-        let mut syms: Vec<Sym> =
-            text.char_indices().map(|(i, c)| Sym { start: i, end: i + c.len_utf8(), prev: NONE, next: NONE }).collect();
+        let mut syms: Vec<Sym> = text
+            .char_indices()
+            .map(|(i, c)| Sym {
+                start: i,
+                end: i + c.len_utf8(),
+                prev: NONE,
+                next: NONE,
+            })
+            .collect();
         let n = syms.len();
         for i in 0..n {
             syms[i].prev = if i == 0 { NONE } else { i - 1 };
@@ -66,7 +82,11 @@ impl Spm {
             let r = syms[l].next;
             if let Some(id) = vocab.id(&text[syms[l].start..syms[r].end]) {
                 let score = vocab.scores.get(id as usize).copied().unwrap_or(0.0);
-                heap.push(Pair { score, left: l, size: syms[r].end - syms[l].start });
+                heap.push(Pair {
+                    score,
+                    left: l,
+                    size: syms[r].end - syms[l].start,
+                });
             }
         };
         for i in 0..n {

@@ -16,13 +16,19 @@ pub struct StreamDecoder<'a> {
 
 impl<'a> StreamDecoder<'a> {
     pub fn new(tok: &'a Tokenizer, render_special: bool) -> Self {
-        Self { tok, render_special, pending: Vec::new(), scratch: Vec::new() }
+        Self {
+            tok,
+            render_special,
+            pending: Vec::new(),
+            scratch: Vec::new(),
+        }
     }
 
     /// Add one token; returns the text that is now complete (possibly empty).
     pub fn push(&mut self, id: u32) -> String {
         self.scratch.clear();
-        self.tok.token_bytes(id, self.render_special, &mut self.scratch);
+        self.tok
+            .token_bytes(id, self.render_special, &mut self.scratch);
         self.pending.extend_from_slice(&self.scratch);
         drain_utf8(&mut self.pending)
     }

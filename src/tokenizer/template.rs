@@ -35,14 +35,21 @@ fn describe(e: &Error) -> String {
 }
 
 fn raise_exception(msg: String) -> Result<Value, Error> {
-    Err(Error::new(ErrorKind::InvalidOperation, format!("template raised: {msg}")))
+    Err(Error::new(
+        ErrorKind::InvalidOperation,
+        format!("template raised: {msg}"),
+    ))
 }
 
 fn strftime_now(format: String) -> Result<Value, Error> {
     use std::fmt::Write;
     let mut out = String::new();
-    write!(out, "{}", chrono::Local::now().format(&format))
-        .map_err(|_| Error::new(ErrorKind::InvalidOperation, format!("bad strftime format {format:?}")))?;
+    write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("bad strftime format {format:?}"),
+        )
+    })?;
     Ok(Value::from(out))
 }
 
@@ -55,8 +62,13 @@ impl ChatTemplate {
         minijinja_contrib::add_to_environment(&mut env);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(NAME, source.to_string()).map_err(|e| TemplateError(describe(&e)))?;
-        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+        env.add_template_owned(NAME, source.to_string())
+            .map_err(|e| TemplateError(describe(&e)))?;
+        Ok(Self {
+            env,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+        })
     }
 
     /// Render `messages` (OpenAI-style objects: role, content, ...). `extra` adds variables
@@ -68,7 +80,10 @@ impl ChatTemplate {
         extra: Option<&serde_json::Map<String, serde_json::Value>>,
     ) -> Result<String, TemplateError> {
         let mut ctx = serde_json::Map::new();
-        ctx.insert("messages".into(), serde_json::to_value(messages).map_err(|e| TemplateError(e.to_string()))?);
+        ctx.insert(
+            "messages".into(),
+            serde_json::to_value(messages).map_err(|e| TemplateError(e.to_string()))?,
+        );
         ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
         ctx.insert("bos_token".into(), self.bos_token.clone().into());
         ctx.insert("eos_token".into(), self.eos_token.clone().into());
@@ -77,8 +92,12 @@ impl ChatTemplate {
                 ctx.insert(k.clone(), v.clone());
             }
         }
-        let tmpl = self.env.get_template(NAME).map_err(|e| TemplateError(describe(&e)))?;
-        tmpl.render(Value::from_serialize(&ctx)).map_err(|e| TemplateError(describe(&e)))
+        let tmpl = self
+            .env
+            .get_template(NAME)
+            .map_err(|e| TemplateError(describe(&e)))?;
+        tmpl.render(Value::from_serialize(&ctx))
+            .map_err(|e| TemplateError(describe(&e)))
     }
 }
 
@@ -95,7 +114,9 @@ mod tests {
             "</s>",
         )
         .unwrap();
-        let out = t.render(&json!([{"role": "user", "content": "  hi "}]), true, None).unwrap();
+        let out = t
+            .render(&json!([{"role": "user", "content": "  hi "}]), true, None)
+            .unwrap();
         assert_eq!(out, "USER:hi|\nA:");
     }
 

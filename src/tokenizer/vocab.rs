@@ -58,21 +58,32 @@ impl Vocab {
         let tokens: Vec<String> = string_array(g, tokens_key)?
             .ok_or_else(|| g.meta_error(tokens_key, "missing: the file has no tokenizer"))?;
         if tokens.is_empty() || tokens.len() > MAX_VOCAB {
-            return Err(g.meta_error(tokens_key, format!("{} tokens (must be 1..={MAX_VOCAB})", tokens.len())));
+            return Err(g.meta_error(
+                tokens_key,
+                format!("{} tokens (must be 1..={MAX_VOCAB})", tokens.len()),
+            ));
         }
         let n = tokens.len();
         let types = match g.get("tokenizer.ggml.token_type") {
             None => vec![TokenType::Normal; n],
             Some(v) => {
-                let arr = v.as_array().ok_or_else(|| g.meta_error("tokenizer.ggml.token_type", "not an array"))?;
+                let arr = v
+                    .as_array()
+                    .ok_or_else(|| g.meta_error("tokenizer.ggml.token_type", "not an array"))?;
                 if arr.len() != n {
-                    return Err(g.meta_error("tokenizer.ggml.token_type", format!("{} entries for {n} tokens", arr.len())));
+                    return Err(g.meta_error(
+                        "tokenizer.ggml.token_type",
+                        format!("{} entries for {n} tokens", arr.len()),
+                    ));
                 }
                 arr.iter()
                     .enumerate()
                     .map(|(i, v)| {
                         v.as_i64().and_then(TokenType::from_i64).ok_or_else(|| {
-                            g.meta_error("tokenizer.ggml.token_type", format!("entry {i} is {v:?}, not a token type 1..=6"))
+                            g.meta_error(
+                                "tokenizer.ggml.token_type",
+                                format!("entry {i} is {v:?}, not a token type 1..=6"),
+                            )
                         })
                     })
                     .collect::<Result<_, _>>()?
@@ -81,12 +92,21 @@ impl Vocab {
         let scores = match g.get("tokenizer.ggml.scores") {
             None => Vec::new(),
             Some(v) => {
-                let arr = v.as_array().ok_or_else(|| g.meta_error("tokenizer.ggml.scores", "not an array"))?;
+                let arr = v
+                    .as_array()
+                    .ok_or_else(|| g.meta_error("tokenizer.ggml.scores", "not an array"))?;
                 if arr.len() != n {
-                    return Err(g.meta_error("tokenizer.ggml.scores", format!("{} entries for {n} tokens", arr.len())));
+                    return Err(g.meta_error(
+                        "tokenizer.ggml.scores",
+                        format!("{} entries for {n} tokens", arr.len()),
+                    ));
                 }
                 arr.iter()
-                    .map(|v| v.as_f64().map(|f| f as f32).ok_or_else(|| g.meta_error("tokenizer.ggml.scores", "non-numeric entry")))
+                    .map(|v| {
+                        v.as_f64().map(|f| f as f32).ok_or_else(|| {
+                            g.meta_error("tokenizer.ggml.scores", "non-numeric entry")
+                        })
+                    })
                     .collect::<Result<_, _>>()?
             }
         };
@@ -106,8 +126,9 @@ impl Vocab {
                 },
             }
         };
-        let mut special: Vec<u32> =
-            (0..n as u32).filter(|&i| types[i as usize].is_special() && !tokens[i as usize].is_empty()).collect();
+        let mut special: Vec<u32> = (0..n as u32)
+            .filter(|&i| types[i as usize].is_special() && !tokens[i as usize].is_empty())
+            .collect();
         special.sort_by_key(|&i| std::cmp::Reverse(tokens[i as usize].len()));
         let model = g.get_str("tokenizer.ggml.model").unwrap_or("");
         Ok(Vocab {
@@ -115,9 +136,13 @@ impl Vocab {
             eos: id("tokenizer.ggml.eos_token_id")?,
             unk: id("tokenizer.ggml.unknown_token_id")?,
             pad: id("tokenizer.ggml.padding_token_id")?,
-            add_bos: g.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama"),
+            add_bos: g
+                .get_bool("tokenizer.ggml.add_bos_token")
+                .unwrap_or(model == "llama"),
             add_eos: g.get_bool("tokenizer.ggml.add_eos_token").unwrap_or(false),
-            add_space_prefix: g.get_bool("tokenizer.ggml.add_space_prefix").unwrap_or(model == "llama"),
+            add_space_prefix: g
+                .get_bool("tokenizer.ggml.add_space_prefix")
+                .unwrap_or(model == "llama"),
             tokens,
             types,
             scores,
@@ -142,12 +167,20 @@ impl Vocab {
 /// A metadata array of strings, if present.
 pub fn string_array(g: &GgufFile, key: &str) -> Result<Option<Vec<String>>, FormatError> {
     let Some(v) = g.get(key) else { return Ok(None) };
-    let arr = v.as_array().ok_or_else(|| g.meta_error(key, format!("expected an array of strings, got {}", v.type_name())))?;
+    let arr = v.as_array().ok_or_else(|| {
+        g.meta_error(
+            key,
+            format!("expected an array of strings, got {}", v.type_name()),
+        )
+    })?;
     arr.iter()
         .enumerate()
         .map(|(i, v)| match v {
             Value::String(s) => Ok(s.clone()),
-            other => Err(g.meta_error(key, format!("entry {i} is {}, not a string", other.type_name()))),
+            other => Err(g.meta_error(
+                key,
+                format!("entry {i} is {}, not a string", other.type_name()),
+            )),
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
@@ -173,7 +206,10 @@ pub fn partition<'a>(vocab: &Vocab, text: &'a str, parse_special: bool) -> Vec<F
             continue;
         }
         let needle = vocab.tokens[id as usize].as_str();
-        if !frags.iter().any(|f| matches!(f, Fragment::Text(t) if t.contains(needle))) {
+        if !frags
+            .iter()
+            .any(|f| matches!(f, Fragment::Text(t) if t.contains(needle)))
+        {
             continue;
         }
         let mut next = Vec::with_capacity(frags.len() + 2);

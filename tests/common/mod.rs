@@ -11,7 +11,11 @@ pub fn root() -> PathBuf {
 /// A real model fetched by scripts/fetch-models; a missing model fails the test loudly.
 pub fn model(file: &str) -> PathBuf {
     let p = root().join("models").join(file);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-models first",
+        p.display()
+    );
     p
 }
 
@@ -25,25 +29,38 @@ pub fn gemma3() -> PathBuf {
 
 /// The shared reference folder (`../shared/ref`, or $KOJO_SHARED/ref).
 pub fn reference(file: &str) -> serde_json::Value {
-    let shared = std::env::var("KOJO_SHARED").map(PathBuf::from).unwrap_or_else(|_| root().join("../shared"));
+    let shared = std::env::var("KOJO_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("../shared"));
     let p = shared.join("ref").join(file);
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
 }
 
 pub fn kojo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kojo")).args(args).output().expect("run kojo")
+    Command::new(env!("CARGO_BIN_EXE_kojo"))
+        .args(args)
+        .output()
+        .expect("run kojo")
 }
 
 /// Run kojo and return stdout; panics with stderr when it fails.
 pub fn kojo_ok(args: &[&str]) -> String {
     let out = kojo(args);
-    assert!(out.status.success(), "kojo {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kojo {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).expect("utf-8 stdout")
 }
 
 pub fn ids_of(v: &serde_json::Value) -> Vec<u64> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
 }
 
 pub fn tokenize(model: &Path, text: &str, special: bool) -> Vec<u64> {
