@@ -4,47 +4,6 @@
 mod common;
 use common::*;
 
-fn tokenize_cases(model: &std::path::Path, ref_file: &str) {
-    let r = reference(ref_file);
-    let cases = r["tokenize_cases"].as_array().unwrap();
-    assert!(cases.len() >= 10);
-    for c in cases {
-        let text = c["text"].as_str().unwrap();
-        let want = ids_of(&c["ids"]);
-        let with_special: Vec<u64> = c["parse_special_true"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["id"].as_u64().unwrap())
-            .collect();
-        assert_eq!(want, with_special);
-        assert_eq!(
-            tokenize(model, text, true),
-            want,
-            "tokenize --special {text:?}"
-        );
-        if let Some(plain) = c.get("parse_special_false") {
-            let plain: Vec<u64> = plain
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p["id"].as_u64().unwrap())
-                .collect();
-            assert_eq!(
-                tokenize(model, text, false),
-                plain,
-                "tokenize (no --special) {text:?}"
-            );
-        }
-        assert_eq!(
-            detokenize(model, &want),
-            c["detokenize_roundtrip"].as_str().unwrap(),
-            "detokenize {want:?}"
-        );
-        assert_eq!(c["detokenize_roundtrip"].as_str().unwrap(), text);
-    }
-}
-
 fn raw_prompts(model: &std::path::Path, ref_file: &str) {
     let r = reference(ref_file);
     for g in r["generation_cases"].as_array().unwrap() {
@@ -81,12 +40,12 @@ fn raw_prompts(model: &std::path::Path, ref_file: &str) {
 
 #[test]
 fn smollm2_tokenize_matches_llama_cpp() {
-    tokenize_cases(&smollm2(), "llamacpp-smollm2-reference.json");
+    check_tokenize_cases(&smollm2(), "llamacpp-smollm2-reference.json");
 }
 
 #[test]
 fn gemma3_tokenize_matches_llama_cpp() {
-    tokenize_cases(&gemma3(), "llamacpp-gemma3-270m-reference.json");
+    check_tokenize_cases(&gemma3(), "llamacpp-gemma3-270m-reference.json");
 }
 
 #[test]

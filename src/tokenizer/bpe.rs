@@ -135,21 +135,21 @@ impl Bpe {
         const NONE: usize = usize::MAX;
         let mut syms: Vec<Sym> = word
             .char_indices()
-            .map(|(i, c)| {
+            .enumerate()
+            .map(|(k, (i, c))| {
                 let end = i + c.len_utf8();
                 Sym {
                     start: i,
                     end,
                     id: self.sym_id.get(&word[i..end]).copied().unwrap_or(u32::MAX),
-                    prev: NONE,
-                    next: NONE,
+                    prev: k.wrapping_sub(1), // NONE for the first
+                    next: k + 1,
                 }
             })
             .collect();
         let n = syms.len();
-        for i in 0..n {
-            syms[i].prev = if i == 0 { NONE } else { i - 1 };
-            syms[i].next = if i + 1 == n { NONE } else { i + 1 };
+        if let Some(last) = syms.last_mut() {
+            last.next = NONE;
         }
         // heap of (rank, left index) with the pair's expected symbol ids for validation
         let mut heap: BinaryHeap<Reverse<(u32, usize, u32, u32)>> = BinaryHeap::new();

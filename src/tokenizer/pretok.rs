@@ -145,6 +145,15 @@ impl Span<'_> {
         }
         n
     }
+    /// `\s+(?!\S)|\s+`, or one unmatched code point: where the piece starting at `pos` ends.
+    fn whitespace_piece(&self, pos: usize) -> usize {
+        let ws = self.whitespace_run(pos);
+        if ws > 1 && pos + ws < self.hi {
+            pos + ws - 1 // leave the last space to lead the next word
+        } else {
+            pos + ws.max(1)
+        }
+    }
 }
 
 fn gpt2(cps: &[(usize, char)], lo: usize, hi: usize, out: &mut Vec<usize>) {
@@ -177,15 +186,7 @@ fn gpt2(cps: &[(usize, char)], lo: usize, hi: usize, out: &mut Vec<usize>) {
             out.push(pos);
             continue;
         }
-        let ws = s.whitespace_run(pos);
-        if ws > 1 && pos + ws < hi {
-            // \s+(?!\S): leave the last space to lead the next word
-            pos += ws - 1;
-        } else if ws > 0 {
-            pos += ws;
-        } else {
-            pos += 1;
-        }
+        pos = s.whitespace_piece(pos);
         out.push(pos);
     }
 }
@@ -242,13 +243,7 @@ fn llama3(cps: &[(usize, char)], lo: usize, hi: usize, out: &mut Vec<usize>) {
             out.push(pos);
             continue;
         }
-        if ws > 1 && pos + ws < hi {
-            pos += ws - 1;
-        } else if ws > 0 {
-            pos += ws;
-        } else {
-            pos += 1;
-        }
+        pos = s.whitespace_piece(pos);
         out.push(pos);
     }
 }

@@ -62,17 +62,17 @@ impl Spm {
         const NONE: usize = usize::MAX;
         let mut syms: Vec<Sym> = text
             .char_indices()
-            .map(|(i, c)| Sym {
+            .enumerate()
+            .map(|(k, (i, c))| Sym {
                 start: i,
                 end: i + c.len_utf8(),
-                prev: NONE,
-                next: NONE,
+                prev: k.wrapping_sub(1), // NONE for the first
+                next: k + 1,
             })
             .collect();
         let n = syms.len();
-        for i in 0..n {
-            syms[i].prev = if i == 0 { NONE } else { i - 1 };
-            syms[i].next = if i + 1 == n { NONE } else { i + 1 };
+        if let Some(last) = syms.last_mut() {
+            last.next = NONE;
         }
         let mut heap = BinaryHeap::new();
         let try_pair = |heap: &mut BinaryHeap<Pair>, syms: &[Sym], l: usize| {

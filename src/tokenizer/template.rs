@@ -108,8 +108,9 @@ mod tests {
 
     #[test]
     fn python_string_methods_and_trim() {
+        // expected output from Python's jinja2 with trim_blocks and lstrip_blocks
         let t = ChatTemplate::new(
-            "{% for m in messages %}\n  {{ m['role'].upper() }}:{{ m['content'].strip() }}|\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}",
+            "  {% for m in messages %}\n{{ m['role'].upper() }}:{{ m['content'].strip() }}|\n  {% endfor %}{% if add_generation_prompt %}A:{% endif %}",
             "<s>",
             "</s>",
         )

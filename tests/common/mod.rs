@@ -85,3 +85,46 @@ pub fn detokenize(model: &Path, ids: &[u64]) -> String {
 pub fn python() -> String {
     std::env::var("KOJO_PYTHON").unwrap_or_else(|_| "python3".to_string())
 }
+
+/// Every tokenize case of a reference file: ids with and without `--special`, and the round
+/// trip through detokenize.
+pub fn check_tokenize_cases(model: &std::path::Path, ref_file: &str) {
+    let r = reference(ref_file);
+    let cases = r["tokenize_cases"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let want = ids_of(&c["ids"]);
+        let with_special: Vec<u64> = c["parse_special_true"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(want, with_special);
+        assert_eq!(
+            tokenize(model, text, true),
+            want,
+            "tokenize --special {text:?}"
+        );
+        if let Some(plain) = c.get("parse_special_false") {
+            let plain: Vec<u64> = plain
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["id"].as_u64().unwrap())
+                .collect();
+            assert_eq!(
+                tokenize(model, text, false),
+                plain,
+                "tokenize (no --special) {text:?}"
+            );
+        }
+        assert_eq!(
+            detokenize(model, &want),
+            c["detokenize_roundtrip"].as_str().unwrap(),
+            "detokenize {want:?}"
+        );
+        assert_eq!(c["detokenize_roundtrip"].as_str().unwrap(), text);
+    }
+}
