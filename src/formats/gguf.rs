@@ -153,6 +153,8 @@ pub struct GgufFile {
     /// Absolute file offset of the tensor data section.
     pub data_offset: u64,
     meta_index: HashMap<String, usize>,
+    /// File offset of each metadata record (for error messages).
+    meta_offsets: Vec<u64>,
     tensor_index: HashMap<String, usize>,
     storage: Storage,
 }
@@ -218,8 +220,10 @@ impl GgufFile {
 
         let mut metadata = Vec::with_capacity(n_kv);
         let mut meta_index = HashMap::with_capacity(n_kv);
+        let mut meta_offsets = Vec::with_capacity(n_kv);
         for i in 0..n_kv {
             let at = c.pos();
+            meta_offsets.push(at);
             let key = c.string(&format!("metadata[{i}].key"))?.to_string();
             let field = format!("metadata '{key}'");
             let ty = c.u32(&format!("{field}.type"))?;
@@ -312,6 +316,7 @@ impl GgufFile {
             alignment,
             data_offset,
             meta_index,
+            meta_offsets,
             tensor_index,
             storage,
         };
@@ -350,7 +355,11 @@ impl GgufFile {
 
     /// An error about metadata, naming this file.
     pub fn meta_error(&self, key: &str, message: impl Into<String>) -> FormatError {
-        let offset = 0;
+        let offset = self
+            .meta_index
+            .get(key)
+            .map(|&i| self.meta_offsets[i])
+            .unwrap_or(0);
         FormatError::new(&self.path, format!("metadata '{key}'"), offset, message)
     }
 
