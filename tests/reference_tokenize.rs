@@ -16,21 +16,10 @@ fn raw_prompts(model: &std::path::Path, ref_file: &str) {
         );
         // the completion's own record of generated ids detokenizes to its content
         let done = &g["completion_raw"];
-        let toks: Vec<String> = ids_of(&done["tokens"])
-            .iter()
-            .map(|i| i.to_string())
-            .collect();
-        let mut args = vec![
-            "detokenize",
-            "--skip-special",
-            "-m",
-            model.to_str().unwrap(),
-            "--",
-        ];
-        args.extend(toks.iter().map(String::as_str));
+        let text = detokenize_with(model, &ids_of(&done["tokens"]), &["--skip-special"]);
         // the server's content leaves out control tokens such as the final EOS
         assert_eq!(
-            kojo_ok(&args),
+            text,
             done["content"].as_str().unwrap(),
             "completion of {}",
             g["id"]
@@ -175,16 +164,7 @@ fn stream_whole_characters(model: &std::path::Path, ref_file: &str, extra: &[&st
             .map(|t| (t.to_string(), tokenize(model, t, false))),
     );
     for (text, ids) in &cases {
-        let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-        let mut args = vec![
-            "detokenize",
-            "--stream",
-            "-m",
-            model.to_str().unwrap(),
-            "--",
-        ];
-        args.extend(ids.iter().map(String::as_str));
-        let pieces: Vec<String> = serde_json::from_str(&kojo_ok(&args)).unwrap();
+        let pieces = detokenize_stream(model, ids);
         assert_eq!(pieces.len(), ids.len() + 1);
         assert_eq!(&pieces.concat(), text, "stream of {text:?}");
         assert!(!pieces.concat().contains('\u{FFFD}'));

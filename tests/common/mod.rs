@@ -75,11 +75,22 @@ pub fn tokenize(model: &Path, text: &str, special: bool) -> Vec<u64> {
 }
 
 pub fn detokenize(model: &Path, ids: &[u64]) -> String {
-    let m = model.to_str().unwrap();
+    detokenize_with(model, ids, &[])
+}
+
+/// `kojo detokenize FLAGS -m MODEL -- IDS...`, stdout.
+pub fn detokenize_with(model: &Path, ids: &[u64], flags: &[&str]) -> String {
     let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-    let mut args = vec!["detokenize", "-m", m, "--"];
+    let mut args = vec!["detokenize"];
+    args.extend_from_slice(flags);
+    args.extend(["-m", model.to_str().unwrap(), "--"]);
     args.extend(ids.iter().map(String::as_str));
     kojo_ok(&args)
+}
+
+/// The pieces `kojo detokenize --stream` releases, one per id plus the final flush.
+pub fn detokenize_stream(model: &Path, ids: &[u64]) -> Vec<String> {
+    serde_json::from_str(&detokenize_with(model, ids, &["--stream"])).unwrap()
 }
 
 pub fn python() -> String {
