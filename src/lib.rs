@@ -2,9 +2,13 @@
 //!
 //! Module map (see docs/DESIGN.md):
 //! - [`formats`]: GGUF and safetensors readers, quant block layouts, reference dequantizers
-//! - [`model`]: architectures' hyperparameters; opening a model path
+//! - [`backend`]: the Backend trait and the CPU backend
+//! - [`model`]: architectures, weights, the forward pass, generation and perplexity
+//! - [`sampling`]: samplers, penalties, log-probabilities, stop strings
 //! - [`tokenizer`]: tokenizers, streaming detokenizer, chat templates
 
+pub mod backend;
 pub mod formats;
 pub mod model;
+pub mod sampling;
 pub mod tokenizer;

@@ -7,6 +7,8 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+mod gen_cmd;
+
 #[derive(Parser)]
 #[command(name = "kojo", version, about = "kojo (工場): an LLM inference server")]
 struct Cli {
@@ -63,6 +65,10 @@ enum Cmd {
         template: Option<PathBuf>,
         messages: PathBuf,
     },
+    /// Generate text from a prompt on the CPU, streaming it to the terminal.
+    Generate(gen_cmd::GenerateArgs),
+    /// Perplexity of a text file, windowed as llama-perplexity does.
+    Perplexity(gen_cmd::PerplexityArgs),
     /// List tensors (name, type, shape); with --sha256, the hash of each tensor dequantized to
     /// little-endian f32.
     Tensors {
@@ -91,6 +97,8 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model, json } => inspect(&model, json),
+        Cmd::Generate(a) => gen_cmd::run_generate(a),
+        Cmd::Perplexity(a) => gen_cmd::run_perplexity(a),
         Cmd::Tokenize {
             model,
             special,

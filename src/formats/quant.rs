@@ -239,17 +239,14 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), Dequ
         GgmlType::F16 => blocks.for_each(|(b, y)| y[0] = h(b, 0)),
         GgmlType::BF16 => blocks
             .for_each(|(b, y)| y[0] = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
-        GgmlType::Q4_0 => blocks.for_each(|(b, y)| dequant_q4_0(b, y)),
-        GgmlType::Q4_1 => blocks.for_each(|(b, y)| dequant_q4_1(b, y)),
-        GgmlType::Q5_0 => blocks.for_each(|(b, y)| dequant_q5_0(b, y)),
-        GgmlType::Q5_1 => blocks.for_each(|(b, y)| dequant_q5_1(b, y)),
-        GgmlType::Q8_0 => blocks.for_each(|(b, y)| dequant_q8_0(b, y)),
-        GgmlType::Q2K => blocks.for_each(|(b, y)| dequant_q2_k(b, y)),
-        GgmlType::Q3K => blocks.for_each(|(b, y)| dequant_q3_k(b, y)),
-        GgmlType::Q4K => blocks.for_each(|(b, y)| dequant_q4_k(b, y)),
-        GgmlType::Q5K => blocks.for_each(|(b, y)| dequant_q5_k(b, y)),
-        GgmlType::Q6K => blocks.for_each(|(b, y)| dequant_q6_k(b, y)),
         GgmlType::Other(_) => unreachable!("bytes_for rejects unsupported types"),
+        _ => {
+            let mut u = Unpacked::default();
+            for (b, y) in blocks {
+                unpack_block(ty, b, &mut u);
+                u.dequantize(y);
+            }
+        }
     }
     Ok(())
 }
@@ -261,25 +258,79 @@ pub fn dequantize_to_vec(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>
     Ok(out)
 }
 
+/// Weights per scale group in [`Unpacked`]: every quantized type's groups are a multiple of it.
+pub const GROUP: usize = 16;
+
+/// One quantized block as small integers and affine scales per 16-weight group:
+/// `w[i] = a[i / 16] * q[i] - b[i / 16]`. This form serves both the reference dequantizer
+/// (bit-exact with ggml: the products and differences are the ones ggml computes) and the
+/// integer dot products of the CPU backend (`sum(w * x) = a * sum(q * y) * dy - b * sum(y) * dy`).
+#[derive(Clone)]
+pub struct Unpacked {
+    /// `[256]`, the first `block_size` used
+    pub q: [i8; 256],
+    /// `[16]` multipliers per group
+    pub a: [f32; 16],
+    /// `[16]` offsets per group (subtracted)
+    pub b: [f32; 16],
+}
+
+impl Default for Unpacked {
+    fn default() -> Self {
+        Unpacked { q: [0; 256], a: [0.0; 16], b: [0.0; 16] }
+    }
+}
+
+impl Unpacked {
+    pub fn dequantize(&self, y: &mut [f32]) {
+        for (i, y) in y.iter_mut().enumerate() {
+            *y = self.a[i / GROUP] * self.q[i] as f32 - self.b[i / GROUP];
+        }
+    }
+
+    fn set_groups(&mut self, groups: usize, a: f32, b: f32) {
+        self.a[..groups].fill(a);
+        self.b[..groups].fill(b);
+    }
+}
+
+/// Unpack one block `b` (exactly `ty.type_size()` bytes) of a quantized type into `u`.
+/// Panics on a non-block type (F32, F16, BF16, unknown): callers dispatch those first.
+pub fn unpack_block(ty: GgmlType, b: &[u8], u: &mut Unpacked) {
+    match ty {
+        GgmlType::Q4_0 => unpack_q4_0(b, u),
+        GgmlType::Q4_1 => unpack_q4_1(b, u),
+        GgmlType::Q5_0 => unpack_q5_0(b, u),
+        GgmlType::Q5_1 => unpack_q5_1(b, u),
+        GgmlType::Q8_0 => unpack_q8_0(b, u),
+        GgmlType::Q2K => unpack_q2_k(b, u),
+        GgmlType::Q3K => unpack_q3_k(b, u),
+        GgmlType::Q4K => unpack_q4_k(b, u),
+        GgmlType::Q5K => unpack_q5_k(b, u),
+        GgmlType::Q6K => unpack_q6_k(b, u),
+        other => panic!("unpack_block: {} is not a block-quantized type", other.name()),
+    }
+}
+
 /// Weight `i` of a 32-weight block whose 4-bit parts sit in `qs[16]`: low nibbles first.
 #[inline]
 fn nibble32(qs: &[u8], i: usize) -> u8 {
     (qs[i % 16] >> (4 * (i / 16))) & 0x0F
 }
 
-fn dequant_q4_0(b: &[u8], y: &mut [f32]) {
-    let d = h(b, 0);
+fn unpack_q4_0(b: &[u8], u: &mut Unpacked) {
+    u.set_groups(2, h(b, 0), 0.0);
     let qs = &b[2..18];
-    for (i, y) in y.iter_mut().enumerate() {
-        *y = d * (nibble32(qs, i) as i32 - 8) as f32;
+    for i in 0..32 {
+        u.q[i] = nibble32(qs, i) as i8 - 8;
     }
 }
 
-fn dequant_q4_1(b: &[u8], y: &mut [f32]) {
-    let (d, m) = (h(b, 0), h(b, 2));
+fn unpack_q4_1(b: &[u8], u: &mut Unpacked) {
+    u.set_groups(2, h(b, 0), -h(b, 2));
     let qs = &b[4..20];
-    for (i, y) in y.iter_mut().enumerate() {
-        *y = d * nibble32(qs, i) as f32 + m;
+    for i in 0..32 {
+        u.q[i] = nibble32(qs, i) as i8;
     }
 }
 
@@ -287,28 +338,28 @@ fn q5(qh: u32, qs: &[u8], i: usize) -> u8 {
     nibble32(qs, i) | ((((qh >> i) & 1) as u8) << 4)
 }
 
-fn dequant_q5_0(b: &[u8], y: &mut [f32]) {
-    let d = h(b, 0);
+fn unpack_q5_0(b: &[u8], u: &mut Unpacked) {
+    u.set_groups(2, h(b, 0), 0.0);
     let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
     let qs = &b[6..22];
-    for (i, y) in y.iter_mut().enumerate() {
-        *y = d * (q5(qh, qs, i) as i32 - 16) as f32;
+    for i in 0..32 {
+        u.q[i] = q5(qh, qs, i) as i8 - 16;
     }
 }
 
-fn dequant_q5_1(b: &[u8], y: &mut [f32]) {
-    let (d, m) = (h(b, 0), h(b, 2));
+fn unpack_q5_1(b: &[u8], u: &mut Unpacked) {
+    u.set_groups(2, h(b, 0), -h(b, 2));
     let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
     let qs = &b[8..24];
-    for (i, y) in y.iter_mut().enumerate() {
-        *y = d * q5(qh, qs, i) as f32 + m;
+    for i in 0..32 {
+        u.q[i] = q5(qh, qs, i) as i8;
     }
 }
 
-fn dequant_q8_0(b: &[u8], y: &mut [f32]) {
-    let d = h(b, 0);
-    for (i, y) in y.iter_mut().enumerate() {
-        *y = (b[2 + i] as i8) as f32 * d;
+fn unpack_q8_0(b: &[u8], u: &mut Unpacked) {
+    u.set_groups(2, h(b, 0), 0.0);
+    for i in 0..32 {
+        u.q[i] = b[2 + i] as i8;
     }
 }
 
@@ -321,36 +372,36 @@ fn crumb256(qs: &[u8], i: usize) -> u8 {
     (qs[half * 32 + l] >> (2 * group)) & 3
 }
 
-fn dequant_q2_k(b: &[u8], y: &mut [f32]) {
+fn unpack_q2_k(b: &[u8], u: &mut Unpacked) {
     let scales = &b[0..16];
     let qs = &b[16..80];
     let (d, dmin) = (h(b, 80), h(b, 82));
-    for (i, y) in y.iter_mut().enumerate() {
-        let sc = scales[i / 16];
-        let dl = d * (sc & 0x0F) as f32;
-        let ml = dmin * (sc >> 4) as f32;
-        *y = dl * crumb256(qs, i) as f32 - ml;
+    for (g, sc) in scales.iter().enumerate() {
+        u.a[g] = d * (sc & 0x0F) as f32;
+        u.b[g] = dmin * (sc >> 4) as f32;
+    }
+    for i in 0..256 {
+        u.q[i] = crumb256(qs, i) as i8;
     }
 }
 
-fn dequant_q3_k(b: &[u8], y: &mut [f32]) {
+fn unpack_q3_k(b: &[u8], u: &mut Unpacked) {
     let hmask = &b[0..32];
     let qs = &b[32..96];
     let sc = &b[96..108];
     let d = h(b, 108);
     // 16 six-bit scales: low 4 bits from sc[0..8] (low nibbles = scales 0..8, high = 8..16),
     // high 2 bits from sc[8..12] (shift 0 = scales 0..4, 2 = 4..8, 4 = 8..12, 6 = 12..16).
-    let mut scales = [0f32; 16];
-    for (k, s) in scales.iter_mut().enumerate() {
+    for k in 0..16 {
         let lo = (sc[k % 8] >> (4 * (k / 8))) & 0x0F;
         let hi = (sc[8 + k % 4] >> (2 * (k / 4))) & 0x03;
-        *s = d * (((lo | (hi << 4)) as i8) - 32) as f32;
+        u.a[k] = d * (((lo | (hi << 4)) as i8) - 32) as f32;
+        u.b[k] = 0.0;
     }
-    for (i, y) in y.iter_mut().enumerate() {
+    for i in 0..256 {
         let low = crumb256(qs, i) as i8;
         let high_bit_clear = ((hmask[i % 32] >> (i / 32)) & 1) ^ 1;
-        let q = low - ((high_bit_clear << 2) as i8);
-        *y = scales[i / 16] * q as f32;
+        u.q[i] = low - ((high_bit_clear << 2) as i8);
     }
 }
 
@@ -366,6 +417,16 @@ fn scale_min_k4(sc: &[u8]) -> ([u8; 8], [u8; 8]) {
     (s, m)
 }
 
+/// Scales of a Q4_K/Q5_K block: 8 groups of 32 weights, two 16-weight groups each.
+fn k4_groups(b: &[u8], u: &mut Unpacked) {
+    let (d, dmin) = (h(b, 0), h(b, 2));
+    let (s, m) = scale_min_k4(&b[4..16]);
+    for g in 0..16 {
+        u.a[g] = d * s[g / 2] as f32;
+        u.b[g] = dmin * m[g / 2] as f32;
+    }
+}
+
 /// 4-bit part of weight `i` (0..256) in Q4_K/Q5_K: four 64-weight chunks of `qs[32]` bytes,
 /// low nibbles first.
 #[inline]
@@ -374,45 +435,38 @@ fn nibble256(qs: &[u8], i: usize) -> u8 {
     (qs[chunk * 32 + rem % 32] >> (4 * (rem / 32))) & 0x0F
 }
 
-fn dequant_q4_k(b: &[u8], y: &mut [f32]) {
-    let (d, dmin) = (h(b, 0), h(b, 2));
-    let (s, m) = scale_min_k4(&b[4..16]);
+fn unpack_q4_k(b: &[u8], u: &mut Unpacked) {
+    k4_groups(b, u);
     let qs = &b[16..144];
-    for (i, y) in y.iter_mut().enumerate() {
-        let j = i / 32;
-        let dl = d * s[j] as f32;
-        let ml = dmin * m[j] as f32;
-        *y = dl * nibble256(qs, i) as f32 - ml;
+    for i in 0..256 {
+        u.q[i] = nibble256(qs, i) as i8;
     }
 }
 
-fn dequant_q5_k(b: &[u8], y: &mut [f32]) {
-    let (d, dmin) = (h(b, 0), h(b, 2));
-    let (s, m) = scale_min_k4(&b[4..16]);
+fn unpack_q5_k(b: &[u8], u: &mut Unpacked) {
+    k4_groups(b, u);
     let qh = &b[16..48];
     let qs = &b[48..176];
-    for (i, y) in y.iter_mut().enumerate() {
-        let j = i / 32;
-        let dl = d * s[j] as f32;
-        let ml = dmin * m[j] as f32;
-        let q = nibble256(qs, i) | (((qh[i % 32] >> j) & 1) << 4);
-        *y = dl * q as f32 - ml;
+    for i in 0..256 {
+        u.q[i] = (nibble256(qs, i) | (((qh[i % 32] >> (i / 32)) & 1) << 4)) as i8;
     }
 }
 
-fn dequant_q6_k(b: &[u8], y: &mut [f32]) {
+fn unpack_q6_k(b: &[u8], u: &mut Unpacked) {
     let ql = &b[0..128];
     let qh = &b[128..192];
     let scales = &b[192..208];
     let d = h(b, 208);
-    for (i, y) in y.iter_mut().enumerate() {
+    for g in 0..16 {
+        u.a[g] = d * (scales[g] as i8) as f32;
+        u.b[g] = 0.0;
+    }
+    for i in 0..256 {
         let (half, rem) = (i / 128, i % 128);
         // low 4 bits: two 64-weight halves of ql[64], low nibbles first
         let lo = (ql[half * 64 + rem % 64] >> (4 * (rem / 64))) & 0x0F;
         let hi = crumb256(qh, i);
-        let q = ((lo | (hi << 4)) as i8) - 32;
-        let dl = d * (scales[i / 16] as i8) as f32;
-        *y = dl * q as f32;
+        u.q[i] = ((lo | (hi << 4)) as i8) - 32;
     }
 }
 

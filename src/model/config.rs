@@ -24,6 +24,14 @@ pub struct ModelConfig {
     pub tied_embeddings: bool,
     /// Sliding-window attention span, where the architecture has one.
     pub sliding_window: Option<usize>,
+    /// Rotated dimensions per head (partial rotary); `None` = all of `head_dim`.
+    pub rope_dim: Option<usize>,
+    /// Linear RoPE scaling factor (positions are divided by it); 1 = none.
+    pub rope_scale: f64,
+    /// RoPE base of sliding-window layers, where it differs (gemma3: 10,000).
+    pub rope_base_swa: Option<f64>,
+    /// Every `n`-th layer is global, the others use the sliding window (gemma3: 6).
+    pub swa_pattern: Option<usize>,
 }
 
 const LIMIT: u64 = 1 << 24;
@@ -57,6 +65,20 @@ impl ModelConfig {
             return Err(err(
                 "rope_base",
                 format!("{} must be a positive number", self.rope_base),
+            ));
+        }
+        if let Some(d) = self.rope_dim {
+            if d == 0 || d > self.head_dim || d % 2 != 0 {
+                return Err(err(
+                    "rope_dim",
+                    format!("{d} must be even and in 1..={}", self.head_dim),
+                ));
+            }
+        }
+        if !(self.rope_scale.is_finite() && self.rope_scale > 0.0) {
+            return Err(err(
+                "rope_scale",
+                format!("{} must be a positive number", self.rope_scale),
             ));
         }
         if !(self.rms_eps.is_finite() && self.rms_eps > 0.0 && self.rms_eps < 1.0) {
@@ -135,6 +157,25 @@ impl ModelConfig {
             sliding_window: g
                 .get_u64(&key("attention.sliding_window"))
                 .map(|v| v as usize),
+            rope_dim: g.get_u64(&key("rope.dimension_count")).map(|v| v as usize),
+            rope_scale: match g.get_str(&key("rope.scaling.type")) {
+                None | Some("linear") => g
+                    .get_f64(&key("rope.scaling.factor"))
+                    .or_else(|| g.get_f64(&key("rope.scale_linear")))
+                    .filter(|f| *f != 0.0)
+                    .unwrap_or(1.0),
+                Some("none") => 1.0,
+                Some(other) => {
+                    return Err(g.meta_error(
+                        &key("rope.scaling.type"),
+                        format!("RoPE scaling '{other}' is not supported (linear only)"),
+                    ))
+                }
+            },
+            rope_base_swa: g.get_f64(&key("rope.freq_base_swa")),
+            swa_pattern: g
+                .get_u64(&key("attention.sliding_window_pattern"))
+                .map(|v| v as usize),
             arch,
         };
         cfg.check(|field, msg| FormatError::new(&g.path, format!("hyperparameter {field}"), 0, msg))
@@ -199,6 +240,10 @@ impl ModelConfig {
             rms_eps: c.rms_norm_eps.unwrap_or(1e-5),
             tied_embeddings: c.tie_word_embeddings.unwrap_or(false),
             sliding_window: c.sliding_window,
+            rope_dim: None,
+            rope_scale: 1.0,
+            rope_base_swa: None,
+            swa_pattern: None,
         };
         cfg.check(|field, msg| FormatError::new(path, field, 0, msg))
     }

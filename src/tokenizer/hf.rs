@@ -116,6 +116,10 @@ impl HfTokenizer {
         self.parse.id_to_token(id)
     }
 
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        self.parse.token_to_id(text)
+    }
+
     /// The bytes of one token.
     pub fn token_bytes(&self, id: u32, out: &mut Vec<u8>) {
         let Some(text) = self.parse.id_to_token(id) else {

@@ -124,6 +124,34 @@ impl Tokenizer {
         }
     }
 
+    /// Tokens that end generation: EOS, plus the end-of-turn tokens llama.cpp also treats as
+    /// end of generation when the vocabulary has them.
+    pub fn end_of_generation(&self) -> Vec<u32> {
+        const EOG: [&str; 8] = [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|eom_id|>",
+            "<end_of_turn>",
+            "<|endoftext|>",
+            "<|end|>",
+            "<|end_of_text|>",
+            "<EOT>",
+        ];
+        let mut ids: Vec<u32> = self.eos().into_iter().collect();
+        for text in EOG {
+            let id = match &self.inner {
+                Inner::Gguf { vocab, .. } => vocab.id(text),
+                Inner::Hf(h) => h.token_id(text),
+            };
+            if let Some(id) = id {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    }
+
     /// The token's text as stored in the vocabulary.
     pub fn token_text(&self, id: u32) -> Option<String> {
         match &self.inner {

@@ -1,0 +1,162 @@
+//! The narrow boundary between a model and the hardware that runs it.
+//!
+//! A [`Backend`] offers the dozen ops a decoder-only transformer needs, over activations it
+//! owns ([`Backend::Tensor`], always `[rows, cols]` f32 from the model's point of view), weights
+//! it was given once at load ([`Backend::Weight`]) and a paged KV cache ([`Backend::KvCache`]).
+//! It is not a tensor library: there is no broadcasting, no strides, no graph.
+//!
+//! - [`cpu`]: the reference backend (threads over the machine's cores; integer dot products
+//!   against GGUF blocks, or an exact f32 path for tests)
+
+pub mod cpu;
+
+use crate::formats::GgmlType;
+
+/// A weight as read from the model file: raw little-endian bytes of `ty`, row-major with
+/// `dims[0]` the contiguous (input) dimension, as GGUF lays it out.
+pub struct HostWeight<'a> {
+    pub name: String,
+    pub ty: GgmlType,
+    /// `[cols, rows]` for a matrix (GGUF order), `[n]` for a vector
+    pub dims: Vec<usize>,
+    pub data: std::borrow::Cow<'a, [u8]>,
+}
+
+impl HostWeight<'_> {
+    pub fn rows(&self) -> usize {
+        self.dims.iter().skip(1).product()
+    }
+    pub fn cols(&self) -> usize {
+        self.dims.first().copied().unwrap_or(0)
+    }
+}
+
+/// How rotary embeddings pair up dimensions within a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// Adjacent pairs `(2i, 2i+1)`: llama in GGUF (the converter permuted Q and K).
+    Interleaved,
+    /// Halves `(i, i + n_rot/2)`: NeoX, Hugging Face llama, qwen2, gemma.
+    Halves,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rope {
+    pub layout: RopeLayout,
+    /// Rotated dimensions per head (`<= head_dim`, even).
+    pub n_rot: usize,
+    pub base: f64,
+    /// Linear position scaling: the angle uses `position * freq_scale`.
+    pub freq_scale: f64,
+}
+
+/// Gated activations: `act(gate) * up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Glu {
+    /// SiLU (SwiGLU): llama, qwen2
+    Silu,
+    /// GELU, tanh approximation (GeGLU): gemma
+    GeluTanh,
+}
+
+/// Where each token of a ragged batch sits; shared by [`Backend::write_kv`] and
+/// [`Backend::attention`].
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLayout<'a> {
+    /// `[num_tokens]` absolute position of each token in its sequence
+    pub positions: &'a [u32],
+    /// `[num_seqs + 1]` offsets of each sequence's tokens in the batch
+    pub seq_starts: &'a [usize],
+    /// `[num_seqs][blocks]` KV block ids of each sequence, in position order
+    pub block_tables: &'a [&'a [u32]],
+    /// `[num_tokens]` cache slot (`block * block_size + offset`) each token's K/V is written to
+    pub slots: &'a [u32],
+}
+
+/// Attention parameters of one layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnParams {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies `q . k`.
+    pub scale: f32,
+    /// Sliding window: a token at position `p` sees positions `j` with `p - j < window`.
+    pub window: Option<usize>,
+}
+
+/// Shape of a paged KV cache: per layer, K and V pools of
+/// `[num_blocks, block_size, n_kv_heads, head_dim]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvShape {
+    pub n_layers: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+pub type Result<T> = anyhow::Result<T>;
+
+/// The ops of a decoder-only transformer. Tensors are `[rows, cols]` f32 activations; a
+/// "segment" op (RMSNorm, RoPE) works on each `seg`-wide slice of a row, so per-head norms and
+/// per-head rotations need no reshape.
+pub trait Backend {
+    type Tensor;
+    type Weight;
+    type KvCache;
+
+    /// Take a weight from the file (once, at load).
+    fn load_weight(&self, w: &HostWeight) -> Result<Self::Weight>;
+    /// `[rows, cols]` zeros.
+    fn zeros(&self, rows: usize, cols: usize) -> Self::Tensor;
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Self::Tensor;
+    fn download(&self, t: &Self::Tensor) -> Vec<f32>;
+    fn shape(&self, t: &Self::Tensor) -> (usize, usize);
+    fn alloc_kv(&self, shape: KvShape) -> Result<Self::KvCache>;
+
+    /// `out[i] = table[tokens[i]] * scale`; out `[num_tokens, hidden]`.
+    fn embed(&self, table: &Self::Weight, tokens: &[u32], scale: f32) -> Result<Self::Tensor>;
+    /// Rows `rows` of `x`, in that order.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
+    /// RMSNorm of every `w.len()`-wide segment of each row, times `w`.
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Self::Tensor;
+    /// `residual += x`, then returns `rms_norm(residual, w)`.
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        eps: f32,
+    ) -> Self::Tensor;
+    /// `residual += x`.
+    fn add(&self, residual: &mut Self::Tensor, x: &Self::Tensor);
+    /// `x [n, k] @ w[m, k]^T (+ bias[m])` → `[n, m]`.
+    fn matmul(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>)
+        -> Self::Tensor;
+    /// Rotate every `head_dim`-wide segment of each row by its token's position.
+    fn rope(&self, x: &mut Self::Tensor, positions: &[u32], head_dim: usize, rope: &Rope);
+    /// Scale in place.
+    fn scale(&self, x: &mut Self::Tensor, s: f32);
+    /// Store `k`, `v` (`[num_tokens, n_kv_heads * head_dim]`) at `layout.slots` of `layer`.
+    fn write_kv(
+        &self,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        layout: &BatchLayout,
+    ) -> Result<()>;
+    /// Causal attention of each token's query heads over its sequence's cached K/V
+    /// (positions `0..=position`, within the window). q `[num_tokens, n_heads * head_dim]`.
+    fn attention(
+        &self,
+        cache: &Self::KvCache,
+        layer: usize,
+        q: &Self::Tensor,
+        layout: &BatchLayout,
+        p: &AttnParams,
+    ) -> Result<Self::Tensor>;
+    /// `act(gate) * up`.
+    fn glu(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Glu) -> Self::Tensor;
+}

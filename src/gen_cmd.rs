@@ -1,0 +1,236 @@
+//! `kojo generate` and `kojo perplexity`: one model on the CPU backend, one sequence.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kojo::backend::cpu::{CpuBackend, MatmulMode};
+use kojo::model::generate::{generate, GenerateRequest};
+use kojo::model::perplexity::perplexity;
+use kojo::model::session::Session;
+use kojo::model::{ModelSource, Transformer};
+use kojo::sampling::SamplingParams;
+use kojo::tokenizer::Tokenizer;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct ModelArgs {
+    /// A GGUF file or a Hugging Face folder.
+    #[arg(long, short)]
+    pub model: PathBuf,
+    /// Context length of the session (default: the model's, capped at 4096).
+    #[arg(long)]
+    pub ctx_size: Option<usize>,
+    /// Matmul arithmetic: `quantized` (activations quantized per block, integer dot products,
+    /// as llama.cpp) or `exact` (weights dequantized to f32).
+    #[arg(long, default_value = "quantized", value_parser = parse_mode)]
+    pub matmul: MatmulMode,
+    /// Worker threads (default: one per core).
+    #[arg(long, short)]
+    pub threads: Option<usize>,
+    /// Tokens per forward pass while reading a prompt.
+    #[arg(long, default_value_t = 512)]
+    pub batch: usize,
+}
+
+fn parse_mode(s: &str) -> Result<MatmulMode, String> {
+    match s {
+        "quantized" => Ok(MatmulMode::Quantized),
+        "exact" => Ok(MatmulMode::Exact),
+        _ => Err(format!("'{s}' is not one of: quantized, exact")),
+    }
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt text (control tokens such as <|im_start|> are recognised).
+    #[arg(long, short)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, short = 'n', default_value_t = 128)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the output contains this (repeatable); it is not printed.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Do not stop at end-of-generation tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text file to score.
+    #[arg(long, short)]
+    pub file: PathBuf,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Print JSON instead of llama-perplexity's lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct Loaded {
+    backend: CpuBackend,
+    model: Transformer<CpuBackend>,
+    tok: Tokenizer,
+    src: ModelSource,
+}
+
+fn load(a: &ModelArgs) -> Result<Loaded> {
+    if let Some(t) = a.threads {
+        if t == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // the global pool can only be built once per process; this is its first use
+        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().ok();
+    }
+    let src = ModelSource::open(&a.model)?;
+    let tok = src.tokenizer()?;
+    let backend = CpuBackend::new(a.matmul);
+    let model = Transformer::load(&backend, &src)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    if tok.vocab_size() > model.cfg.vocab_size {
+        bail!(
+            "{}: the tokenizer has {} tokens but the output layer only {}",
+            a.model.display(),
+            tok.vocab_size(),
+            model.cfg.vocab_size
+        );
+    }
+    Ok(Loaded { backend, model, tok, src })
+}
+
+fn ctx_size(a: &ModelArgs, model_ctx: usize, need: usize) -> usize {
+    a.ctx_size.unwrap_or_else(|| model_ctx.min(4096).max(need))
+}
+
+/// The prompt's token ids: the chat template applied when asked, BOS added when the model adds
+/// it (and the text does not already start with it).
+fn prompt_ids(l: &Loaded, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+    let text = if chat {
+        let tmpl = l.src.chat_template(&l.tok)?;
+        let msgs = serde_json::json!([{"role": "user", "content": prompt}]);
+        tmpl.render(&msgs, true, None)?
+    } else {
+        prompt.to_string()
+    };
+    let mut ids = l.tok.encode(&text, false, true)?;
+    if let (true, Some(bos)) = (l.tok.adds_bos(), l.tok.bos()) {
+        if ids.first() != Some(&bos) {
+            ids.insert(0, bos);
+        }
+    }
+    Ok(ids)
+}
+
+pub fn run_generate(a: GenerateArgs) -> Result<()> {
+    let l = load(&a.model)?;
+    let ids = prompt_ids(&l, &a.prompt, a.chat)?;
+    let ctx = ctx_size(&a.model, l.model.cfg.context_length, ids.len() + a.max_tokens);
+    let mut session = Session::new(&l.backend, &l.model, ctx, a.model.batch)?;
+    let req = GenerateRequest {
+        prompt_ids: ids.clone(),
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repetition_penalty: a.repeat_penalty,
+            presence_penalty: a.presence_penalty,
+            frequency_penalty: a.frequency_penalty,
+            seed: a.seed,
+        },
+        stop: a.stop.clone(),
+        ignore_eos: a.ignore_eos,
+        top_logprobs: if a.json { 5 } else { 0 },
+    };
+    let stdout = std::io::stdout();
+    let streaming = !a.json;
+    let out = generate(&mut session, &l.tok, &req, |text| {
+        if streaming {
+            let mut o = stdout.lock();
+            let _ = o.write_all(text.as_bytes());
+            let _ = o.flush();
+        }
+    })?;
+    if a.json {
+        let top: Vec<Vec<(u32, f32)>> = out.top_logprobs;
+        let v = serde_json::json!({
+            "prompt_ids": ids,
+            "output_ids": out.output_ids,
+            "text": out.text,
+            "finish_reason": out.finish_reason,
+            "stop": out.stop_string,
+            "top_logprobs": top,
+        });
+        println!("{v}");
+    } else {
+        println!();
+    }
+    Ok(())
+}
+
+pub fn run_perplexity(a: PerplexityArgs) -> Result<()> {
+    let l = load(&a.model)?;
+    let text = read_text(&a.file)?;
+    let tokens = l.tok.encode(&text, true, false)?;
+    let bos = if l.tok.adds_bos() { l.tok.bos() } else { None };
+    let mut session = Session::new(&l.backend, &l.model, a.ctx, a.model.batch)?;
+    if !a.json {
+        eprintln!(
+            "perplexity: {} tokens, {} chunks of {}",
+            tokens.len(),
+            tokens.len() / a.ctx.max(1),
+            a.ctx
+        );
+    }
+    let json = a.json;
+    let r = perplexity(&mut session, &tokens, a.ctx, bos, |c, ppl| {
+        if !json {
+            print!("[{}]{:.4},", c + 1, ppl);
+            let _ = std::io::stdout().flush();
+        }
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!();
+        println!("Final estimate: PPL = {:.4} +/- {:.5}", r.ppl, r.ppl_stderr);
+    }
+    Ok(())
+}
+
+fn read_text(p: &Path) -> Result<String> {
+    let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!("{}: not UTF-8 text (invalid byte at offset {})", p.display(), e.utf8_error().valid_up_to())
+    })
+}

@@ -1,0 +1,258 @@
+//! The decoder-only transformer, written once against [`Backend`] for every supported
+//! architecture. What differs between architectures is data ([`ArchSpec`]), not code paths:
+//!
+//! - **llama** (Llama 2/3, Mistral, SmolLM): pre-norm, SwiGLU, RoPE on adjacent pairs in GGUF
+//!   (the converter permuted Q/K), on halves from Hugging Face files.
+//! - **qwen2**: llama plus Q/K/V biases, RoPE on halves.
+//! - **gemma3**: embeddings scaled by `sqrt(hidden)`; RMSNorm on each query and key head;
+//!   norms after attention and after the FFN (before each residual add); GeGLU; sliding-window
+//!   attention on five layers of every six, with RoPE base 10,000 there and the model's base on
+//!   the global layers.
+//!
+//! One forward pass runs a ragged batch (tokens of several sequences, each at its own positions)
+//! and returns logits only for the rows asked for.
+
+use super::{ModelConfig, ModelSource};
+use crate::backend::{AttnParams, Backend, BatchLayout, Glu, KvShape, Rope, RopeLayout};
+use anyhow::{bail, Context, Result};
+
+/// What one architecture does differently.
+#[derive(Debug, Clone)]
+pub struct ArchSpec {
+    pub glu: Glu,
+    /// Multiplies the token embeddings.
+    pub embed_scale: f32,
+    /// Multiplies `q . k`.
+    pub attn_scale: f32,
+    pub qkv_bias: bool,
+    /// RMSNorm on each query and key head (gemma3).
+    pub qk_norm: bool,
+    /// RMSNorm on the attention and FFN outputs before the residual add (gemma3).
+    pub post_norms: bool,
+    /// `[n_layers]` RoPE of each layer.
+    pub rope: Vec<Rope>,
+    /// `[n_layers]` sliding window of each layer, if any.
+    pub window: Vec<Option<usize>>,
+}
+
+impl ArchSpec {
+    pub fn new(cfg: &ModelConfig, from_hf: bool) -> Result<Self> {
+        let n_rot = cfg.rope_dim.unwrap_or(cfg.head_dim);
+        let rope = |layout, base| Rope { layout, n_rot, base, freq_scale: 1.0 / cfg.rope_scale };
+        let default_scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        let n = cfg.n_layers;
+        Ok(match cfg.arch.as_str() {
+            "llama" => {
+                let layout = if from_hf { RopeLayout::Halves } else { RopeLayout::Interleaved };
+                ArchSpec {
+                    glu: Glu::Silu,
+                    embed_scale: 1.0,
+                    attn_scale: default_scale,
+                    qkv_bias: false,
+                    qk_norm: false,
+                    post_norms: false,
+                    rope: vec![rope(layout, cfg.rope_base); n],
+                    window: vec![cfg.sliding_window; n],
+                }
+            }
+            "qwen2" => ArchSpec {
+                glu: Glu::Silu,
+                embed_scale: 1.0,
+                attn_scale: default_scale,
+                qkv_bias: true,
+                qk_norm: false,
+                post_norms: false,
+                rope: vec![rope(RopeLayout::Halves, cfg.rope_base); n],
+                window: vec![None; n],
+            },
+            "gemma3" => {
+                if from_hf {
+                    bail!("gemma3 from safetensors is not supported yet (use its GGUF)");
+                }
+                let pattern = cfg.swa_pattern.unwrap_or(6);
+                let is_swa = |l: usize| {
+                    cfg.sliding_window.is_some() && (pattern == 0 || l % pattern < pattern - 1)
+                };
+                let swa_base = cfg.rope_base_swa.unwrap_or(10_000.0);
+                ArchSpec {
+                    glu: Glu::GeluTanh,
+                    embed_scale: (cfg.hidden as f32).sqrt(),
+                    attn_scale: default_scale,
+                    qkv_bias: false,
+                    qk_norm: true,
+                    post_norms: true,
+                    rope: (0..n)
+                        .map(|l| {
+                            if is_swa(l) {
+                                Rope { freq_scale: 1.0, ..rope(RopeLayout::Halves, swa_base) }
+                            } else {
+                                rope(RopeLayout::Halves, cfg.rope_base)
+                            }
+                        })
+                        .collect(),
+                    window: (0..n).map(|l| if is_swa(l) { cfg.sliding_window } else { None }).collect(),
+                }
+            }
+            other => bail!("architecture '{other}' is not supported (llama, qwen2, gemma3)"),
+        })
+    }
+}
+
+struct Layer<B: Backend> {
+    attn_norm: B::Weight,
+    wq: B::Weight,
+    wk: B::Weight,
+    wv: B::Weight,
+    /// `[3]` Q, K, V biases (qwen2)
+    bias: Option<[B::Weight; 3]>,
+    /// query and key head norms (gemma3)
+    qk_norm: Option<[B::Weight; 2]>,
+    wo: B::Weight,
+    /// after attention, after the FFN (gemma3)
+    post_norm: Option<[B::Weight; 2]>,
+    ffn_norm: B::Weight,
+    gate: B::Weight,
+    up: B::Weight,
+    down: B::Weight,
+}
+
+pub struct Transformer<B: Backend> {
+    pub cfg: ModelConfig,
+    pub spec: ArchSpec,
+    tok_embd: B::Weight,
+    output_norm: B::Weight,
+    /// `None`: tied to the token embeddings
+    output: Option<B::Weight>,
+    layers: Vec<Layer<B>>,
+}
+
+/// One forward pass: the tokens of a ragged batch and where they go.
+pub struct Step<'a> {
+    /// `[num_tokens]`
+    pub tokens: &'a [u32],
+    pub layout: BatchLayout<'a>,
+    /// Rows (token indices) whose logits are wanted, in output order.
+    pub logit_rows: &'a [usize],
+}
+
+impl<B: Backend> Transformer<B> {
+    /// Load every weight of `src` onto `backend`, checking each shape against the config.
+    pub fn load(backend: &B, src: &ModelSource) -> Result<Self> {
+        let cfg = src.config()?;
+        let spec = ArchSpec::new(&cfg, matches!(src, ModelSource::Hf { .. }))?;
+        let (h, hd) = (cfg.hidden, cfg.head_dim);
+        let (q_dim, kv_dim) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
+        let get = |name: &str, dims: &[usize]| -> Result<B::Weight> {
+            let w = src.weight(name, dims)?;
+            backend.load_weight(&w).with_context(|| format!("{}", src.path().display()))
+        };
+        let tok_embd = get("token_embd.weight", &[h, cfg.vocab_size])?;
+        let output_norm = get("output_norm.weight", &[h])?;
+        let output = if src.has_weight("output.weight") {
+            Some(get("output.weight", &[h, cfg.vocab_size])?)
+        } else {
+            None
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for l in 0..cfg.n_layers {
+            let w = |part: &str, dims: &[usize]| get(&format!("blk.{l}.{part}"), dims);
+            layers.push(Layer {
+                attn_norm: w("attn_norm.weight", &[h])?,
+                wq: w("attn_q.weight", &[h, q_dim])?,
+                wk: w("attn_k.weight", &[h, kv_dim])?,
+                wv: w("attn_v.weight", &[h, kv_dim])?,
+                bias: if spec.qkv_bias {
+                    Some([
+                        w("attn_q.bias", &[q_dim])?,
+                        w("attn_k.bias", &[kv_dim])?,
+                        w("attn_v.bias", &[kv_dim])?,
+                    ])
+                } else {
+                    None
+                },
+                qk_norm: if spec.qk_norm {
+                    Some([w("attn_q_norm.weight", &[hd])?, w("attn_k_norm.weight", &[hd])?])
+                } else {
+                    None
+                },
+                wo: w("attn_output.weight", &[q_dim, h])?,
+                post_norm: if spec.post_norms {
+                    Some([w("post_attention_norm.weight", &[h])?, w("post_ffw_norm.weight", &[h])?])
+                } else {
+                    None
+                },
+                ffn_norm: w("ffn_norm.weight", &[h])?,
+                gate: w("ffn_gate.weight", &[h, cfg.ffn])?,
+                up: w("ffn_up.weight", &[h, cfg.ffn])?,
+                down: w("ffn_down.weight", &[cfg.ffn, h])?,
+            });
+        }
+        Ok(Transformer { cfg, spec, tok_embd, output_norm, output, layers })
+    }
+
+    pub fn kv_shape(&self, num_blocks: usize, block_size: usize) -> KvShape {
+        KvShape {
+            n_layers: self.cfg.n_layers,
+            num_blocks,
+            block_size,
+            n_kv_heads: self.cfg.n_kv_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    /// Logits `[step.logit_rows.len(), vocab]`.
+    pub fn forward(&self, be: &B, kv: &mut B::KvCache, step: &Step) -> Result<B::Tensor> {
+        let c = &self.cfg;
+        let eps = c.rms_eps as f32;
+        let lay = &step.layout;
+        if step.tokens.len() != lay.positions.len() || lay.positions.len() != lay.slots.len() {
+            bail!("forward: tokens, positions and slots differ in length");
+        }
+        if step.logit_rows.iter().any(|&r| r >= step.tokens.len()) {
+            bail!("forward: a logit row is outside the batch");
+        }
+        let mut x = be.embed(&self.tok_embd, step.tokens, self.spec.embed_scale)?; // [n, hidden]
+        let mut h = be.rms_norm(&x, &self.layers[0].attn_norm, eps);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let bias = layer.bias.as_ref();
+            let mut q = be.matmul(&h, &layer.wq, bias.map(|b| &b[0])); // [n, n_heads * hd]
+            let mut k = be.matmul(&h, &layer.wk, bias.map(|b| &b[1])); // [n, n_kv * hd]
+            let v = be.matmul(&h, &layer.wv, bias.map(|b| &b[2])); // [n, n_kv * hd]
+            if let Some([qn, kn]) = &layer.qk_norm {
+                q = be.rms_norm(&q, qn, eps);
+                k = be.rms_norm(&k, kn, eps);
+            }
+            let rope = &self.spec.rope[l];
+            be.rope(&mut q, lay.positions, c.head_dim, rope);
+            be.rope(&mut k, lay.positions, c.head_dim, rope);
+            be.write_kv(kv, l, &k, &v, lay)?;
+            let p = AttnParams {
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_kv_heads,
+                head_dim: c.head_dim,
+                scale: self.spec.attn_scale,
+                window: self.spec.window[l],
+            };
+            let a = be.attention(kv, l, &q, lay, &p)?; // [n, n_heads * hd]
+            let mut o = be.matmul(&a, &layer.wo, None); // [n, hidden]
+            if let Some([post_attn, _]) = &layer.post_norm {
+                o = be.rms_norm(&o, post_attn, eps);
+            }
+            h = be.add_rms_norm(&mut x, &o, &layer.ffn_norm, eps);
+            let g = be.matmul(&h, &layer.gate, None); // [n, ffn]
+            let u = be.matmul(&h, &layer.up, None); // [n, ffn]
+            let act = be.glu(&g, &u, self.spec.glu);
+            let mut d = be.matmul(&act, &layer.down, None); // [n, hidden]
+            if let Some([_, post_ffn]) = &layer.post_norm {
+                d = be.rms_norm(&d, post_ffn, eps);
+            }
+            match self.layers.get(l + 1) {
+                Some(next) => h = be.add_rms_norm(&mut x, &d, &next.attn_norm, eps),
+                None => be.add(&mut x, &d),
+            }
+        }
+        let last = be.gather_rows(&x, step.logit_rows); // [rows, hidden]
+        let normed = be.rms_norm(&last, &self.output_norm, eps);
+        Ok(be.matmul(&normed, self.output.as_ref().unwrap_or(&self.tok_embd), None))
+    }
+}
