@@ -57,10 +57,12 @@ def rms(x, g, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * g
 
 
-def rope(x, pos, n_rot, base, freq_scale, interleaved):
+def rope(x, pos, n_rot, base, freq_scale, interleaved, factors=None):
     # x [T, heads, hd]
     half = n_rot // 2
     inv = base ** (-2.0 * np.arange(half) / n_rot)
+    if factors is not None:
+        inv = inv / factors
     th = (pos[:, None] * freq_scale) * inv[None, :]  # [T, half]
     c, s = np.cos(th)[:, None, :], np.sin(th)[:, None, :]
     y = x.copy()
@@ -105,8 +107,9 @@ def forward(cfg, w, ids):
             if cfg["window"] and l % 6 < 5:
                 window, base, fscale = cfg["window"], 10000.0, 1.0
         inter = arch == "llama"
-        q = rope(q, pos, cfg["n_rot"], base, fscale, inter)
-        k = rope(k, pos, cfg["n_rot"], base, fscale, inter)
+        factors = w.get("rope_freqs.weight")
+        q = rope(q, pos, cfg["n_rot"], base, fscale, inter, factors)
+        k = rope(k, pos, cfg["n_rot"], base, fscale, inter, factors)
         g = H // KV
         out = np.zeros((T, H, hd))
         for hh in range(H):

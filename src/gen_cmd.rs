@@ -41,6 +41,7 @@ fn parse_mode(s: &str) -> Result<MatmulMode, String> {
 }
 
 #[derive(Args)]
+#[command(allow_negative_numbers = true)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,

@@ -134,8 +134,16 @@ pub trait Backend {
     /// `x [n, k] @ w[m, k]^T (+ bias[m])` → `[n, m]`.
     fn matmul(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>)
         -> Self::Tensor;
-    /// Rotate every `head_dim`-wide segment of each row by its token's position.
-    fn rope(&self, x: &mut Self::Tensor, positions: &[u32], head_dim: usize, rope: &Rope);
+    /// Rotate every `head_dim`-wide segment of each row by its token's position. `factors`
+    /// (`[n_rot / 2]`, Llama 3's `rope_freqs`) divide each pair's frequency.
+    fn rope(
+        &self,
+        x: &mut Self::Tensor,
+        positions: &[u32],
+        head_dim: usize,
+        rope: &Rope,
+        factors: Option<&[f32]>,
+    );
     /// Scale in place.
     fn scale(&self, x: &mut Self::Tensor, s: f32);
     /// Store `k`, `v` (`[num_tokens, n_kv_heads * head_dim]`) at `layout.slots` of `layer`.

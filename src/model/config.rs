@@ -241,7 +241,7 @@ impl ModelConfig {
             tied_embeddings: c.tie_word_embeddings.unwrap_or(false),
             sliding_window: c.sliding_window,
             rope_dim: None,
-            rope_scale: 1.0,
+            rope_scale: hf_rope_scale(&c.rope_scaling, path)?,
             rope_base_swa: None,
             swa_pattern: None,
         };
@@ -266,6 +266,30 @@ struct HfConfig {
     rms_norm_eps: Option<f64>,
     tie_word_embeddings: Option<bool>,
     sliding_window: Option<usize>,
+    rope_scaling: Option<serde_json::Value>,
+}
+
+/// `rope_scaling` of a Hugging Face config: linear (or none) is supported; the others change
+/// the frequencies in ways kojo does not implement yet, so they are an error, not a silent
+/// mistake.
+fn hf_rope_scale(v: &Option<serde_json::Value>, path: &Path) -> Result<f64, FormatError> {
+    let Some(v) = v.as_ref().filter(|v| !v.is_null()) else {
+        return Ok(1.0);
+    };
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("");
+    match kind {
+        "linear" => v
+            .get("factor")
+            .and_then(|f| f.as_f64())
+            .ok_or_else(|| FormatError::new(path, "rope_scaling.factor", 0, "missing or not a number")),
+        "default" => Ok(1.0),
+        other => Err(FormatError::new(
+            path,
+            "rope_scaling",
+            0,
+            format!("RoPE scaling '{other}' is not supported (linear only)"),
+        )),
+    }
 }
 
 #[cfg(test)]

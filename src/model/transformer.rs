@@ -123,6 +123,8 @@ pub struct Transformer<B: Backend> {
     output_norm: B::Weight,
     /// `None`: tied to the token embeddings
     output: Option<B::Weight>,
+    /// `[n_rot / 2]` frequency divisors (Llama 3.1+'s `rope_freqs.weight`)
+    rope_factors: Option<Vec<f32>>,
     layers: Vec<Layer<B>>,
 }
 
@@ -150,6 +152,17 @@ impl<B: Backend> Transformer<B> {
         let output_norm = get("output_norm.weight", &[h])?;
         let output = if src.has_weight("output.weight") {
             Some(get("output.weight", &[h, cfg.vocab_size])?)
+        } else {
+            None
+        };
+        let n_rot = cfg.rope_dim.unwrap_or(hd);
+        let rope_factors = if src.has_weight("rope_freqs.weight") {
+            let w = src.weight("rope_freqs.weight", &[n_rot / 2])?;
+            let f = crate::formats::quant::dequantize_to_vec(w.ty, &w.data, n_rot / 2)?;
+            if f.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+                bail!("{}: rope_freqs.weight has a factor that is not a positive number", src.path().display());
+            }
+            Some(f)
         } else {
             None
         };
@@ -187,7 +200,7 @@ impl<B: Backend> Transformer<B> {
                 down: w("ffn_down.weight", &[cfg.ffn, h])?,
             });
         }
-        Ok(Transformer { cfg, spec, tok_embd, output_norm, output, layers })
+        Ok(Transformer { cfg, spec, tok_embd, output_norm, output, rope_factors, layers })
     }
 
     pub fn kv_shape(&self, num_blocks: usize, block_size: usize) -> KvShape {
@@ -223,8 +236,9 @@ impl<B: Backend> Transformer<B> {
                 k = be.rms_norm(&k, kn, eps);
             }
             let rope = &self.spec.rope[l];
-            be.rope(&mut q, lay.positions, c.head_dim, rope);
-            be.rope(&mut k, lay.positions, c.head_dim, rope);
+            let factors = self.rope_factors.as_deref();
+            be.rope(&mut q, lay.positions, c.head_dim, rope, factors);
+            be.rope(&mut k, lay.positions, c.head_dim, rope, factors);
             be.write_kv(kv, l, &k, &v, lay)?;
             let p = AttnParams {
                 n_heads: c.n_heads,

@@ -42,7 +42,7 @@ impl Bpe {
     pub fn from_gguf(g: &GgufFile, vocab: &Vocab) -> Result<Self, FormatError> {
         let pre_name = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
         let pre = PreTokenizer::from_gguf_name(pre_name).ok_or_else(|| {
-            g.meta_error("tokenizer.ggml.pre", format!("pre-tokenizer '{pre_name}' is not supported (gpt2, smollm and llama3 families are)"))
+            g.meta_error("tokenizer.ggml.pre", format!("pre-tokenizer '{pre_name}' is not supported (the gpt2, smollm, llama3 and qwen2 families are)"))
         })?;
         let merges = super::vocab::string_array(g, "tokenizer.ggml.merges")?.ok_or_else(|| {
             g.meta_error(

@@ -8,6 +8,7 @@
 //!   (StarCoder-style; also refact, codeshell, command-r)
 //! - `Llama3`: `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
 //!   ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
+//! - `Qwen2`: `Llama3` with single digits (`\p{N}` instead of `\p{N}{1,3}`)
 //!
 //! Text that no alternative matches becomes a piece of its own, one code point long.
 
@@ -19,6 +20,7 @@ pub enum PreTokenizer {
     Gpt2,
     Smollm,
     Llama3,
+    Qwen2,
 }
 
 impl PreTokenizer {
@@ -29,6 +31,7 @@ impl PreTokenizer {
             "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
             | "minerva-7b" => Self::Smollm,
             "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" => Self::Llama3,
+            "qwen2" | "deepseek-r1-qwen" => Self::Qwen2,
             _ => return None,
         })
     }
@@ -38,6 +41,7 @@ impl PreTokenizer {
             Self::Gpt2 => "gpt2",
             Self::Smollm => "smollm",
             Self::Llama3 => "llama3",
+            Self::Qwen2 => "qwen2",
         }
     }
 
@@ -47,7 +51,8 @@ impl PreTokenizer {
         let mut bounds = Vec::new(); // end index (in code points) of each piece
         match self {
             Self::Gpt2 => gpt2(&cps, 0, cps.len(), &mut bounds),
-            Self::Llama3 => llama3(&cps, 0, cps.len(), &mut bounds),
+            Self::Llama3 => llama3(&cps, 0, cps.len(), 3, &mut bounds),
+            Self::Qwen2 => llama3(&cps, 0, cps.len(), 1, &mut bounds),
             Self::Smollm => {
                 let mut start = 0;
                 for i in 0..cps.len() {
@@ -191,7 +196,8 @@ fn gpt2(cps: &[(usize, char)], lo: usize, hi: usize, out: &mut Vec<usize>) {
     }
 }
 
-fn llama3(cps: &[(usize, char)], lo: usize, hi: usize, out: &mut Vec<usize>) {
+/// Llama 3's regex; digits are grouped up to `max_digits` (3; Qwen2: 1).
+fn llama3(cps: &[(usize, char)], lo: usize, hi: usize, max_digits: usize, out: &mut Vec<usize>) {
     let s = Span { cps, lo, hi };
     let mut pos = lo;
     while pos < hi {
@@ -213,10 +219,10 @@ fn llama3(cps: &[(usize, char)], lo: usize, hi: usize, out: &mut Vec<usize>) {
             out.push(pos);
             continue;
         }
-        // \p{N}{1,3}
+        // \p{N}{1,max_digits}
         if f.number {
             let mut k = 0;
-            while k < 3 && s.fl(pos).number {
+            while k < max_digits && s.fl(pos).number {
                 pos += 1;
                 k += 1;
             }
@@ -268,6 +274,11 @@ mod tests {
     }
 
     #[test]
+    fn qwen2_splits_single_digits() {
+        assert_eq!(PreTokenizer::Qwen2.split("abc 1234\n\n  def"), ["abc", " ", "1", "2", "3", "4", "\n\n", " ", " def"]);
+    }
+
+    #[test]
     fn llama3_groups_digits_by_three_and_newlines() {
         let p = PreTokenizer::Llama3.split("abc 1234567\n\n  def");
         assert_eq!(p, vec!["abc", " ", "123", "456", "7", "\n\n", " ", " def"]);
@@ -281,6 +292,7 @@ mod tests {
             PreTokenizer::Gpt2,
             PreTokenizer::Smollm,
             PreTokenizer::Llama3,
+            PreTokenizer::Qwen2,
         ] {
             for t in [
                 "",

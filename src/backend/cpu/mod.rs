@@ -173,14 +173,22 @@ impl Backend for CpuBackend {
         CpuTensor { data, rows: x.rows, cols: w.rows }
     }
 
-    fn rope(&self, x: &mut CpuTensor, positions: &[u32], head_dim: usize, rope: &Rope) {
+    fn rope(
+        &self,
+        x: &mut CpuTensor,
+        positions: &[u32],
+        head_dim: usize,
+        rope: &Rope,
+        factors: Option<&[f32]>,
+    ) {
         assert_eq!(x.rows, positions.len());
         let half = rope.n_rot / 2;
         let mut cs = vec![(0f32, 0f32); half];
         for (row, &pos) in x.data.chunks_exact_mut(x.cols).zip(positions) {
             for (i, c) in cs.iter_mut().enumerate() {
                 let inv = rope.base.powf(-2.0 * i as f64 / rope.n_rot as f64);
-                let theta = pos as f64 * rope.freq_scale * inv;
+                let f = factors.map_or(1.0, |f| f[i] as f64);
+                let theta = pos as f64 * rope.freq_scale * inv / f;
                 *c = (theta.cos() as f32, theta.sin() as f32);
             }
             for head in row.chunks_exact_mut(head_dim) {
