@@ -2,7 +2,8 @@
 """A plain float64 forward pass, independent of kojo, for checking kojo's logits.
 
 Reads a GGUF file with the `gguf` package (its own dequantizers), runs llama / qwen2 / gemma3
-in numpy float64 with no KV cache and no quantized arithmetic, and prints, as JSON, the top-k
+in numpy float64 with no KV cache and no quantized arithmetic (`--f16-kv` rounds K, V and the
+query to float16, as an f16 KV cache does, and nothing else), and prints, as JSON, the top-k
 log-probabilities of the next token at each position from `--from` on:
 
     reference_forward.py MODEL.gguf --ids '[1, 2, 3, 4]' --from 2 --top 5
@@ -81,7 +82,11 @@ def gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
-def forward(cfg, w, ids):
+def f16(x):
+    return x.astype(np.float16).astype(np.float64)
+
+
+def forward(cfg, w, ids, kv_f16):
     arch = cfg["arch"]
     T = len(ids)
     H, KV, hd = cfg["n_heads"], cfg["n_kv"], cfg["head_dim"]
@@ -110,6 +115,9 @@ def forward(cfg, w, ids):
         factors = w.get("rope_freqs.weight")
         q = rope(q, pos, cfg["n_rot"], base, fscale, inter, factors)
         k = rope(k, pos, cfg["n_rot"], base, fscale, inter, factors)
+        if kv_f16:
+            # kojo's (and llama.cpp's) KV cache holds f16, and the query is rounded to f16 for q.k
+            q, k, v = f16(q), f16(k), f16(v)
         g = H // KV
         out = np.zeros((T, H, hd))
         for hh in range(H):
@@ -144,12 +152,13 @@ def main():
     ap.add_argument("--ids", required=True)
     ap.add_argument("--from", dest="start", type=int, default=0)
     ap.add_argument("--top", type=int, default=5)
+    ap.add_argument("--f16-kv", action="store_true", help="round K, V and Q to float16 as an f16 cache does")
     a = ap.parse_args()
     cfg, w = load(a.model)
     if cfg["arch"] not in ("llama", "qwen2", "gemma3"):
         sys.exit(f"{cfg['arch']}: not supported here")
     ids = json.loads(a.ids)
-    logits = forward(cfg, w, ids)
+    logits = forward(cfg, w, ids, a.f16_kv)
     res = []
     for row in logits[a.start:]:
         m = row.max()

@@ -4,8 +4,9 @@
 //! - the tiny llama as a Hugging Face safetensors folder;
 //! - the two real models.
 //!
-//! With `--matmul exact` kojo differs from float64 only by its f16 KV cache (and f16 queries in
-//! `q . k`); with the default integer path, by activation quantization as well.
+//! The reference rounds K, V and the query to f16 as kojo's f16 cache does; with
+//! `--matmul exact` kojo then differs from it only by f32 rounding; with the default integer
+//! path, by activation quantization as well.
 
 mod common;
 
@@ -176,7 +177,7 @@ fn generate(model: &Path, prompt: &str, n: usize, extra: &[&str]) -> serde_json:
     serde_json::from_str(&kojo_ok(&args)).unwrap()
 }
 
-/// The float64 reference's top-5 at each generated position of `out`.
+/// The float64 reference's top-5 at each generated position of `out` (K/V rounded to f16).
 fn reference_top5(model: &Path, out: &serde_json::Value) -> Vec<Vec<(u64, f64)>> {
     let mut ids = ids_of(&out["prompt_ids"]);
     let start = ids.len() - 1;
@@ -185,7 +186,7 @@ fn reference_top5(model: &Path, out: &serde_json::Value) -> Vec<Vec<(u64, f64)>>
     let o = Command::new(python())
         .arg(root().join("scripts/reference_forward.py"))
         .arg(model)
-        .args(["--ids", &serde_json::to_string(&ids).unwrap(), "--from", &start.to_string()])
+        .args(["--ids", &serde_json::to_string(&ids).unwrap(), "--from", &start.to_string(), "--f16-kv"])
         .output()
         .unwrap();
     assert!(o.status.success(), "reference_forward.py: {}", String::from_utf8_lossy(&o.stderr));
@@ -224,11 +225,13 @@ fn check_tiny(t: Tiny) {
     let prompt = "The quick brown fox jumps over the lazy dog";
     let exact = generate(&path, prompt, 6, &["--matmul", "exact"]);
     let reference = reference_top5(&path, &exact);
-    assert_close(&format!("{} exact", t.arch), &exact, &reference, 1e-2);
-    // the integer path: the same model within activation-quantization noise
+    assert_close(&format!("{} exact", t.arch), &exact, &reference, 2e-3);
+    // the integer path: the same model within activation-quantization noise, which random
+    // weights make large (up to ~0.5 nats seen); the arithmetic itself is unit-tested in
+    // backend::cpu::matmul, this catches gross mistakes end to end
     let quant = generate(&path, prompt, 6, &[]);
     let ref_q = reference_top5(&path, &quant);
-    assert_close(&format!("{} quantized", t.arch), &quant, &ref_q, 0.5);
+    assert_close(&format!("{} quantized", t.arch), &quant, &ref_q, 1.0);
     if t.arch == "llama" {
         // a llama as a Hugging Face folder: f32 safetensors, tokenizer.json, HF's rotary
         // layout (the script undoes llama.cpp's Q/K permutation); HF keeps Llama 3.1's RoPE
@@ -245,8 +248,10 @@ fn check_tiny(t: Tiny) {
         assert!(st.success());
         let from_hf = generate(&hf, prompt, 6, &["--matmul", "exact"]);
         assert_eq!(from_hf["prompt_ids"], exact["prompt_ids"]);
+        let gguf_top: Vec<Vec<(u64, f64)>> = serde_json::from_value(exact["top_logprobs"].clone()).unwrap();
+        assert_close("llama from safetensors vs the GGUF", &from_hf, &gguf_top, 1e-3);
         let ref_hf = reference_top5(&path, &from_hf);
-        assert_close("llama from safetensors", &from_hf, &ref_hf, 1e-2);
+        assert_close("llama from safetensors", &from_hf, &ref_hf, 2e-3);
     }
 }
 
@@ -269,7 +274,7 @@ fn tiny_gemma3_sliding_window() {
     check_tiny(Tiny { arch: "gemma3", types: [Q5_0, Q8_0, F32, Q4K, BF16, Q5_0, Q6K, Q8_0], output: None, layers: 7, rope_freqs: false });
 }
 
-/// The real models, first 4 generated positions, exact path: f64 agreement to a few 1e-3.
+/// The real models, first 4 generated positions, exact path: float64 agreement to ~2e-3 nats.
 #[test]
 fn real_models_match_float64() {
     for model in [smollm2(), gemma3()] {
