@@ -12,6 +12,31 @@ use kojo::tokenizer::Tokenizer;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// How the CPU backend runs.
+#[derive(Args)]
+pub struct CpuArgs {
+    /// Matmul arithmetic: `quantized` (activations quantized per block, integer dot products,
+    /// as llama.cpp) or `exact` (weights dequantized to f32).
+    #[arg(long, default_value = "quantized", value_parser = parse_mode)]
+    pub matmul: MatmulMode,
+    /// Worker threads (default: one per core).
+    #[arg(long, short)]
+    pub threads: Option<usize>,
+}
+
+impl CpuArgs {
+    pub fn init_threads(&self) -> Result<()> {
+        if let Some(t) = self.threads {
+            if t == 0 {
+                bail!("--threads must be at least 1");
+            }
+            // the global pool can only be built once per process; this is its first use
+            rayon::ThreadPoolBuilder::new().num_threads(t).build_global().ok();
+        }
+        Ok(())
+    }
+}
+
 #[derive(Args)]
 pub struct ModelArgs {
     /// A GGUF file or a Hugging Face folder.
@@ -20,13 +45,8 @@ pub struct ModelArgs {
     /// Context length of the session (default: the model's, capped at 4096).
     #[arg(long)]
     pub ctx_size: Option<usize>,
-    /// Matmul arithmetic: `quantized` (activations quantized per block, integer dot products,
-    /// as llama.cpp) or `exact` (weights dequantized to f32).
-    #[arg(long, default_value = "quantized", value_parser = parse_mode)]
-    pub matmul: MatmulMode,
-    /// Worker threads (default: one per core).
-    #[arg(long, short)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub cpu: CpuArgs,
     /// Tokens per forward pass while reading a prompt.
     #[arg(long, default_value_t = 512)]
     pub batch: usize,
@@ -105,16 +125,10 @@ struct Loaded {
 }
 
 fn load(a: &ModelArgs) -> Result<Loaded> {
-    if let Some(t) = a.threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
-        }
-        // the global pool can only be built once per process; this is its first use
-        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().ok();
-    }
+    a.cpu.init_threads()?;
     let src = ModelSource::open(&a.model)?;
     let tok = src.tokenizer()?;
-    let backend = CpuBackend::new(a.matmul);
+    let backend = CpuBackend::new(a.cpu.matmul);
     let model = Transformer::load(&backend, &src)
         .with_context(|| format!("loading {}", a.model.display()))?;
     if tok.vocab_size() > model.cfg.vocab_size {

@@ -2,13 +2,19 @@
 //!
 //! Module map (see docs/DESIGN.md):
 //! - [`formats`]: GGUF and safetensors readers, quant block layouts, reference dequantizers
+//! - [`api`]: the OpenAI-compatible HTTP API (`kojo serve`)
+//! - [`engine`]: the engine thread: continuous batching over a paged, prefix-cached KV cache
+//! - [`kv`]: KV block bookkeeping and prefix hashing
 //! - [`backend`]: the Backend trait and the CPU backend
 //! - [`model`]: architectures, weights, the forward pass, generation and perplexity
 //! - [`sampling`]: samplers, penalties, log-probabilities, stop strings
 //! - [`tokenizer`]: tokenizers, streaming detokenizer, chat templates
 
+pub mod api;
 pub mod backend;
+pub mod engine;
 pub mod formats;
+pub mod kv;
 pub mod model;
 pub mod sampling;
 pub mod tokenizer;

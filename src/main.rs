@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 mod gen_cmd;
+mod serve_cmd;
 
 #[derive(Parser)]
 #[command(name = "kojo", version, about = "kojo (工場): an LLM inference server")]
@@ -65,6 +66,8 @@ enum Cmd {
         template: Option<PathBuf>,
         messages: PathBuf,
     },
+    /// Serve the OpenAI-compatible API (chat and legacy completions, streaming or not).
+    Serve(serve_cmd::ServeArgs),
     /// Generate text from a prompt on the CPU, streaming it to the terminal.
     Generate(gen_cmd::GenerateArgs),
     /// Perplexity of a text file, windowed as llama-perplexity does.
@@ -97,6 +100,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model, json } => inspect(&model, json),
+        Cmd::Serve(a) => serve_cmd::run(a),
         Cmd::Generate(a) => gen_cmd::run_generate(a),
         Cmd::Perplexity(a) => gen_cmd::run_perplexity(a),
         Cmd::Tokenize {

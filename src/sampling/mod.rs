@@ -120,7 +120,11 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
 
 /// The `k` most likely tokens with their log-probabilities, best first (ties: lower id first).
 pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let lp = log_softmax(logits);
+    top_of(&log_softmax(logits), k)
+}
+
+/// The `k` largest entries of `lp` as (index, value), best first (ties: lower index first).
+pub fn top_of(lp: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
     let k = k.min(idx.len());
     if k == 0 {

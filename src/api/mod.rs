@@ -1,0 +1,17 @@
+//! HTTP: the OpenAI-compatible API over the engine.
+//!
+//! - [`wire`]: request types as clients send them, validated into `Valid*` types
+//! - [`error`]: OpenAI-style error bodies
+//! - [`serve`]: `kojo serve`: loading, routes, auth, shutdown
+//! - [`respond`]: running one request's choices on the engine: detokenizing, stop strings,
+//!   log-probabilities, SSE chunks and final bodies
+//!
+//! The API side never touches the KV cache or the backend: it tokenizes (on the blocking
+//! pool), submits to the engine, and turns each choice's event stream into text.
+
+pub mod error;
+pub mod respond;
+pub mod serve;
+pub mod wire;
+
+pub use error::ApiError;

@@ -1,0 +1,421 @@
+//! `kojo serve`: bind first (so /health answers 503 while loading), load the model on a
+//! blocking thread, start the engine, then serve. Routes, API keys, body limits, admission
+//! control and graceful shutdown live here.
+
+use super::error::ApiError;
+use super::respond::{respond, Job, Kind};
+use super::wire::{ChatRequest, CompletionRequest, PromptInput};
+use crate::backend::cpu::{CpuBackend, MatmulMode};
+use crate::engine::metrics::Metrics;
+use crate::engine::scheduler::SchedulerConfig;
+use crate::engine::EngineHandle;
+use crate::model::{ModelSource, Transformer};
+use crate::tokenizer::{ChatTemplate, Tokenizer};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use subtle::ConstantTimeEq;
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub model: PathBuf,
+    pub served_name: String,
+    pub host: String,
+    pub port: u16,
+    pub api_keys: Vec<String>,
+    /// Longest sequence (prompt + output) a request may ask for.
+    pub max_model_len: usize,
+    /// KV-cache capacity in tokens (rounded up to whole blocks).
+    pub kv_tokens: usize,
+    pub max_num_seqs: usize,
+    pub max_batch_tokens: usize,
+    /// Admission control: requests and prompt tokens allowed to wait.
+    pub max_waiting: usize,
+    pub max_waiting_tokens: usize,
+    pub max_body_bytes: usize,
+    pub shutdown_timeout: Duration,
+    pub matmul: MatmulMode,
+}
+
+/// What exists once the model has loaded.
+pub struct Ready {
+    pub tok: Arc<Tokenizer>,
+    pub template: Option<ChatTemplate>,
+    pub engine: EngineHandle,
+    pub max_model_len: usize,
+    pub vocab: usize,
+}
+
+pub struct AppState {
+    pub cfg: ServeConfig,
+    pub ready: OnceLock<Ready>,
+    pub metrics: Arc<Metrics>,
+    next_id: AtomicU64,
+    started: u64,
+}
+
+type St = State<Arc<AppState>>;
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl AppState {
+    fn ready(&self) -> Result<&Ready, ApiError> {
+        self.ready.get().ok_or_else(ApiError::loading)
+    }
+
+    fn new_id(&self, prefix: &str) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{prefix}-{:x}{:08x}", self.started, n)
+    }
+
+    fn check_model(&self, asked: &str) -> Result<(), ApiError> {
+        if asked == self.cfg.served_name {
+            Ok(())
+        } else {
+            Err(ApiError::model_not_found(asked, &self.cfg.served_name))
+        }
+    }
+
+    /// 429 when the queue is full by requests or by prompt tokens.
+    fn admit(&self, new_tokens: usize) -> Result<(), ApiError> {
+        let m = &self.metrics;
+        if m.waiting.get() as usize >= self.cfg.max_waiting {
+            m.outcome("rejected");
+            return Err(ApiError::overloaded(format!("{} requests are already waiting; retry later", m.waiting.get())));
+        }
+        if m.waiting_tokens.get() as usize + new_tokens > self.cfg.max_waiting_tokens {
+            m.outcome("rejected");
+            return Err(ApiError::overloaded("too many prompt tokens are waiting; retry later"));
+        }
+        Ok(())
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    }
+    serde_json::from_value(v).map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
+}
+
+/// Check the prompt fits with room for at least one token, and `max_tokens` fits after it.
+fn check_length(prompt: usize, max_tokens: Option<usize>, max_len: usize) -> Result<(), ApiError> {
+    if prompt == 0 {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    if prompt >= max_len {
+        return Err(ApiError::invalid("messages", format!("the prompt has {prompt} tokens; this server's context is {max_len}")));
+    }
+    if let Some(m) = max_tokens {
+        if prompt + m > max_len {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!("{prompt} prompt tokens + max_tokens {m} exceed the context of {max_len}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn chat(State(st): St, body: Bytes) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let (req, r) = (parse::<ChatRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?, st.ready()?);
+    let model = req.common.model()?;
+    st.check_model(&model)?;
+    let v = req.validate(r.vocab).inspect_err(|_| st.metrics.outcome("invalid"))?;
+    let Some(tmpl) = r.template.as_ref() else {
+        return Err(ApiError::bad_request("this model has no chat template; use /v1/completions"));
+    };
+    let text = tmpl
+        .render(&v.messages, true, None)
+        .map_err(|e| ApiError::bad_request(format!("the chat template failed: {e}")))?;
+    let tok = r.tok.clone();
+    let ids = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, String> {
+        let mut ids = tok.encode(&text, false, true).map_err(|e| e.to_string())?;
+        if let (true, Some(bos)) = (tok.adds_bos(), tok.bos()) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(ApiError::bad_request)?;
+    check_length(ids.len(), v.params.max_tokens, r.max_model_len)?;
+    st.admit(ids.len() * v.params.n)?;
+    let job = Job {
+        kind: Kind::Chat,
+        id: st.new_id("chatcmpl"),
+        model,
+        created: now_secs(),
+        params: v.params,
+        prompts: vec![ids],
+        echo: None,
+        max_model_len: r.max_model_len,
+        arrived,
+    };
+    Ok(respond(r.engine.clone(), r.tok.clone(), job).await)
+}
+
+async fn completions(State(st): St, body: Bytes) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let (req, r) = (parse::<CompletionRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?, st.ready()?);
+    let model = req.common.model()?;
+    st.check_model(&model)?;
+    let v = req.validate(r.vocab).inspect_err(|_| st.metrics.outcome("invalid"))?;
+    let tok = r.tok.clone();
+    let inputs = v.prompts.clone();
+    let (prompts, texts) = tokio::task::spawn_blocking(move || -> Result<(Vec<Vec<u32>>, Vec<String>), String> {
+        let mut ids = Vec::new();
+        let mut texts = Vec::new();
+        for p in inputs {
+            match p {
+                PromptInput::Text(t) => {
+                    ids.push(tok.encode(&t, true, true).map_err(|e| e.to_string())?);
+                    texts.push(t);
+                }
+                PromptInput::Ids(i) => {
+                    texts.push(tok.decode(&i, false).map_err(|e| e.to_string())?);
+                    ids.push(i);
+                }
+            }
+        }
+        Ok((ids, texts))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(ApiError::bad_request)?;
+    for p in &prompts {
+        check_length(p.len(), v.params.max_tokens, r.max_model_len).map_err(|mut e| {
+            if e.param.as_deref() == Some("messages") {
+                e.param = Some("prompt".into());
+            }
+            e
+        })?;
+    }
+    st.admit(prompts.iter().map(Vec::len).sum::<usize>() * v.params.n)?;
+    let job = Job {
+        kind: Kind::Completion,
+        id: st.new_id("cmpl"),
+        model,
+        created: now_secs(),
+        params: v.params,
+        prompts,
+        echo: v.echo.then_some(texts),
+        max_model_len: r.max_model_len,
+        arrived,
+    };
+    Ok(respond(r.engine.clone(), r.tok.clone(), job).await)
+}
+
+async fn models(State(st): St) -> Json<Value> {
+    Json(json!({"object": "list", "data": [{
+        "id": st.cfg.served_name, "object": "model", "created": st.started, "owned_by": "kojo",
+        "max_model_len": st.cfg.max_model_len,
+    }]}))
+}
+
+async fn health(State(st): St) -> Response {
+    match st.ready.get() {
+        Some(_) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        None => ApiError::loading().into_response(),
+    }
+}
+
+async fn metrics(State(st): St) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response()
+}
+
+async fn tokenize(State(st): St, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let v: Value = parse(&body)?;
+    let r = st.ready()?;
+    if let Some(m) = v.get("model").and_then(|m| m.as_str()) {
+        st.check_model(m)?;
+    }
+    let text = match (v.get("prompt").or_else(|| v.get("text")), v.get("messages")) {
+        (Some(Value::String(s)), _) => s.clone(),
+        (_, Some(msgs)) => {
+            let req: ChatRequest = serde_json::from_value(json!({"model": st.cfg.served_name, "messages": msgs}))
+                .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+            let valid = req.validate(r.vocab)?;
+            let tmpl = r.template.as_ref().ok_or_else(|| ApiError::bad_request("this model has no chat template"))?;
+            tmpl.render(&valid.messages, true, None).map_err(|e| ApiError::bad_request(e.to_string()))?
+        }
+        _ => return Err(ApiError::invalid("prompt", "`prompt` (a string) or `messages` is required")),
+    };
+    let add_special = v.get("add_special_tokens").and_then(|b| b.as_bool()).unwrap_or(true);
+    let ids = r.tok.encode(&text, add_special, true).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(Json(json!({"tokens": ids, "count": ids.len(), "max_model_len": r.max_model_len})))
+}
+
+async fn detokenize(State(st): St, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let v: Value = parse(&body)?;
+    let r = st.ready()?;
+    let ids: Vec<u32> = v
+        .get("tokens")
+        .and_then(|t| t.as_array())
+        .and_then(|a| a.iter().map(|x| x.as_u64().filter(|&i| (i as usize) < r.vocab).map(|i| i as u32)).collect())
+        .ok_or_else(|| ApiError::invalid("tokens", format!("`tokens` must be a list of token ids below {}", r.vocab)))?;
+    let text = r.tok.decode(&ids, false).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(Json(json!({"prompt": text})))
+}
+
+/// Every route but /health needs a key when keys are configured (constant-time compare).
+async fn auth(State(st): St, req: Request, next: Next) -> Response {
+    if st.cfg.api_keys.is_empty() || req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let mut ok = 0u8;
+    for k in &st.cfg.api_keys {
+        ok |= k.as_bytes().ct_eq(given.as_bytes()).unwrap_u8();
+    }
+    if ok == 1 {
+        next.run(req).await
+    } else {
+        ApiError::unauthorized().into_response()
+    }
+}
+
+/// Errors axum produces itself (404, 405, 413, 415) get OpenAI-style JSON bodies too; every
+/// response gets a request id, and a log line.
+async fn finish(req: Request, next: Next) -> Response {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let id = NEXT.fetch_add(1, Ordering::Relaxed);
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let t = Instant::now();
+    let mut r = next.run(req).await;
+    let s = r.status();
+    let is_json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if (s.is_client_error() || s.is_server_error()) && !is_json {
+        r = ApiError::status_only(s).into_response();
+    }
+    if let Ok(v) = header::HeaderValue::from_str(&format!("req-{id}")) {
+        r.headers_mut().insert("x-request-id", v);
+    }
+    tracing::info!(request_id = id, %method, path, status = s.as_u16(), ms = t.elapsed().as_millis() as u64, "request");
+    r
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
+        .layer(middleware::from_fn(finish))
+        .with_state(state)
+}
+
+/// Load the model and start the engine (blocking).
+fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Ready> {
+    let src = ModelSource::open(&cfg.model)?;
+    let tok = src.tokenizer()?;
+    let template = match src.chat_template(&tok) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!("no chat template ({e:#}); /v1/chat/completions will answer 400");
+            None
+        }
+    };
+    let be = CpuBackend::new(cfg.matmul);
+    let model = Transformer::load(&be, &src)?;
+    let max_model_len = cfg.max_model_len.min(model.cfg.context_length);
+    let block_size = crate::model::session::BLOCK_SIZE;
+    let sched = SchedulerConfig {
+        num_blocks: cfg.kv_tokens.max(max_model_len).div_ceil(block_size),
+        block_size,
+        max_num_seqs: cfg.max_num_seqs,
+        max_batch_tokens: cfg.max_batch_tokens,
+        max_model_len,
+    };
+    let vocab = tok.vocab_size().min(model.cfg.vocab_size);
+    let eog = tok.end_of_generation();
+    let (engine, _join) = crate::engine::start(be, model, sched, eog, metrics)?;
+    Ok(Ready { tok: Arc::new(tok), template, engine, max_model_len, vocab })
+}
+
+pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", cfg.host, cfg.port))?;
+    tracing::info!("listening on http://{}", listener.local_addr()?);
+    let state = Arc::new(AppState {
+        metrics: Arc::new(Metrics::new(&cfg.served_name)),
+        cfg: cfg.clone(),
+        ready: OnceLock::new(),
+        next_id: AtomicU64::new(0),
+        started: now_secs(),
+    });
+    {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            match load(&state.cfg, state.metrics.clone()) {
+                Ok(ready) => {
+                    let _ = state.ready.set(ready);
+                    tracing::info!("model loaded in {:.2} s; ready", t.elapsed().as_secs_f64());
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::exit(1);
+                }
+            }
+        });
+    }
+    let app = router(state.clone());
+    let timeout = cfg.shutdown_timeout;
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: no new connections; draining for up to {:?}", timeout);
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            tracing::warn!("drain deadline passed; aborting what is left");
+            std::process::exit(0);
+        });
+    });
+    server.await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,396 @@
+//! OpenAI wire types as clients send them (every field optional where OpenAI's is), and the
+//! validation that turns them into [`ValidRequest`]s with no options left.
+
+use super::error::ApiError;
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct StreamOptions {
+    pub include_usage: bool,
+}
+
+/// Fields shared by chat and legacy completions.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct Common {
+    pub model: Option<Value>,
+    pub max_tokens: Option<Value>,
+    pub max_completion_tokens: Option<Value>,
+    pub temperature: Option<Value>,
+    pub top_p: Option<Value>,
+    pub top_k: Option<Value>,
+    pub min_p: Option<Value>,
+    pub presence_penalty: Option<Value>,
+    pub frequency_penalty: Option<Value>,
+    pub repetition_penalty: Option<Value>,
+    pub logit_bias: Option<Value>,
+    pub seed: Option<Value>,
+    pub stop: Option<Value>,
+    pub n: Option<Value>,
+    pub stream: Option<Value>,
+    pub stream_options: Option<Value>,
+    pub ignore_eos: Option<Value>,
+    pub min_tokens: Option<Value>,
+    pub user: Option<Value>,
+}
+
+#[derive(Deserialize)]
+pub struct ChatRequest {
+    pub messages: Option<Value>,
+    pub logprobs: Option<Value>,
+    pub top_logprobs: Option<Value>,
+    #[serde(flatten)]
+    pub common: Common,
+}
+
+#[derive(Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: Option<Value>,
+    pub logprobs: Option<Value>,
+    pub echo: Option<Value>,
+    #[serde(flatten)]
+    pub common: Common,
+}
+
+/// A prompt as the engine takes it.
+#[derive(Debug, Clone)]
+pub enum PromptInput {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// Sampling and stopping, validated.
+#[derive(Debug, Clone)]
+pub struct ValidParams {
+    /// `None`: as many as fit the context.
+    pub max_tokens: Option<usize>,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub min_p: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub repetition_penalty: f32,
+    pub logit_bias: Vec<(u32, f32)>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub ignore_eos: bool,
+    pub min_tokens: usize,
+    /// Top log-probabilities per token (`Some(0)`: only the chosen token's).
+    pub logprobs: Option<usize>,
+}
+
+pub struct ValidChat {
+    /// `[{role, content}]` with content flattened to a string
+    pub messages: Vec<Value>,
+    pub params: ValidParams,
+}
+
+pub struct ValidCompletion {
+    pub prompts: Vec<PromptInput>,
+    pub echo: bool,
+    pub params: ValidParams,
+}
+
+fn bad(param: &str, msg: impl Into<String>) -> ApiError {
+    ApiError::invalid(param, msg)
+}
+
+fn num(v: &Option<Value>, param: &str) -> Result<Option<f64>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => {
+            let f = n.as_f64().ok_or_else(|| bad(param, format!("`{param}` must be a number")))?;
+            if !f.is_finite() {
+                return Err(bad(param, format!("`{param}` must be finite")));
+            }
+            Ok(Some(f))
+        }
+        Some(other) => Err(bad(param, format!("`{param}` must be a number, got {other}"))),
+    }
+}
+
+fn ranged(v: &Option<Value>, param: &str, lo: f64, hi: f64, default: f64) -> Result<f64, ApiError> {
+    let x = num(v, param)?.unwrap_or(default);
+    if !(lo..=hi).contains(&x) {
+        return Err(bad(param, format!("`{param}` must be in [{lo}, {hi}], got {x}")));
+    }
+    Ok(x)
+}
+
+fn int(v: &Option<Value>, param: &str, lo: i64, hi: i64) -> Result<Option<i64>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => {
+            let i = n
+                .as_i64()
+                .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9e15).map(|f| f as i64))
+                .ok_or_else(|| bad(param, format!("`{param}` must be an integer")))?;
+            if i < lo || i > hi {
+                return Err(bad(param, format!("`{param}` must be in [{lo}, {hi}], got {i}")));
+            }
+            Ok(Some(i))
+        }
+        Some(other) => Err(bad(param, format!("`{param}` must be an integer, got {other}"))),
+    }
+}
+
+fn boolean(v: &Option<Value>, param: &str) -> Result<bool, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(bad(param, format!("`{param}` must be a boolean, got {other}"))),
+    }
+}
+
+impl Common {
+    /// The model name the request asks for (required).
+    pub fn model(&self) -> Result<String, ApiError> {
+        match &self.model {
+            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+            None | Some(Value::Null) => Err(bad("model", "`model` is required")),
+            Some(other) => Err(bad("model", format!("`model` must be a non-empty string, got {other}"))),
+        }
+    }
+
+    pub fn validate(&self, vocab: usize, logprobs: Option<usize>) -> Result<ValidParams, ApiError> {
+        let max_tokens = match int(&self.max_completion_tokens, "max_completion_tokens", 1, 1 << 24)? {
+            Some(m) => Some(m as usize),
+            None => int(&self.max_tokens, "max_tokens", 1, 1 << 24)?.map(|m| m as usize),
+        };
+        let temperature = ranged(&self.temperature, "temperature", 0.0, 2.0, 1.0)? as f32;
+        let top_p = ranged(&self.top_p, "top_p", 0.0, 1.0, 1.0)? as f32;
+        if top_p == 0.0 {
+            return Err(bad("top_p", "`top_p` must be in (0, 1], got 0"));
+        }
+        let top_k = int(&self.top_k, "top_k", -1, 1 << 20)?.unwrap_or(0).max(0) as usize;
+        let min_p = ranged(&self.min_p, "min_p", 0.0, 1.0, 0.0)? as f32;
+        let presence_penalty = ranged(&self.presence_penalty, "presence_penalty", -2.0, 2.0, 0.0)? as f32;
+        let frequency_penalty = ranged(&self.frequency_penalty, "frequency_penalty", -2.0, 2.0, 0.0)? as f32;
+        let repetition_penalty = ranged(&self.repetition_penalty, "repetition_penalty", 0.01, 10.0, 1.0)? as f32;
+        let mut logit_bias = Vec::new();
+        match &self.logit_bias {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) => {
+                if m.len() > 1024 {
+                    return Err(bad("logit_bias", "`logit_bias` has more than 1024 entries"));
+                }
+                for (k, v) in m {
+                    let id: u32 = k
+                        .parse()
+                        .ok()
+                        .filter(|&i: &u32| (i as usize) < vocab)
+                        .ok_or_else(|| bad("logit_bias", format!("`logit_bias` key '{k}' is not a token id below {vocab}")))?;
+                    let b = ranged(&Some(v.clone()), "logit_bias", -100.0, 100.0, 0.0)? as f32;
+                    logit_bias.push((id, b));
+                }
+            }
+            Some(other) => return Err(bad("logit_bias", format!("`logit_bias` must be an object, got {other}"))),
+        }
+        let seed = match &self.seed {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => Some(
+                n.as_i64()
+                    .map(|i| i as u64)
+                    .or_else(|| n.as_u64())
+                    .ok_or_else(|| bad("seed", "`seed` must be an integer"))?,
+            ),
+            Some(other) => return Err(bad("seed", format!("`seed` must be an integer, got {other}"))),
+        };
+        let stop = match &self.stop {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => {
+                if a.len() > 16 {
+                    return Err(bad("stop", "`stop` has more than 16 strings"));
+                }
+                a.iter()
+                    .map(|x| x.as_str().map(str::to_string).ok_or_else(|| bad("stop", "`stop` must be a string or a list of strings")))
+                    .collect::<Result<_, _>>()?
+            }
+            Some(_) => return Err(bad("stop", "`stop` must be a string or a list of strings")),
+        };
+        if stop.iter().any(|s| s.is_empty() || s.len() > 1024) {
+            return Err(bad("stop", "stop strings must be 1 to 1024 bytes"));
+        }
+        let n = int(&self.n, "n", 1, 16)?.unwrap_or(1) as usize;
+        let stream = boolean(&self.stream, "stream")?;
+        let include_usage = match &self.stream_options {
+            None | Some(Value::Null) => false,
+            Some(v @ Value::Object(_)) => {
+                if !stream {
+                    return Err(bad("stream_options", "`stream_options` is only allowed with `stream: true`"));
+                }
+                let so: StreamOptions = serde_json::from_value(v.clone())
+                    .map_err(|e| bad("stream_options", format!("`stream_options`: {e}")))?;
+                so.include_usage
+            }
+            Some(other) => return Err(bad("stream_options", format!("`stream_options` must be an object, got {other}"))),
+        };
+        let min_tokens = int(&self.min_tokens, "min_tokens", 0, 1 << 24)?.unwrap_or(0) as usize;
+        if let Some(m) = max_tokens {
+            if min_tokens > m {
+                return Err(bad("min_tokens", format!("`min_tokens` ({min_tokens}) is larger than `max_tokens` ({m})")));
+            }
+        }
+        match &self.user {
+            None | Some(Value::Null) | Some(Value::String(_)) => {}
+            Some(other) => return Err(bad("user", format!("`user` must be a string, got {other}"))),
+        }
+        Ok(ValidParams {
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            min_p,
+            presence_penalty,
+            frequency_penalty,
+            repetition_penalty,
+            logit_bias,
+            seed,
+            stop,
+            n,
+            stream,
+            include_usage,
+            ignore_eos: boolean(&self.ignore_eos, "ignore_eos")?,
+            min_tokens,
+            logprobs,
+        })
+    }
+}
+
+impl ChatRequest {
+    pub fn validate(&self, vocab: usize) -> Result<ValidChat, ApiError> {
+        let msgs = match &self.messages {
+            Some(Value::Array(a)) if !a.is_empty() => a,
+            Some(Value::Array(_)) => return Err(bad("messages", "`messages` must not be empty")),
+            None | Some(Value::Null) => return Err(bad("messages", "`messages` is required")),
+            Some(other) => return Err(bad("messages", format!("`messages` must be a list, got {other}"))),
+        };
+        let mut messages = Vec::with_capacity(msgs.len());
+        for (i, m) in msgs.iter().enumerate() {
+            let role = m.get("role").and_then(|r| r.as_str()).ok_or_else(|| bad(&format!("messages[{i}].role"), format!("`messages[{i}].role` must be a string")))?;
+            if !matches!(role, "system" | "user" | "assistant" | "developer" | "tool") {
+                return Err(bad(&format!("messages[{i}].role"), format!("unknown role '{role}'")));
+            }
+            let content = match m.get("content") {
+                None | Some(Value::Null) if role == "assistant" => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => {
+                    let mut text = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        match (p.get("type").and_then(|t| t.as_str()), p.get("text").and_then(|t| t.as_str())) {
+                            (Some("text"), Some(t)) => text.push_str(t),
+                            _ => {
+                                return Err(bad(
+                                    &format!("messages[{i}].content[{j}]"),
+                                    "only text content parts ({\"type\": \"text\", \"text\": ...}) are supported",
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+                _ => return Err(bad(&format!("messages[{i}].content"), format!("`messages[{i}].content` must be a string or a list of text parts"))),
+            };
+            let role = if role == "developer" { "system" } else { role };
+            messages.push(serde_json::json!({"role": role, "content": content}));
+        }
+        let logprobs = if boolean(&self.logprobs, "logprobs")? {
+            Some(int(&self.top_logprobs, "top_logprobs", 0, 20)?.unwrap_or(0) as usize)
+        } else {
+            if int(&self.top_logprobs, "top_logprobs", 0, 20)?.is_some_and(|k| k > 0) {
+                return Err(bad("top_logprobs", "`top_logprobs` needs `logprobs: true`"));
+            }
+            None
+        };
+        Ok(ValidChat { messages, params: self.common.validate(vocab, logprobs)? })
+    }
+}
+
+impl CompletionRequest {
+    pub fn validate(&self, vocab: usize) -> Result<ValidCompletion, ApiError> {
+        let id_list = |a: &[Value]| -> Option<Vec<u32>> {
+            a.iter().map(|x| x.as_u64().filter(|&i| (i as usize) < vocab).map(|i| i as u32)).collect()
+        };
+        let prompts = match &self.prompt {
+            None | Some(Value::Null) => return Err(bad("prompt", "`prompt` is required")),
+            Some(Value::String(s)) => vec![PromptInput::Text(s.clone())],
+            Some(Value::Array(a)) if a.is_empty() => return Err(bad("prompt", "`prompt` must not be empty")),
+            Some(Value::Array(a)) if a.iter().all(|x| x.is_string()) => {
+                a.iter().map(|x| PromptInput::Text(x.as_str().unwrap().to_string())).collect()
+            }
+            Some(Value::Array(a)) if a.iter().all(|x| x.is_number()) => vec![PromptInput::Ids(
+                id_list(a).ok_or_else(|| bad("prompt", format!("token ids must be integers below {vocab}")))?,
+            )],
+            Some(Value::Array(a)) if a.iter().all(|x| x.is_array()) => a
+                .iter()
+                .map(|x| {
+                    let ids = id_list(x.as_array().unwrap()).ok_or_else(|| bad("prompt", format!("token ids must be integers below {vocab}")))?;
+                    if ids.is_empty() {
+                        return Err(bad("prompt", "a token-id prompt must not be empty"));
+                    }
+                    Ok(PromptInput::Ids(ids))
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(bad("prompt", "`prompt` must be a string, a list of strings, or token ids")),
+        };
+        if prompts.len() > 64 {
+            return Err(bad("prompt", "at most 64 prompts per request"));
+        }
+        let logprobs = int(&self.logprobs, "logprobs", 0, 5)?.map(|k| k as usize);
+        let mut params = self.common.validate(vocab, logprobs)?;
+        if params.max_tokens.is_none() {
+            params.max_tokens = Some(16); // OpenAI's default for legacy completions
+        }
+        let echo = boolean(&self.echo, "echo")?;
+        if echo && params.stream {
+            return Err(bad("echo", "`echo` is not supported with `stream: true`"));
+        }
+        if echo && logprobs.is_some() {
+            return Err(bad("echo", "`echo` with `logprobs` (prompt log-probabilities) is not supported yet"));
+        }
+        Ok(ValidCompletion { prompts, echo, params })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> Result<ValidChat, ApiError> {
+        let r: ChatRequest = serde_json::from_str(body).unwrap();
+        r.validate(100)
+    }
+
+    #[test]
+    fn rules_name_the_parameter() {
+        let ok = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]"#;
+        assert!(chat(&format!("{ok}}}")).is_ok());
+        for (extra, param) in [
+            (r#","temperature":2.5"#, "temperature"),
+            (r#","top_p":0"#, "top_p"),
+            (r#","n":0"#, "n"),
+            (r#","max_tokens":-1"#, "max_tokens"),
+            (r#","logit_bias":{"100":1}"#, "logit_bias"),
+            (r#","stream_options":{"include_usage":true}"#, "stream_options"),
+            (r#","top_logprobs":3"#, "top_logprobs"),
+            (r#","logprobs":true,"top_logprobs":21"#, "top_logprobs"),
+            (r#","stop":["", "x"]"#, "stop"),
+            (r#","min_tokens":5,"max_tokens":2"#, "min_tokens"),
+            (r#","presence_penalty":"a lot""#, "presence_penalty"),
+        ] {
+            let e = chat(&format!("{ok}{extra}}}")).err().unwrap_or_else(|| panic!("{extra} accepted"));
+            assert_eq!(e.param.as_deref(), Some(param), "{extra}: {}", e.message);
+        }
+        let e = chat(r#"{"model":"m","messages":[]}"#).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        let parts = chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#).ok().unwrap();
+        assert_eq!(parts.messages[0]["content"], "ab");
+    }
+}

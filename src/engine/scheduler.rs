@@ -1,0 +1,401 @@
+//! The scheduler and the step loop.
+//!
+//! **Invariant: each sequence's computed tokens catch up with its known tokens.** Prefill is not
+//! a phase: a step gives every running sequence the tokens it still lacks (one, for a sequence
+//! that is decoding; up to the budget, for a prompt), then admits waiting sequences while the
+//! token budget and the KV blocks last. A sequence whose last known token was computed in this
+//! step gets logits and samples its next token.
+//!
+//! - Prefix hits: a waiting sequence with no blocks looks up its full prompt blocks by hash
+//!   chain; every hit is a block it does not compute.
+//! - Preemption by recompute: when a running sequence needs a block and none is free, the
+//!   newest running sequence gives all of its blocks back and goes to the front of the queue
+//!   (its tokens so far become a longer prompt; its own freed blocks are likely prefix hits).
+//! - Aborts: a sequence whose event receiver is gone is dropped at the next step.
+
+use super::metrics::Metrics;
+use super::{EngineRequest, Event, Finish, TokenLogprob};
+use crate::backend::{Backend, BatchLayout};
+use crate::kv::{hash_block, BlockHash, BlockPool};
+use crate::model::transformer::{Step, Transformer};
+use crate::sampling::{log_softmax, Sampler};
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub max_num_seqs: usize,
+    /// Tokens per step (decodes and prefill chunks together).
+    pub max_batch_tokens: usize,
+    /// Longest sequence (prompt + output).
+    pub max_model_len: usize,
+}
+
+struct Seq {
+    req: EngineRequest,
+    /// prompt, then generated tokens
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// tokens whose K/V are in the cache
+    computed: usize,
+    blocks: Vec<u32>,
+    /// hashes of the full blocks registered so far
+    hashes: Vec<BlockHash>,
+    sampler: Sampler,
+    generated: usize,
+    cached_tokens: usize,
+    started: bool,
+}
+
+impl Seq {
+    fn known(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    pool: BlockPool,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    eog: Vec<u32>,
+    metrics: Arc<Metrics>,
+}
+
+/// One step's work: `(index into running, tokens to compute)`.
+type Plan = Vec<(usize, usize)>;
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig, eog: Vec<u32>, metrics: Arc<Metrics>) -> Self {
+        Scheduler {
+            pool: BlockPool::new(cfg.num_blocks, cfg.block_size),
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            eog,
+            metrics,
+        }
+    }
+
+    /// The step loop; returns when the request channel is closed and all work is done.
+    pub fn run<B: Backend>(&mut self, be: &B, model: &Transformer<B>, mut kv: B::KvCache, rx: Receiver<EngineRequest>) {
+        let mut open = true;
+        loop {
+            if self.waiting.is_empty() && self.running.is_empty() {
+                if !open {
+                    return;
+                }
+                match rx.recv() {
+                    Ok(r) => self.add(r),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(r) => self.add(r),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            self.reap_aborted();
+            let plan = self.schedule();
+            if plan.is_empty() {
+                self.publish();
+                if !self.waiting.is_empty() && self.running.is_empty() {
+                    // cannot happen with admission control; never spin
+                    let s = self.waiting.pop_front().unwrap();
+                    self.finish_waiting(s, Some("the request does not fit the KV cache"));
+                }
+                continue;
+            }
+            match self.execute(be, model, &mut kv, &plan) {
+                Ok(logits) => self.update(&plan, &logits),
+                Err(e) => {
+                    let msg = format!("forward pass failed: {e:#}");
+                    let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                    idx.sort_unstable();
+                    for i in idx.into_iter().rev() {
+                        let mut s = self.running.remove(i);
+                        let _ = s.req.events.send(Event::Error(msg.clone()));
+                        self.pool.release_all(&mut s.blocks);
+                    }
+                }
+            }
+            self.publish();
+        }
+    }
+
+    fn add(&mut self, req: EngineRequest) {
+        let prompt_len = req.prompt.len();
+        let sampler = Sampler::new(req.params.clone());
+        self.waiting.push_back(Seq {
+            tokens: req.prompt.clone(),
+            req,
+            prompt_len,
+            computed: 0,
+            blocks: Vec::new(),
+            hashes: Vec::new(),
+            sampler,
+            generated: 0,
+            cached_tokens: 0,
+            started: false,
+        });
+    }
+
+    fn publish(&self) {
+        let m = &self.metrics;
+        m.running.set(self.running.len() as u64);
+        m.kv_blocks_used.set(self.pool.num_used() as u64);
+        m.prefix_queries.set(self.pool.stats.queries);
+        m.prefix_hits.set(self.pool.stats.hits);
+    }
+
+    fn leave_waiting_gauges(&self, s: &Seq) {
+        let m = &self.metrics;
+        m.waiting.set(m.waiting.get().saturating_sub(1));
+        m.waiting_tokens.set(m.waiting_tokens.get().saturating_sub(s.prompt_len as u64));
+    }
+
+    fn finish_waiting(&mut self, mut s: Seq, error: Option<&str>) {
+        self.leave_waiting_gauges(&s);
+        self.pool.release_all(&mut s.blocks);
+        if let Some(e) = error {
+            let _ = s.req.events.send(Event::Error(e.to_string()));
+        }
+    }
+
+    fn reap_aborted(&mut self) {
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if self.waiting[i].req.events.is_closed() {
+                let s = self.waiting.remove(i).unwrap();
+                self.finish_waiting(s, None);
+            } else {
+                i += 1;
+            }
+        }
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].req.events.is_closed() {
+                let mut s = self.running.remove(i);
+                self.pool.release_all(&mut s.blocks);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Give `s` blocks for its first `upto` tokens; false if the pool ran out (blocks taken so
+    /// far stay with `s`).
+    fn ensure_blocks(pool: &mut BlockPool, s: &mut Seq, upto: usize) -> bool {
+        let need = upto.div_ceil(pool.block_size());
+        while s.blocks.len() < need {
+            match pool.allocate() {
+                Some(b) => s.blocks.push(b),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Move running[i] back to the front of the queue, its blocks freed.
+    fn preempt(&mut self, i: usize) {
+        let mut s = self.running.remove(i);
+        self.pool.release_all(&mut s.blocks);
+        s.hashes.clear();
+        s.computed = 0;
+        self.metrics.preemptions.add(1);
+        self.metrics.waiting.add(1);
+        self.metrics.waiting_tokens.add(s.prompt_len as u64);
+        self.waiting.push_front(s);
+    }
+
+    fn schedule(&mut self) -> Plan {
+        let bs = self.cfg.block_size;
+        let mut budget = self.cfg.max_batch_tokens;
+        let mut plan = Plan::new();
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let s = &self.running[i];
+            let n = (s.known() - s.computed).min(budget);
+            if n == 0 {
+                i += 1;
+                continue;
+            }
+            let upto = s.computed + n;
+            let mut fits = true;
+            while !Self::ensure_blocks(&mut self.pool, &mut self.running[i], upto) {
+                let victim = self.running.len() - 1;
+                self.preempt(victim);
+                if victim == i {
+                    fits = false;
+                    break;
+                }
+            }
+            if fits {
+                plan.push((i, n));
+                budget -= n;
+                i += 1;
+            }
+        }
+        while budget > 0 && self.running.len() < self.cfg.max_num_seqs && !self.waiting.is_empty() {
+            let s = self.waiting.front_mut().unwrap();
+            if s.blocks.is_empty() && s.computed == 0 {
+                // prefix hits over full blocks, always leaving the last token to compute
+                let full = (s.known() - 1) / bs;
+                let mut parent: Option<BlockHash> = None;
+                for b in 0..full {
+                    let h = hash_block(parent.as_ref(), s.req.cache_salt, &s.tokens[b * bs..(b + 1) * bs]);
+                    match self.pool.acquire_cached(&h) {
+                        Some(id) => {
+                            s.blocks.push(id);
+                            s.hashes.push(h);
+                            s.computed += bs;
+                            parent = Some(h);
+                        }
+                        None => break,
+                    }
+                }
+                if !s.started {
+                    s.cached_tokens = s.computed.min(s.prompt_len);
+                }
+            }
+            let room = (s.blocks.len() + self.pool.num_free()) * bs;
+            let n = (s.known() - s.computed).min(budget).min(room.saturating_sub(s.computed));
+            if n == 0 {
+                break; // wait for blocks to come back
+            }
+            let upto = s.computed + n;
+            let ok = Self::ensure_blocks(&mut self.pool, s, upto);
+            debug_assert!(ok);
+            let mut s = self.waiting.pop_front().unwrap();
+            self.leave_waiting_gauges(&s);
+            if !s.started {
+                s.started = true;
+                self.metrics.queue_time.observe(s.req.arrived.elapsed().as_secs_f64());
+                let _ = s.req.events.send(Event::Scheduled { cached_tokens: s.cached_tokens });
+            }
+            self.running.push(s);
+            plan.push((self.running.len() - 1, n));
+            budget -= n;
+        }
+        plan
+    }
+
+    fn execute<B: Backend>(
+        &self,
+        be: &B,
+        model: &Transformer<B>,
+        kv: &mut B::KvCache,
+        plan: &Plan,
+    ) -> anyhow::Result<Vec<f32>> {
+        let bs = self.cfg.block_size;
+        let (mut tokens, mut positions, mut slots) = (Vec::new(), Vec::new(), Vec::new());
+        let mut seq_starts = vec![0usize];
+        let mut tables: Vec<&[u32]> = Vec::with_capacity(plan.len());
+        let mut rows = Vec::new();
+        for &(i, n) in plan {
+            let s = &self.running[i];
+            for p in s.computed..s.computed + n {
+                tokens.push(s.tokens[p]);
+                positions.push(p as u32);
+                slots.push(s.blocks[p / bs] * bs as u32 + (p % bs) as u32);
+            }
+            seq_starts.push(tokens.len());
+            tables.push(&s.blocks);
+            if s.computed + n == s.known() {
+                rows.push(tokens.len() - 1);
+            }
+        }
+        let step = Step {
+            tokens: &tokens,
+            layout: BatchLayout { positions: &positions, seq_starts: &seq_starts, block_tables: &tables, slots: &slots },
+            logit_rows: &rows,
+        };
+        let logits = model.forward(be, kv, &step)?;
+        Ok(be.download(&logits))
+    }
+
+    fn update(&mut self, plan: &Plan, logits: &[f32]) {
+        let bs = self.cfg.block_size;
+        let rows = plan.iter().filter(|&&(i, n)| self.running[i].computed + n == self.running[i].known()).count();
+        let vocab = if rows > 0 { logits.len() / rows } else { 0 };
+        let mut row = 0;
+        let mut done: Vec<usize> = Vec::new();
+        for &(i, n) in plan {
+            let s = &mut self.running[i];
+            let samples = s.computed + n == s.known();
+            let prompt_part = s.prompt_len.saturating_sub(s.computed).min(n);
+            self.metrics.prompt_tokens.add(prompt_part as u64);
+            s.computed += n;
+            // register the blocks this step filled
+            while (s.hashes.len() + 1) * bs <= s.computed {
+                let b = s.hashes.len();
+                let h = hash_block(s.hashes.last(), s.req.cache_salt, &s.tokens[b * bs..(b + 1) * bs]);
+                self.pool.set_hash(s.blocks[b], h);
+                s.hashes.push(h);
+            }
+            if !samples {
+                continue;
+            }
+            let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
+            row += 1;
+            let logprob_of = s.req.logprobs.map(|_| log_softmax(&l));
+            for &(t, b) in &s.req.logit_bias {
+                if let Some(x) = l.get_mut(t as usize) {
+                    *x += b;
+                }
+            }
+            let eos_allowed = !s.req.ignore_eos && s.generated >= s.req.min_tokens;
+            if !eos_allowed && s.generated < s.req.min_tokens {
+                for &e in &self.eog {
+                    if let Some(x) = l.get_mut(e as usize) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            s.sampler.penalize(&mut l, &s.tokens[..s.prompt_len], &s.tokens[s.prompt_len..]);
+            let id = s.sampler.sample(&l);
+            if eos_allowed && self.eog.contains(&id) {
+                let _ = s.req.events.send(Event::Done {
+                    finish: Finish::Eos,
+                    prompt_tokens: s.prompt_len,
+                    cached_tokens: s.cached_tokens,
+                });
+                done.push(i);
+                continue;
+            }
+            let logprob = match (s.req.logprobs, &logprob_of) {
+                (Some(k), Some(lp)) => Some(TokenLogprob { logprob: lp[id as usize], top: crate::sampling::top_of(lp, k) }),
+                _ => None,
+            };
+            s.tokens.push(id);
+            s.generated += 1;
+            self.metrics.generation_tokens.add(1);
+            if s.req.events.send(Event::Token { id, logprob }).is_err() {
+                done.push(i);
+                continue;
+            }
+            if s.generated >= s.req.max_tokens || s.known() >= self.cfg.max_model_len {
+                let _ = s.req.events.send(Event::Done {
+                    finish: Finish::Length,
+                    prompt_tokens: s.prompt_len,
+                    cached_tokens: s.cached_tokens,
+                });
+                done.push(i);
+            }
+        }
+        done.sort_unstable();
+        for i in done.into_iter().rev() {
+            let mut s = self.running.remove(i);
+            self.metrics.e2e.observe(s.req.arrived.elapsed().as_secs_f64());
+            self.pool.release_all(&mut s.blocks);
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! `kojo serve`.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kojo::api::serve::{serve, ServeConfig};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// A GGUF file or a Hugging Face folder.
+    #[arg(long, short)]
+    pub model: PathBuf,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The model id clients use (default: the file name without extension).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Require this API key (repeatable); every route but /health then needs
+    /// `Authorization: Bearer KEY`.
+    #[arg(long)]
+    pub api_key: Vec<String>,
+    /// A file with one API key per line.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Longest sequence (prompt + output) per request; capped at the model's context.
+    #[arg(long, default_value_t = 4096)]
+    pub max_model_len: usize,
+    /// KV-cache capacity in tokens, shared by all running requests.
+    #[arg(long, default_value_t = 16384)]
+    pub kv_cache_tokens: usize,
+    /// Requests in the running batch at most.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Tokens per engine step (decodes plus prefill chunks).
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Requests allowed to wait before new ones get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Prompt tokens allowed to wait before new requests get 429.
+    #[arg(long, default_value_t = 262_144)]
+    pub max_waiting_tokens: usize,
+    /// Largest request body in bytes (413 above).
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds to drain in-flight requests after SIGTERM/SIGINT.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout: u64,
+    #[command(flatten)]
+    pub cpu: crate::gen_cmd::CpuArgs,
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    a.cpu.init_threads()?;
+    let mut keys = a.api_key.clone();
+    if let Some(f) = &a.api_key_file {
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string));
+    }
+    if keys.iter().any(|k| k.is_empty()) {
+        bail!("--api-key must not be empty");
+    }
+    for (name, v) in [("--max-model-len", a.max_model_len), ("--kv-cache-tokens", a.kv_cache_tokens), ("--max-num-seqs", a.max_num_seqs), ("--max-batch-tokens", a.max_batch_tokens)] {
+        if v == 0 {
+            bail!("{name} must be at least 1");
+        }
+    }
+    let served = a.served_model_name.clone().unwrap_or_else(|| {
+        a.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+    });
+    let cfg = ServeConfig {
+        model: a.model.clone(),
+        served_name: served,
+        host: a.host.clone(),
+        port: a.port,
+        api_keys: keys,
+        max_model_len: a.max_model_len,
+        kv_tokens: a.kv_cache_tokens,
+        max_num_seqs: a.max_num_seqs,
+        max_batch_tokens: a.max_batch_tokens,
+        max_waiting: a.max_waiting,
+        max_waiting_tokens: a.max_waiting_tokens,
+        max_body_bytes: a.max_body_bytes,
+        shutdown_timeout: Duration::from_secs(a.shutdown_timeout),
+        matmul: a.cpu.matmul,
+    };
+    if !cfg.model.exists() {
+        bail!("{}: no such file or folder", cfg.model.display());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(serve(cfg))
+}
+
