@@ -120,7 +120,7 @@ fn write_tiny(t: &Tiny, r: &mut Rnd, path: &Path) {
     }
     let h = HIDDEN as u64;
     let (q, kv, ffn) = ((HEADS * HEAD_DIM) as u64, (KV_HEADS * HEAD_DIM) as u64, FFN as u64);
-    let mut add = |w: GgmlType, name: String, dims: &[u64], amp: f32, r: &mut Rnd| {
+    let add = |w: GgmlType, name: String, dims: &[u64], amp: f32, r: &mut Rnd| {
         let n = dims.iter().product::<u64>() as usize;
         (name, dims.to_vec(), w, random_tensor(r, w, n, amp))
     };

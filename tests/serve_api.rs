@@ -1,0 +1,285 @@
+//! `kojo serve` on SmolLM2, driven over HTTP: the official OpenAI Python SDK, concurrency,
+//! prefix caching, disconnects, preemption, bad input and overload.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MODEL_ID: &str = "smollm2";
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let m = smollm2();
+        let port_s = port.to_string();
+        let mut args = vec!["serve", "-m", m.to_str().unwrap(), "--port", &port_s, "--served-model-name", MODEL_ID];
+        args.extend_from_slice(extra);
+        let child = Command::new(env!("CARGO_BIN_EXE_kojo"))
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let s = Server { child, port };
+        let t = Instant::now();
+        loop {
+            if let Ok(r) = ureq::get(&s.url("/health")).call() {
+                if r.status() == 200 {
+                    break;
+                }
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "server not ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// (status, body)
+    fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        match ureq::post(&self.url(path)).set("Content-Type", "application/json").send_string(body) {
+            Ok(r) => (r.status(), r.into_json().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+            Err(e) => panic!("{path}: {e}"),
+        }
+    }
+
+    fn chat(&self, content: &str, max_tokens: usize) -> Value {
+        self.chat_with(content, max_tokens, false)
+    }
+
+    fn chat_with(&self, content: &str, max_tokens: usize, ignore_eos: bool) -> Value {
+        let (s, v) = self.post(
+            "/v1/chat/completions",
+            &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": content}],
+                    "max_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos}).to_string(),
+        );
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+
+    /// One metric's value from /metrics.
+    fn metric(&self, name: &str) -> f64 {
+        let text = ureq::get(&self.url("/metrics")).call().unwrap().into_string().unwrap();
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn text_of(v: &Value) -> String {
+    v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn openai_python_sdk() {
+    let s = Server::start(&[]);
+    let out = Command::new(python())
+        .arg(root().join("tests/clients/openai_sdk.py"))
+        .args([&s.url("/v1"), MODEL_ID])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{log}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && log.contains("all checks passed"));
+}
+
+/// The chat cases where kojo's greedy ids agree with llama.cpp's for the whole reference
+/// (docs/reference-matching.md) give llama.cpp's text through the server too, and every case
+/// gives the same text as `kojo generate` on the same prompt.
+#[test]
+fn chat_matches_generate_and_llamacpp() {
+    let s = Server::start(&[]);
+    let r = reference("llamacpp-smollm2-reference.json");
+    for case in r["generation_cases"].as_array().unwrap() {
+        let id = case["id"].as_str().unwrap();
+        let chat = &case["chat"];
+        let max_tokens = chat["request"]["max_tokens"].as_u64().unwrap();
+        let (st, v) = s.post(
+            "/v1/chat/completions",
+            &json!({"model": MODEL_ID, "messages": case["messages"], "max_tokens": max_tokens, "temperature": 0}).to_string(),
+        );
+        assert_eq!(st, 200, "{v}");
+        let ours = text_of(&v);
+        assert_eq!(v["usage"]["prompt_tokens"], chat["usage"]["prompt_tokens"], "{id}: prompt tokens");
+        let cli: Value = serde_json::from_str(&kojo_ok(&[
+            "generate", "-m", smollm2().to_str().unwrap(), "-p", case["templated_prompt"].as_str().unwrap(),
+            "-n", &max_tokens.to_string(), "--temperature", "0", "--json",
+        ]))
+        .unwrap();
+        assert_eq!(ours, cli["text"].as_str().unwrap(), "{id}: server and CLI differ");
+        if matches!(id, "en_fact" | "ja_capital") {
+            assert_eq!(ours, chat["content"].as_str().unwrap(), "{id}: llama.cpp's text");
+        }
+    }
+}
+
+#[test]
+fn concurrent_greedy_equals_one_at_a_time() {
+    let s = Server::start(&[]);
+    let prompts: Vec<String> = (0..8).map(|i| format!("Write a short sentence about the number {i}.")).collect();
+    let alone: Vec<String> = prompts.iter().map(|p| text_of(&s.chat(p, 24))).collect();
+    let together: Vec<String> = std::thread::scope(|sc| {
+        let hs: Vec<_> = prompts.iter().map(|p| sc.spawn(|| text_of(&s.chat(p, 24)))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(alone, together);
+}
+
+#[test]
+fn repeated_prompt_hits_the_prefix_cache() {
+    let s = Server::start(&[]);
+    let long = "The history of the bicycle spans more than two centuries. ".repeat(40);
+    let ttft = |s: &Server| {
+        let t = Instant::now();
+        let mut stream = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        let body = json!({"model": MODEL_ID, "prompt": long, "max_tokens": 2, "temperature": 0, "stream": true}).to_string();
+        write!(stream, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut buf = [0u8; 4096];
+        let mut seen = String::new();
+        while !seen.contains("data: {") {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0);
+            seen += &String::from_utf8_lossy(&buf[..n]);
+        }
+        t.elapsed()
+    };
+    let hits0 = s.metric("vllm:prefix_cache_hits");
+    let first = ttft(&s);
+    let second = ttft(&s);
+    let (st, v) = s.post("/v1/completions", &json!({"model": MODEL_ID, "prompt": long, "max_tokens": 1}).to_string());
+    assert_eq!(st, 200);
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    eprintln!("TTFT {first:?} then {second:?}; cached {cached} of {}", v["usage"]["prompt_tokens"]);
+    assert!(cached > 0);
+    assert!(s.metric("vllm:prefix_cache_hits") > hits0);
+    assert!(s.metric("vllm:prefix_cache_queries") >= s.metric("vllm:prefix_cache_hits"));
+    assert!(second < first, "TTFT {second:?} not below {first:?}");
+}
+
+#[test]
+fn disconnected_streams_free_their_blocks() {
+    let s = Server::start(&[]);
+    let body = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Tell me a long story."}],
+                      "max_tokens": 400, "stream": true, "ignore_eos": true}).to_string();
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        write!(c, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        conns.push(c);
+    }
+    // wait until some are generating, then hang up on all of them
+    let t = Instant::now();
+    while s.metric("vllm:num_requests_running") < 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    drop(conns);
+    let t = Instant::now();
+    loop {
+        let (running, waiting, used) = (s.metric("vllm:num_requests_running"), s.metric("vllm:num_requests_waiting"), s.metric("kojo:kv_blocks_used"));
+        if running == 0.0 && waiting == 0.0 && used == 0.0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "still running {running}, waiting {waiting}, {used} blocks used");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("all freed {:?} after the hang-up", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(2));
+    // and it still serves
+    s.chat("Hi", 2);
+}
+
+#[test]
+fn preemption_keeps_outputs_identical() {
+    // 24 blocks of 16 tokens shared by 4 requests of ~55 + 100 tokens each: they cannot all fit
+    let s = Server::start(&["--kv-cache-tokens", "384", "--max-model-len", "384"]);
+    let prompts: Vec<String> = (0..4).map(|i| format!("List some facts about the planet number {i} from the sun, in detail please.")).collect();
+    let alone: Vec<String> = prompts.iter().map(|p| text_of(&s.chat_with(p, 100, true))).collect();
+    let pre0 = s.metric("vllm:num_preemptions");
+    let together: Vec<String> = std::thread::scope(|sc| {
+        let hs: Vec<_> = prompts.iter().map(|p| sc.spawn(|| text_of(&s.chat_with(p, 100, true)))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let pre = s.metric("vllm:num_preemptions") - pre0;
+    eprintln!("{pre} preemptions");
+    assert!(pre > 0.0, "the cache was big enough: no preemption happened");
+    assert_eq!(alone, together);
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let s = Server::start(&["--max-body-bytes", "10000"]);
+    let (st, v) = s.post("/v1/chat/completions", "{not json");
+    assert_eq!(st, 400);
+    assert!(v["error"]["message"].as_str().unwrap().contains("JSON"), "{v}");
+    let (st, v) = s.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "x"}]}).to_string());
+    assert_eq!((st, v["error"]["param"].as_str()), (400, Some("model")));
+    let (st, v) = s.post("/v1/chat/completions", &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).to_string());
+    assert_eq!((st, v["error"]["param"].as_str()), (400, Some("temperature")));
+    let (st, v) = s.post("/v1/completions", &json!({"model": MODEL_ID, "prompt": "x", "stream_options": {"include_usage": true}}).to_string());
+    assert_eq!((st, v["error"]["param"].as_str()), (400, Some("stream_options")));
+    let (st, v) = s.post("/v1/completions", &json!({"model": MODEL_ID, "prompt": [1, 2, 999999]}).to_string());
+    assert_eq!((st, v["error"]["param"].as_str()), (400, Some("prompt")));
+    let (st, v) = s.post("/v1/chat/completions", &format!("{{\"model\":\"{MODEL_ID}\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}", "a".repeat(20000)));
+    assert_eq!(st, 413, "{v}");
+    assert!(v["error"]["message"].is_string());
+    let r = ureq::get(&s.url("/v1/chat/completions")).call();
+    match r {
+        Err(ureq::Error::Status(405, r)) => assert!(r.into_json::<Value>().unwrap()["error"].is_object()),
+        other => panic!("GET on a POST route: {other:?}"),
+    }
+    let (st, v) = s.post("/tokenize", &json!({"prompt": "Hello world"}).to_string());
+    assert_eq!(st, 200);
+    let ids = v["tokens"].clone();
+    let (st, v) = s.post("/detokenize", &json!({"tokens": ids}).to_string());
+    assert_eq!((st, v["prompt"].as_str()), (200, Some("Hello world")));
+    s.chat("still serving?", 2);
+}
+
+#[test]
+fn full_queue_is_429_and_keys_are_checked() {
+    let s = Server::start(&["--max-waiting", "0", "--api-key", "k1", "--api-key", "k2"]);
+    assert_eq!(ureq::get(&s.url("/health")).call().unwrap().status(), 200, "health needs no key");
+    match ureq::get(&s.url("/v1/models")).call() {
+        Err(ureq::Error::Status(401, _)) => {}
+        other => panic!("no key: {other:?}"),
+    }
+    let ok = ureq::get(&s.url("/v1/models")).set("Authorization", "Bearer k2").call().unwrap();
+    assert_eq!(ok.status(), 200);
+    let r = ureq::post(&s.url("/v1/chat/completions"))
+        .set("Authorization", "Bearer k1")
+        .set("Content-Type", "application/json")
+        .send_string(&json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}]}).to_string());
+    match r {
+        Err(ureq::Error::Status(429, r)) => {
+            assert_eq!(r.header("retry-after"), Some("1"));
+            assert_eq!(r.into_json::<Value>().unwrap()["error"]["type"], "rate_limit_error");
+        }
+        other => panic!("expected 429: {other:?}"),
+    }
+}
