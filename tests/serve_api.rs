@@ -107,6 +107,17 @@ fn openai_python_sdk() {
     assert!(out.status.success() && log.contains("all checks passed"));
 }
 
+#[test]
+fn openai_node_sdk() {
+    let s = Server::start(&[]);
+    let dir = root().join("tests/clients/npm");
+    assert!(dir.join("node_modules/openai").exists(), "run `npm ci` in tests/clients/npm (scripts/test does)");
+    let out = Command::new("node").current_dir(&dir).args(["check.mjs", &s.url("/v1"), MODEL_ID]).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{log}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && log.contains("all checks passed"));
+}
+
 /// The chat cases where kojo's greedy ids agree with llama.cpp's for the whole reference
 /// (docs/reference-matching.md) give llama.cpp's text through the server too, and every case
 /// gives the same text as `kojo generate` on the same prompt.
