@@ -7,6 +7,7 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+mod bench_cmd;
 mod gen_cmd;
 mod serve_cmd;
 
@@ -68,6 +69,8 @@ enum Cmd {
     },
     /// Serve the OpenAI-compatible API (chat and legacy completions, streaming or not).
     Serve(serve_cmd::ServeArgs),
+    /// Load-test an OpenAI-compatible server: TTFT, inter-token latency, tokens per second.
+    BenchServe(bench_cmd::BenchServeArgs),
     /// Generate text from a prompt on the CPU, streaming it to the terminal.
     Generate(gen_cmd::GenerateArgs),
     /// Perplexity of a text file, windowed as llama-perplexity does.
@@ -101,6 +104,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model, json } => inspect(&model, json),
         Cmd::Serve(a) => serve_cmd::run(a),
+        Cmd::BenchServe(a) => bench_cmd::run(a),
         Cmd::Generate(a) => gen_cmd::run_generate(a),
         Cmd::Perplexity(a) => gen_cmd::run_perplexity(a),
         Cmd::Tokenize {

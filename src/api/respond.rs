@@ -311,7 +311,7 @@ async fn whole(
             "system_fingerprint": FINGERPRINT,
             "choices": choices.iter().map(|c| json!({
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text, "refusal": null},
+                "message": {"role": "assistant", "content": c.text, "refusal": null, "annotations": []},
                 "logprobs": job.params.logprobs.map(|_| json!({"content": c.logprobs, "refusal": null})),
                 "finish_reason": c.finish,
             })).collect::<Vec<_>>(),

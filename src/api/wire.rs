@@ -278,6 +278,11 @@ impl ChatRequest {
             if !matches!(role, "system" | "user" | "assistant" | "developer" | "tool") {
                 return Err(bad(&format!("messages[{i}].role"), format!("unknown role '{role}'")));
             }
+            for field in ["tool_calls", "function_call"] {
+                if m.get(field).is_some_and(|v| !v.is_null()) {
+                    return Err(bad(&format!("messages[{i}].{field}"), format!("`{field}` is not supported (no tool calling yet)")));
+                }
+            }
             let content = match m.get("content") {
                 None | Some(Value::Null) if role == "assistant" => String::new(),
                 Some(Value::String(s)) => s.clone(),
