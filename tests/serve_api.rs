@@ -90,6 +90,25 @@ impl Drop for Server {
     }
 }
 
+/// A POST over a raw socket, for tests that read (or drop) the stream themselves.
+fn raw_post(port: u16, path: &str, body: &str) -> TcpStream {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(c, "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    c
+}
+
+/// Read until the first SSE data event; returns what was read.
+fn read_first_event(c: &mut TcpStream) -> String {
+    let mut buf = [0u8; 4096];
+    let mut got = String::new();
+    while !got.contains("data: {") {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early: {got}");
+        got += &String::from_utf8_lossy(&buf[..n]);
+    }
+    got
+}
+
 fn text_of(v: &Value) -> String {
     v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
 }
@@ -116,6 +135,33 @@ fn openai_node_sdk() {
     let log = String::from_utf8_lossy(&out.stdout);
     eprintln!("{log}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && log.contains("all checks passed"));
+}
+
+/// SIGTERM: a request in flight finishes, then the server exits.
+#[test]
+fn sigterm_drains_then_exits() {
+    let mut s = Server::start(&[]);
+    let body = json!({"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0,
+                      "stream": true, "ignore_eos": true}).to_string();
+    let mut c = raw_post(s.port, "/v1/completions", &body);
+    let mut got = read_first_event(&mut c);
+    // SAFETY: sending a signal to our own child process
+    unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
+    let mut rest = String::new();
+    c.read_to_string(&mut rest).unwrap();
+    got += &rest;
+    assert!(got.contains("data: [DONE]"), "the stream was cut: {got}");
+    assert_eq!(got.matches("\"finish_reason\":\"length\"").count(), 1);
+    let t = Instant::now();
+    loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            assert!(st.success(), "exit status {st}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "still running after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(TcpStream::connect(("127.0.0.1", s.port)).is_err(), "still accepting");
 }
 
 /// `llm-comply`'s OpenAI chat schema checks.
@@ -213,16 +259,9 @@ fn repeated_prompt_hits_the_prefix_cache() {
     let long = "The history of the bicycle spans more than two centuries. ".repeat(40);
     let ttft = |s: &Server| {
         let t = Instant::now();
-        let mut stream = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
         let body = json!({"model": MODEL_ID, "prompt": long, "max_tokens": 2, "temperature": 0, "stream": true}).to_string();
-        write!(stream, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-        let mut buf = [0u8; 4096];
-        let mut seen = String::new();
-        while !seen.contains("data: {") {
-            let n = stream.read(&mut buf).unwrap();
-            assert!(n > 0);
-            seen += &String::from_utf8_lossy(&buf[..n]);
-        }
+        let mut stream = raw_post(s.port, "/v1/completions", &body);
+        read_first_event(&mut stream);
         t.elapsed()
     };
     let hits0 = s.metric("vllm:prefix_cache_hits");
@@ -245,9 +284,7 @@ fn disconnected_streams_free_their_blocks() {
                       "max_tokens": 400, "stream": true, "ignore_eos": true}).to_string();
     let mut conns = Vec::new();
     for _ in 0..20 {
-        let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
-        write!(c, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-        conns.push(c);
+        conns.push(raw_post(s.port, "/v1/chat/completions", &body));
     }
     // wait until some are generating, then hang up on all of them
     let t = Instant::now();
