@@ -30,7 +30,10 @@ pub struct BenchServeArgs {
     /// Model id to send (default: the server's first /v1/models entry).
     #[arg(long)]
     pub model: Option<String>,
-    #[arg(long, default_value = "Write a detailed essay about the history of bicycles.")]
+    #[arg(
+        long,
+        default_value = "Write a detailed essay about the history of bicycles."
+    )]
     pub prompt: String,
     #[arg(long)]
     pub api_key: Option<String>,
@@ -47,15 +50,29 @@ struct Sample {
 }
 
 fn host_port(url: &str) -> Result<String> {
-    let rest = url.strip_prefix("http://").context("--url must start with http://")?;
+    let rest = url
+        .strip_prefix("http://")
+        .context("--url must start with http://")?;
     let hp = rest.split('/').next().unwrap_or(rest);
-    Ok(if hp.contains(':') { hp.to_string() } else { format!("{hp}:80") })
+    Ok(if hp.contains(':') {
+        hp.to_string()
+    } else {
+        format!("{hp}:80")
+    })
 }
 
-fn request(hp: &str, method: &str, path: &str, body: Option<&str>, key: Option<&str>) -> Result<TcpStream> {
+fn request(
+    hp: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    key: Option<&str>,
+) -> Result<TcpStream> {
     let mut s = TcpStream::connect(hp).with_context(|| format!("connecting to {hp}"))?;
     s.set_read_timeout(Some(Duration::from_secs(600)))?;
-    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
     let body = body.unwrap_or("");
     write!(s, "{method} {path} HTTP/1.1\r\nHost: {hp}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
     Ok(s)
@@ -71,9 +88,14 @@ fn model_id(hp: &str, key: Option<&str>) -> Result<String> {
         line.clear();
     }
     let start = text.find('{').context("no JSON in the /v1/models answer")?;
-    let end = text.rfind('}').context("no JSON in the /v1/models answer")?;
+    let end = text
+        .rfind('}')
+        .context("no JSON in the /v1/models answer")?;
     let v: Value = serde_json::from_str(&text[start..=end])?;
-    Ok(v["data"][0]["id"].as_str().context("no model in /v1/models")?.to_string())
+    Ok(v["data"][0]["id"]
+        .as_str()
+        .context("no model in /v1/models")?
+        .to_string())
 }
 
 fn one(hp: &str, body: &str, key: Option<&str>) -> Result<Sample> {
@@ -91,15 +113,22 @@ fn one(hp: &str, body: &str, key: Option<&str>) -> Result<Sample> {
         if r.read_line(&mut line)? == 0 {
             break;
         }
-        let Some(data) = line.trim_end().strip_prefix("data: ") else { continue };
+        let Some(data) = line.trim_end().strip_prefix("data: ") else {
+            continue;
+        };
         if data == "[DONE]" {
             break;
         }
-        let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            continue;
+        };
         if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
             usage_tokens = Some(n as usize);
         }
-        if v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()) {
+        if v["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+        {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
@@ -162,11 +191,19 @@ pub fn run(a: BenchServeArgs) -> Result<()> {
         let samples = samples.into_inner().unwrap();
         let errors = errors.into_inner().unwrap();
         if let Some(e) = errors.first() {
-            bail!("{} of {} requests failed at concurrency {c}: {e}", errors.len(), a.requests);
+            bail!(
+                "{} of {} requests failed at concurrency {c}: {e}",
+                errors.len(),
+                a.requests
+            );
         }
         let mut ttft: Vec<f64> = samples.iter().map(|s| s.ttft).collect();
         let mut itl: Vec<f64> = samples.iter().flat_map(|s| s.itl.iter().copied()).collect();
-        let mut per: Vec<f64> = samples.iter().filter(|s| s.gen_time > 0.0).map(|s| (s.tokens - 1) as f64 / s.gen_time).collect();
+        let mut per: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.gen_time > 0.0)
+            .map(|s| (s.tokens - 1) as f64 / s.gen_time)
+            .collect();
         let total: usize = samples.iter().map(|s| s.tokens).sum();
         let row = json!({
             "concurrency": c, "requests": samples.len(),
@@ -178,14 +215,23 @@ pub fn run(a: BenchServeArgs) -> Result<()> {
         if !a.json {
             println!(
                 "| {c} | {} | {:.3} | {:.3} | {:.1} | {:.1} | {:.1} |",
-                samples.len(), row["ttft_p50_s"].as_f64().unwrap(), row["ttft_p90_s"].as_f64().unwrap(),
-                row["itl_p50_ms"].as_f64().unwrap(), row["per_stream_tok_s"].as_f64().unwrap(), row["aggregate_tok_s"].as_f64().unwrap()
+                samples.len(),
+                row["ttft_p50_s"].as_f64().unwrap(),
+                row["ttft_p90_s"].as_f64().unwrap(),
+                row["itl_p50_ms"].as_f64().unwrap(),
+                row["per_stream_tok_s"].as_f64().unwrap(),
+                row["aggregate_tok_s"].as_f64().unwrap()
             );
         }
         rows.push(row);
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&json!({"url": a.url, "model": model, "max_tokens": a.max_tokens, "results": rows}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"url": a.url, "model": model, "max_tokens": a.max_tokens, "results": rows})
+            )?
+        );
     }
     Ok(())
 }

@@ -31,7 +31,10 @@ impl CpuArgs {
                 bail!("--threads must be at least 1");
             }
             // the global pool can only be built once per process; this is its first use
-            rayon::ThreadPoolBuilder::new().num_threads(t).build_global().ok();
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build_global()
+                .ok();
         }
         Ok(())
     }
@@ -139,7 +142,12 @@ fn load(a: &ModelArgs) -> Result<Loaded> {
             model.cfg.vocab_size
         );
     }
-    Ok(Loaded { backend, model, tok, src })
+    Ok(Loaded {
+        backend,
+        model,
+        tok,
+        src,
+    })
 }
 
 fn ctx_size(a: &ModelArgs, model_ctx: usize, need: usize) -> usize {
@@ -168,7 +176,11 @@ fn prompt_ids(l: &Loaded, prompt: &str, chat: bool) -> Result<Vec<u32>> {
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let l = load(&a.model)?;
     let ids = prompt_ids(&l, &a.prompt, a.chat)?;
-    let ctx = ctx_size(&a.model, l.model.cfg.context_length, ids.len() + a.max_tokens);
+    let ctx = ctx_size(
+        &a.model,
+        l.model.cfg.context_length,
+        ids.len() + a.max_tokens,
+    );
     let mut session = Session::new(&l.backend, &l.model, ctx, a.model.batch)?;
     let req = GenerateRequest {
         prompt_ids: ids.clone(),
@@ -246,6 +258,10 @@ pub fn run_perplexity(a: PerplexityArgs) -> Result<()> {
 fn read_text(p: &Path) -> Result<String> {
     let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
     String::from_utf8(bytes).map_err(|e| {
-        anyhow::anyhow!("{}: not UTF-8 text (invalid byte at offset {})", p.display(), e.utf8_error().valid_up_to())
+        anyhow::anyhow!(
+            "{}: not UTF-8 text (invalid byte at offset {})",
+            p.display(),
+            e.utf8_error().valid_up_to()
+        )
     })
 }

@@ -64,19 +64,33 @@ pub fn run(a: ServeArgs) -> Result<()> {
     a.cpu.init_threads()?;
     let mut keys = a.api_key.clone();
     if let Some(f) = &a.api_key_file {
-        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string));
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string),
+        );
     }
     if keys.iter().any(|k| k.is_empty()) {
         bail!("--api-key must not be empty");
     }
-    for (name, v) in [("--max-model-len", a.max_model_len), ("--kv-cache-tokens", a.kv_cache_tokens), ("--max-num-seqs", a.max_num_seqs), ("--max-batch-tokens", a.max_batch_tokens)] {
+    for (name, v) in [
+        ("--max-model-len", a.max_model_len),
+        ("--kv-cache-tokens", a.kv_cache_tokens),
+        ("--max-num-seqs", a.max_num_seqs),
+        ("--max-batch-tokens", a.max_batch_tokens),
+    ] {
         if v == 0 {
             bail!("{name} must be at least 1");
         }
     }
     let served = a.served_model_name.clone().unwrap_or_else(|| {
-        a.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+        a.model
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
     });
     let cfg = ServeConfig {
         model: a.model.clone(),
@@ -97,7 +111,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if !cfg.model.exists() {
         bail!("{}: no such file or folder", cfg.model.display());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(serve(cfg))
 }
-

@@ -21,10 +21,16 @@ use std::process::Command;
 struct Rnd(u64);
 impl Rnd {
     fn new() -> Self {
-        let seed = std::env::var("KOJO_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-                | 1
-        });
+        let seed = std::env::var("KOJO_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
         eprintln!("KOJO_TEST_SEED={seed}");
         Rnd(seed)
     }
@@ -46,7 +52,9 @@ fn random_tensor(r: &mut Rnd, ty: GgmlType, n: usize, amp: f32) -> Vec<u8> {
     match ty {
         GgmlType::F32 => (0..n).flat_map(|_| (r.f() * amp).to_le_bytes()).collect(),
         GgmlType::F16 => (0..n).flat_map(|_| le16(r.f() * amp)).collect(),
-        GgmlType::BF16 => (0..n).flat_map(|_| bf16::from_f32(r.f() * amp).to_bits().to_le_bytes()).collect(),
+        GgmlType::BF16 => (0..n)
+            .flat_map(|_| bf16::from_f32(r.f() * amp).to_bits().to_le_bytes())
+            .collect(),
         _ => {
             let (bs, ts) = (ty.block_size().unwrap(), ty.type_size().unwrap());
             let mut data: Vec<u8> = (0..n / bs * ts).map(|_| r.u64() as u8).collect();
@@ -95,7 +103,12 @@ const FFN: usize = 512;
 /// A tiny model with SmolLM2's tokenizer (so prompts are real text) and random weights.
 fn write_tiny(t: &Tiny, r: &mut Rnd, path: &Path) {
     let tok = GgufFile::open(smollm2()).unwrap();
-    let vocab = tok.get("tokenizer.ggml.tokens").unwrap().as_array().unwrap().len();
+    let vocab = tok
+        .get("tokenizer.ggml.tokens")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .len();
     let a = t.arch;
     let mut w = GgufWriter::new()
         .kv("general.architecture", Value::String(a.into()))
@@ -103,11 +116,26 @@ fn write_tiny(t: &Tiny, r: &mut Rnd, path: &Path) {
         .kv(&format!("{a}.context_length"), Value::U32(256))
         .kv(&format!("{a}.embedding_length"), Value::U32(HIDDEN as u32))
         .kv(&format!("{a}.feed_forward_length"), Value::U32(FFN as u32))
-        .kv(&format!("{a}.attention.head_count"), Value::U32(HEADS as u32))
-        .kv(&format!("{a}.attention.head_count_kv"), Value::U32(KV_HEADS as u32))
-        .kv(&format!("{a}.attention.key_length"), Value::U32(HEAD_DIM as u32))
-        .kv(&format!("{a}.attention.value_length"), Value::U32(HEAD_DIM as u32))
-        .kv(&format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5))
+        .kv(
+            &format!("{a}.attention.head_count"),
+            Value::U32(HEADS as u32),
+        )
+        .kv(
+            &format!("{a}.attention.head_count_kv"),
+            Value::U32(KV_HEADS as u32),
+        )
+        .kv(
+            &format!("{a}.attention.key_length"),
+            Value::U32(HEAD_DIM as u32),
+        )
+        .kv(
+            &format!("{a}.attention.value_length"),
+            Value::U32(HEAD_DIM as u32),
+        )
+        .kv(
+            &format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-5),
+        )
         .kv(&format!("{a}.rope.freq_base"), Value::F32(10_000.0));
     if a == "gemma3" {
         // a window shorter than the prompt, so the sliding layers really slide
@@ -119,22 +147,43 @@ fn write_tiny(t: &Tiny, r: &mut Rnd, path: &Path) {
         }
     }
     let h = HIDDEN as u64;
-    let (q, kv, ffn) = ((HEADS * HEAD_DIM) as u64, (KV_HEADS * HEAD_DIM) as u64, FFN as u64);
+    let (q, kv, ffn) = (
+        (HEADS * HEAD_DIM) as u64,
+        (KV_HEADS * HEAD_DIM) as u64,
+        FFN as u64,
+    );
     let add = |w: GgmlType, name: String, dims: &[u64], amp: f32, r: &mut Rnd| {
         let n = dims.iter().product::<u64>() as usize;
         (name, dims.to_vec(), w, random_tensor(r, w, n, amp))
     };
     let mut tensors = Vec::new();
-    let norm = |r: &mut Rnd| (0..HIDDEN).flat_map(|_| (1.0 + 0.2 * r.f()).to_le_bytes()).collect::<Vec<u8>>();
-    tensors.push(add(t.types[7], "token_embd.weight".into(), &[h, vocab as u64], 1.0, r));
+    let norm = |r: &mut Rnd| {
+        (0..HIDDEN)
+            .flat_map(|_| (1.0 + 0.2 * r.f()).to_le_bytes())
+            .collect::<Vec<u8>>()
+    };
+    tensors.push(add(
+        t.types[7],
+        "token_embd.weight".into(),
+        &[h, vocab as u64],
+        1.0,
+        r,
+    ));
     tensors.push(("output_norm.weight".into(), vec![h], GgmlType::F32, norm(r)));
     if let Some(o) = t.output {
         tensors.push(add(o, "output.weight".into(), &[h, vocab as u64], 0.1, r));
     }
     if t.rope_freqs {
         // Llama 3.1-style frequency divisors, 1..8
-        let f: Vec<u8> = (0..HEAD_DIM / 2).flat_map(|_| (4.5 + 3.5 * r.f()).to_le_bytes()).collect();
-        tensors.push(("rope_freqs.weight".into(), vec![(HEAD_DIM / 2) as u64], GgmlType::F32, f));
+        let f: Vec<u8> = (0..HEAD_DIM / 2)
+            .flat_map(|_| (4.5 + 3.5 * r.f()).to_le_bytes())
+            .collect();
+        tensors.push((
+            "rope_freqs.weight".into(),
+            vec![(HEAD_DIM / 2) as u64],
+            GgmlType::F32,
+            f,
+        ));
     }
     for l in 0..t.layers {
         let b = |s: &str| format!("blk.{l}.{s}");
@@ -153,10 +202,29 @@ fn write_tiny(t: &Tiny, r: &mut Rnd, path: &Path) {
             }
         }
         if a == "gemma3" {
-            let hn = |r: &mut Rnd| (0..HEAD_DIM).flat_map(|_| (1.0 + 0.2 * r.f()).to_le_bytes()).collect();
-            tensors.push((b("attn_q_norm.weight"), vec![HEAD_DIM as u64], GgmlType::F32, hn(r)));
-            tensors.push((b("attn_k_norm.weight"), vec![HEAD_DIM as u64], GgmlType::F32, hn(r)));
-            tensors.push((b("post_attention_norm.weight"), vec![h], GgmlType::F32, norm(r)));
+            let hn = |r: &mut Rnd| {
+                (0..HEAD_DIM)
+                    .flat_map(|_| (1.0 + 0.2 * r.f()).to_le_bytes())
+                    .collect()
+            };
+            tensors.push((
+                b("attn_q_norm.weight"),
+                vec![HEAD_DIM as u64],
+                GgmlType::F32,
+                hn(r),
+            ));
+            tensors.push((
+                b("attn_k_norm.weight"),
+                vec![HEAD_DIM as u64],
+                GgmlType::F32,
+                hn(r),
+            ));
+            tensors.push((
+                b("post_attention_norm.weight"),
+                vec![h],
+                GgmlType::F32,
+                norm(r),
+            ));
             tensors.push((b("post_ffw_norm.weight"), vec![h], GgmlType::F32, norm(r)));
         }
     }
@@ -170,8 +238,17 @@ fn write_tiny(t: &Tiny, r: &mut Rnd, path: &Path) {
 fn generate(model: &Path, prompt: &str, n: usize, extra: &[&str]) -> serde_json::Value {
     let n = n.to_string();
     let mut args = vec![
-        "generate", "-m", model.to_str().unwrap(), "-p", prompt, "-n", &n, "--temperature", "0",
-        "--json", "--ignore-eos",
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        prompt,
+        "-n",
+        &n,
+        "--temperature",
+        "0",
+        "--json",
+        "--ignore-eos",
     ];
     args.extend_from_slice(extra);
     serde_json::from_str(&kojo_ok(&args)).unwrap()
@@ -186,10 +263,20 @@ fn reference_top5(model: &Path, out: &serde_json::Value) -> Vec<Vec<(u64, f64)>>
     let o = Command::new(python())
         .arg(root().join("scripts/reference_forward.py"))
         .arg(model)
-        .args(["--ids", &serde_json::to_string(&ids).unwrap(), "--from", &start.to_string(), "--f16-kv"])
+        .args([
+            "--ids",
+            &serde_json::to_string(&ids).unwrap(),
+            "--from",
+            &start.to_string(),
+            "--f16-kv",
+        ])
         .output()
         .unwrap();
-    assert!(o.status.success(), "reference_forward.py: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "reference_forward.py: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let v: Vec<Vec<(u64, f64)>> = serde_json::from_slice(&o.stdout).unwrap();
     v
 }
@@ -197,7 +284,13 @@ fn reference_top5(model: &Path, out: &serde_json::Value) -> Vec<Vec<(u64, f64)>>
 /// Every position's top-5 ids and log-probabilities agree within `tol` plus `rel` of the
 /// log-probability's size (random models have very peaked distributions, with top-5 entries
 /// down at -20); where two candidates are closer than that, their order may differ.
-fn assert_close_rel(what: &str, ours: &serde_json::Value, reference: &[Vec<(u64, f64)>], tol: f64, rel: f64) {
+fn assert_close_rel(
+    what: &str,
+    ours: &serde_json::Value,
+    reference: &[Vec<(u64, f64)>],
+    tol: f64,
+    rel: f64,
+) {
     let ours: Vec<Vec<(u64, f64)>> = serde_json::from_value(ours["top_logprobs"].clone()).unwrap();
     assert_eq!(ours.len(), reference.len(), "{what}: positions");
     let mut worst = 0f64;
@@ -208,9 +301,15 @@ fn assert_close_rel(what: &str, ours: &serde_json::Value, reference: &[Vec<(u64,
             match a.iter().find(|x| x.0 == id) {
                 Some(&(_, mine)) => {
                     worst = worst.max((mine - lp).abs());
-                    assert!((mine - lp).abs() <= tol, "{what}: position {pos} token {id}: {mine} vs {lp}");
+                    assert!(
+                        (mine - lp).abs() <= tol,
+                        "{what}: position {pos} token {id}: {mine} vs {lp}"
+                    );
                 }
-                None => assert!(lp <= floor + tol, "{what}: position {pos}: token {id} ({lp}) missing from {a:?}"),
+                None => assert!(
+                    lp <= floor + tol,
+                    "{what}: position {pos}: token {id} ({lp}) missing from {a:?}"
+                ),
             }
         }
     }
@@ -241,19 +340,37 @@ fn check_tiny(t: Tiny) {
         // layout (the script undoes llama.cpp's Q/K permutation); HF keeps Llama 3.1's RoPE
         // factors in config.json, which kojo does not read yet, so this one has none
         let path = dir.path().join("tiny-llama-plain.gguf");
-        write_tiny(&Tiny { rope_freqs: false, ..t }, &mut r, &path);
+        write_tiny(
+            &Tiny {
+                rope_freqs: false,
+                ..t
+            },
+            &mut r,
+            &path,
+        );
         let exact = generate(&path, prompt, 6, &["--matmul", "exact"]);
         let hf = dir.path().join("hf");
         let st = Command::new(python())
             .arg(root().join("scripts/gguf_to_hf.py"))
-            .args([path.to_str().unwrap(), hf.to_str().unwrap(), "--dtype", "F32"])
+            .args([
+                path.to_str().unwrap(),
+                hf.to_str().unwrap(),
+                "--dtype",
+                "F32",
+            ])
             .status()
             .unwrap();
         assert!(st.success());
         let from_hf = generate(&hf, prompt, 6, &["--matmul", "exact"]);
         assert_eq!(from_hf["prompt_ids"], exact["prompt_ids"]);
-        let gguf_top: Vec<Vec<(u64, f64)>> = serde_json::from_value(exact["top_logprobs"].clone()).unwrap();
-        assert_close("llama from safetensors vs the GGUF", &from_hf, &gguf_top, 1e-3);
+        let gguf_top: Vec<Vec<(u64, f64)>> =
+            serde_json::from_value(exact["top_logprobs"].clone()).unwrap();
+        assert_close(
+            "llama from safetensors vs the GGUF",
+            &from_hf,
+            &gguf_top,
+            1e-3,
+        );
         let ref_hf = reference_top5(&path, &from_hf);
         assert_close("llama from safetensors", &from_hf, &ref_hf, 2e-3);
     }
@@ -262,27 +379,50 @@ fn check_tiny(t: Tiny) {
 #[test]
 fn tiny_llama_legacy_quants_and_hf_folder() {
     use GgmlType::*;
-    check_tiny(Tiny { arch: "llama", types: [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16, Q4_0, Q8_0], output: Some(F16), layers: 2, rope_freqs: true });
+    check_tiny(Tiny {
+        arch: "llama",
+        types: [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16, Q4_0, Q8_0],
+        output: Some(F16),
+        layers: 2,
+        rope_freqs: true,
+    });
 }
 
 #[test]
 fn tiny_qwen2_k_quants() {
     use GgmlType::*;
-    check_tiny(Tiny { arch: "qwen2", types: [Q2K, Q3K, Q4K, Q5K, Q6K, Q4K, Q6K, Q6K], output: None, layers: 2, rope_freqs: false });
+    check_tiny(Tiny {
+        arch: "qwen2",
+        types: [Q2K, Q3K, Q4K, Q5K, Q6K, Q4K, Q6K, Q6K],
+        output: None,
+        layers: 2,
+        rope_freqs: false,
+    });
 }
 
 #[test]
 fn tiny_gemma3_sliding_window() {
     use GgmlType::*;
     // 7 layers: five sliding, one global (index 5), one sliding
-    check_tiny(Tiny { arch: "gemma3", types: [Q5_0, Q8_0, F32, Q4K, BF16, Q5_0, Q6K, Q8_0], output: None, layers: 7, rope_freqs: false });
+    check_tiny(Tiny {
+        arch: "gemma3",
+        types: [Q5_0, Q8_0, F32, Q4K, BF16, Q5_0, Q6K, Q8_0],
+        output: None,
+        layers: 7,
+        rope_freqs: false,
+    });
 }
 
 /// The real models, first 4 generated positions, exact path: float64 agreement to ~2e-3 nats.
 #[test]
 fn real_models_match_float64() {
     for model in [smollm2(), gemma3()] {
-        let out = generate(&model, "The capital of France is", 4, &["--matmul", "exact"]);
+        let out = generate(
+            &model,
+            "The capital of France is",
+            4,
+            &["--matmul", "exact"],
+        );
         let reference = reference_top5(&model, &out);
         assert_close(&model.display().to_string(), &out, &reference, 1e-2);
     }

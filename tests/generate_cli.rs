@@ -16,23 +16,52 @@ fn gen_json(args: &[&str]) -> Value {
 #[test]
 fn streamed_text_is_the_json_text() {
     let m = smollm2();
-    let args = ["generate", "-m", m.to_str().unwrap(), "-p", "日本の首都は", "-n", "24", "--temperature", "0"];
+    let args = [
+        "generate",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        "日本の首都は",
+        "-n",
+        "24",
+        "--temperature",
+        "0",
+    ];
     let streamed = kojo_ok(&args);
     let j = gen_json(&["-p", "日本の首都は", "-n", "24", "--temperature", "0"]);
     assert_eq!(streamed.trim_end_matches('\n'), j["text"].as_str().unwrap());
     assert_eq!(j["output_ids"].as_array().unwrap().len(), 24);
     assert_eq!(j["finish_reason"], "length");
     // the text is the detokenized ids
-    assert_eq!(detokenize_with(&m, &ids_of(&j["output_ids"]), &["--skip-special"]), j["text"].as_str().unwrap());
+    assert_eq!(
+        detokenize_with(&m, &ids_of(&j["output_ids"]), &["--skip-special"]),
+        j["text"].as_str().unwrap()
+    );
 }
 
 #[test]
 fn stop_strings_end_generation_and_are_not_printed() {
-    let free = gen_json(&["-p", "Count: one, two, three,", "-n", "12", "--temperature", "0"]);
+    let free = gen_json(&[
+        "-p",
+        "Count: one, two, three,",
+        "-n",
+        "12",
+        "--temperature",
+        "0",
+    ]);
     let text = free["text"].as_str().unwrap().to_string();
     // pick a stop string from the middle of the free-running text, spanning token boundaries
     let at = text.find(" five").expect("the model counts on");
-    let stopped = gen_json(&["-p", "Count: one, two, three,", "-n", "12", "--temperature", "0", "--stop", " five"]);
+    let stopped = gen_json(&[
+        "-p",
+        "Count: one, two, three,",
+        "-n",
+        "12",
+        "--temperature",
+        "0",
+        "--stop",
+        " five",
+    ]);
     assert_eq!(stopped["text"].as_str().unwrap(), &text[..at]);
     assert_eq!(stopped["finish_reason"], "stop");
     assert_eq!(stopped["stop"], " five");
@@ -40,20 +69,65 @@ fn stop_strings_end_generation_and_are_not_printed() {
 
 #[test]
 fn seeds_reproduce_and_differ() {
-    let run = |seed: &str| gen_json(&["-p", "Once upon a time", "-n", "16", "--temperature", "1.0", "--top-k", "0", "--top-p", "1", "--min-p", "0", "--seed", seed])["output_ids"].clone();
+    let run = |seed: &str| {
+        gen_json(&[
+            "-p",
+            "Once upon a time",
+            "-n",
+            "16",
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "0",
+            "--top-p",
+            "1",
+            "--min-p",
+            "0",
+            "--seed",
+            seed,
+        ])["output_ids"]
+            .clone()
+    };
     assert_eq!(run("7"), run("7"));
     assert_ne!(run("7"), run("8"));
     // top-k 1 is greedy whatever the temperature
     let greedy = gen_json(&["-p", "Once upon a time", "-n", "8", "--temperature", "0"]);
-    let k1 = gen_json(&["-p", "Once upon a time", "-n", "8", "--temperature", "1.5", "--top-k", "1", "--seed", "5"]);
+    let k1 = gen_json(&[
+        "-p",
+        "Once upon a time",
+        "-n",
+        "8",
+        "--temperature",
+        "1.5",
+        "--top-k",
+        "1",
+        "--seed",
+        "5",
+    ]);
     assert_eq!(greedy["output_ids"], k1["output_ids"]);
 }
 
 #[test]
 fn repetition_penalty_changes_a_looping_greedy_output() {
     // SmolLM2 loops on this prompt under greedy decoding (see the llama.cpp reference)
-    let plain = gen_json(&["-p", "The capital of France is", "-n", "40", "--temperature", "0"]);
-    let pen = gen_json(&["-p", "The capital of France is", "-n", "40", "--temperature", "0", "--repeat-penalty", "1.5"]);
+    let plain = gen_json(&[
+        "-p",
+        "The capital of France is",
+        "-n",
+        "40",
+        "--temperature",
+        "0",
+    ]);
+    let pen = gen_json(&[
+        "-p",
+        "The capital of France is",
+        "-n",
+        "40",
+        "--temperature",
+        "0",
+        "--repeat-penalty",
+        "1.5",
+    ]);
     assert_ne!(plain["output_ids"], pen["output_ids"]);
 }
 
@@ -65,7 +139,10 @@ fn bad_arguments_are_clear_errors() {
         (vec!["-p", "hi", "--temperature", "-1"], "temperature"),
         (vec!["-p", "hi", "--top-p", "1.5"], "top_p"),
         (vec!["-p", "hi", "--min-p", "2"], "min_p"),
-        (vec!["-p", "hi", "--repeat-penalty", "0"], "repetition_penalty"),
+        (
+            vec!["-p", "hi", "--repeat-penalty", "0"],
+            "repetition_penalty",
+        ),
         (vec!["-p", "", "-n", "4"], "empty"),
         (vec!["-p", "a b c d e f g h", "--ctx-size", "4"], "context"),
         (vec!["-p", "hi", "--matmul", "fast"], "quantized, exact"),
@@ -88,11 +165,25 @@ fn perplexity_refuses_text_shorter_than_a_window() {
     let f = dir.path().join("short.txt");
     std::fs::write(&f, "Only a few words.").unwrap();
     let m = smollm2();
-    let out = kojo(&["perplexity", "-m", m.to_str().unwrap(), "-f", f.to_str().unwrap(), "--ctx", "512"]);
+    let out = kojo(&[
+        "perplexity",
+        "-m",
+        m.to_str().unwrap(),
+        "-f",
+        f.to_str().unwrap(),
+        "--ctx",
+        "512",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("fewer than one window"));
     let bin = dir.path().join("bin.txt");
     std::fs::write(&bin, [0xffu8, 0xfe, 0x00]).unwrap();
-    let out = kojo(&["perplexity", "-m", m.to_str().unwrap(), "-f", bin.to_str().unwrap()]);
+    let out = kojo(&[
+        "perplexity",
+        "-m",
+        m.to_str().unwrap(),
+        "-f",
+        bin.to_str().unwrap(),
+    ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not UTF-8"));
 }

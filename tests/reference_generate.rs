@@ -38,7 +38,15 @@ fn run_case(model: &Path, case: &Value, kind: &str) -> Outcome {
     let prompt = g["request"]["prompt"].as_str().unwrap();
     let n = want.len().to_string();
     let out: Value = serde_json::from_str(&kojo_ok(&[
-        "generate", "-m", model.to_str().unwrap(), "-p", prompt, "-n", &n, "--temperature", "0",
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        prompt,
+        "-n",
+        &n,
+        "--temperature",
+        "0",
         "--json",
     ]))
     .unwrap();
@@ -50,14 +58,20 @@ fn run_case(model: &Path, case: &Value, kind: &str) -> Outcome {
     let mut cursor = 0;
     for e in g["top5_all_positions"].as_array().unwrap() {
         let id = e["chosen_id"].as_u64().unwrap();
-        let Some(t) = (cursor..want.len()).find(|&t| want[t] == id) else { break };
+        let Some(t) = (cursor..want.len()).find(|&t| want[t] == id) else {
+            break;
+        };
         positions.push((t, e));
         cursor = t + 1;
     }
-    let first_tie = positions.iter().find(|(_, p)| {
-        let t = p["top"].as_array().unwrap();
-        t.len() > 1 && t[0]["logprob"].as_f64().unwrap() - t[1]["logprob"].as_f64().unwrap() < NEAR_TIE
-    }).map(|(t, _)| *t);
+    let first_tie = positions
+        .iter()
+        .find(|(_, p)| {
+            let t = p["top"].as_array().unwrap();
+            t.len() > 1
+                && t[0]["logprob"].as_f64().unwrap() - t[1]["logprob"].as_f64().unwrap() < NEAR_TIE
+        })
+        .map(|(t, _)| *t);
     let ours = out["top_logprobs"].as_array().unwrap();
     let mut worst = 0f64;
     for &(pos, p) in positions.iter().take_while(|(t, _)| *t < 8 && *t <= agreed) {
@@ -72,7 +86,12 @@ fn run_case(model: &Path, case: &Value, kind: &str) -> Outcome {
             worst = worst.max(d);
         }
     }
-    Outcome { case: format!("{} {kind}", case["id"].as_str().unwrap()), agreed, first_tie, worst_logprob: worst }
+    Outcome {
+        case: format!("{} {kind}", case["id"].as_str().unwrap()),
+        agreed,
+        first_tie,
+        worst_logprob: worst,
+    }
 }
 
 fn check_model(model: &Path, reference_file: &str, kinds: &[&str]) {
@@ -88,8 +107,18 @@ fn check_model(model: &Path, reference_file: &str, kinds: &[&str]) {
                 o.case, o.agreed, o.first_tie, o.worst_logprob
             );
             let must = o.first_tie.unwrap_or(want_len).min(want_len);
-            assert!(o.agreed >= must, "{}: ids diverge at {} before the reference's first near-tie at {must}", o.case, o.agreed);
-            assert!(o.worst_logprob <= LOGPROB_TOL, "{}: log-probabilities {:.3} apart", o.case, o.worst_logprob);
+            assert!(
+                o.agreed >= must,
+                "{}: ids diverge at {} before the reference's first near-tie at {must}",
+                o.case,
+                o.agreed
+            );
+            assert!(
+                o.worst_logprob <= LOGPROB_TOL,
+                "{}: log-probabilities {:.3} apart",
+                o.case,
+                o.worst_logprob
+            );
             total += 1;
             if o.agreed >= 32.min(want_len) {
                 long_agreements += 1;
@@ -97,18 +126,29 @@ fn check_model(model: &Path, reference_file: &str, kinds: &[&str]) {
         }
     }
     eprintln!("{long_agreements} of {total} cases agree for 32 tokens (or the whole reference)");
-    assert!(long_agreements * 3 >= total, "only {long_agreements} of {total} cases agree for 32 tokens");
+    assert!(
+        long_agreements * 3 >= total,
+        "only {long_agreements} of {total} cases agree for 32 tokens"
+    );
 }
 
 #[test]
 fn smollm2_greedy_matches_llamacpp() {
-    check_model(&smollm2(), "llamacpp-smollm2-reference.json", &["completion_raw", "completion_templated"]);
+    check_model(
+        &smollm2(),
+        "llamacpp-smollm2-reference.json",
+        &["completion_raw", "completion_templated"],
+    );
 }
 
 #[test]
 fn gemma3_greedy_matches_llamacpp() {
     // a base model without a chat template: only the raw cases are meaningful
-    check_model(&gemma3(), "llamacpp-gemma3-270m-reference.json", &["completion_raw"]);
+    check_model(
+        &gemma3(),
+        "llamacpp-gemma3-270m-reference.json",
+        &["completion_raw"],
+    );
 }
 
 /// `--chat` renders the template and tokenizes it exactly as llama.cpp's server did.
@@ -122,34 +162,70 @@ fn chat_flag_uses_the_template() {
         }
         let user = msgs[0]["content"].as_str().unwrap();
         let out: Value = serde_json::from_str(&kojo_ok(&[
-            "generate", "-m", smollm2().to_str().unwrap(), "--chat", "-p", user, "-n", "1",
-            "--temperature", "0", "--json",
+            "generate",
+            "-m",
+            smollm2().to_str().unwrap(),
+            "--chat",
+            "-p",
+            user,
+            "-n",
+            "1",
+            "--temperature",
+            "0",
+            "--json",
         ]))
         .unwrap();
-        assert_eq!(out["prompt_ids"], case["templated_prompt_ids"], "{}", case["id"]);
+        assert_eq!(
+            out["prompt_ids"], case["templated_prompt_ids"],
+            "{}",
+            case["id"]
+        );
     }
 }
 
 fn perplexity(model: &Path) -> (f64, f64) {
-    let shared = std::env::var("KOJO_SHARED").map(std::path::PathBuf::from).unwrap_or_else(|_| root().join("../shared"));
+    let shared = std::env::var("KOJO_SHARED")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root().join("../shared"));
     let text = shared.join("ref/ppl-tempest.txt");
-    let out = kojo_ok(&["perplexity", "-m", model.to_str().unwrap(), "-f", text.to_str().unwrap(), "--ctx", "512"]);
+    let out = kojo_ok(&[
+        "perplexity",
+        "-m",
+        model.to_str().unwrap(),
+        "-f",
+        text.to_str().unwrap(),
+        "--ctx",
+        "512",
+    ]);
     let last = out.lines().last().unwrap();
     // "Final estimate: PPL = 32.1737 +/- 2.07157"
-    let rest = last.strip_prefix("Final estimate: PPL = ").unwrap_or_else(|| panic!("last line: {last}"));
+    let rest = last
+        .strip_prefix("Final estimate: PPL = ")
+        .unwrap_or_else(|| panic!("last line: {last}"));
     let (ppl, err) = rest.split_once(" +/- ").unwrap();
     (ppl.parse().unwrap(), err.parse().unwrap())
 }
 
 fn check_perplexity(model: &Path, model_name: &str) {
     let r = reference("perplexity-reference.json");
-    let case = r["cases"].as_array().unwrap().iter().find(|c| c["model"] == model_name).unwrap();
+    let case = r["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["model"] == model_name)
+        .unwrap();
     let want = case["ppl"].as_f64().unwrap();
     let (ppl, err) = perplexity(model);
     eprintln!("{model_name}: PPL {ppl} +/- {err}, llama.cpp {want}");
-    assert!((ppl / want - 1.0).abs() < 0.01, "{model_name}: PPL {ppl} vs llama.cpp {want}");
+    assert!(
+        (ppl / want - 1.0).abs() < 0.01,
+        "{model_name}: PPL {ppl} vs llama.cpp {want}"
+    );
     let want_err = case["ppl_stderr"].as_f64().unwrap();
-    assert!((err / want_err - 1.0).abs() < 0.05, "{model_name}: +/- {err} vs {want_err}");
+    assert!(
+        (err / want_err - 1.0).abs() < 0.05,
+        "{model_name}: +/- {err} vs {want_err}"
+    );
 }
 
 #[test]

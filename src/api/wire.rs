@@ -105,20 +105,28 @@ fn num(v: &Option<Value>, param: &str) -> Result<Option<f64>, ApiError> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => {
-            let f = n.as_f64().ok_or_else(|| bad(param, format!("`{param}` must be a number")))?;
+            let f = n
+                .as_f64()
+                .ok_or_else(|| bad(param, format!("`{param}` must be a number")))?;
             if !f.is_finite() {
                 return Err(bad(param, format!("`{param}` must be finite")));
             }
             Ok(Some(f))
         }
-        Some(other) => Err(bad(param, format!("`{param}` must be a number, got {other}"))),
+        Some(other) => Err(bad(
+            param,
+            format!("`{param}` must be a number, got {other}"),
+        )),
     }
 }
 
 fn ranged(v: &Option<Value>, param: &str, lo: f64, hi: f64, default: f64) -> Result<f64, ApiError> {
     let x = num(v, param)?.unwrap_or(default);
     if !(lo..=hi).contains(&x) {
-        return Err(bad(param, format!("`{param}` must be in [{lo}, {hi}], got {x}")));
+        return Err(bad(
+            param,
+            format!("`{param}` must be in [{lo}, {hi}], got {x}"),
+        ));
     }
     Ok(x)
 }
@@ -129,14 +137,24 @@ fn int(v: &Option<Value>, param: &str, lo: i64, hi: i64) -> Result<Option<i64>, 
         Some(Value::Number(n)) => {
             let i = n
                 .as_i64()
-                .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9e15).map(|f| f as i64))
+                .or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && f.abs() < 9e15)
+                        .map(|f| f as i64)
+                })
                 .ok_or_else(|| bad(param, format!("`{param}` must be an integer")))?;
             if i < lo || i > hi {
-                return Err(bad(param, format!("`{param}` must be in [{lo}, {hi}], got {i}")));
+                return Err(bad(
+                    param,
+                    format!("`{param}` must be in [{lo}, {hi}], got {i}"),
+                ));
             }
             Ok(Some(i))
         }
-        Some(other) => Err(bad(param, format!("`{param}` must be an integer, got {other}"))),
+        Some(other) => Err(bad(
+            param,
+            format!("`{param}` must be an integer, got {other}"),
+        )),
     }
 }
 
@@ -144,7 +162,10 @@ fn boolean(v: &Option<Value>, param: &str) -> Result<bool, ApiError> {
     match v {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(other) => Err(bad(param, format!("`{param}` must be a boolean, got {other}"))),
+        Some(other) => Err(bad(
+            param,
+            format!("`{param}` must be a boolean, got {other}"),
+        )),
     }
 }
 
@@ -154,12 +175,20 @@ impl Common {
         match &self.model {
             Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
             None | Some(Value::Null) => Err(bad("model", "`model` is required")),
-            Some(other) => Err(bad("model", format!("`model` must be a non-empty string, got {other}"))),
+            Some(other) => Err(bad(
+                "model",
+                format!("`model` must be a non-empty string, got {other}"),
+            )),
         }
     }
 
     pub fn validate(&self, vocab: usize, logprobs: Option<usize>) -> Result<ValidParams, ApiError> {
-        let max_tokens = match int(&self.max_completion_tokens, "max_completion_tokens", 1, 1 << 24)? {
+        let max_tokens = match int(
+            &self.max_completion_tokens,
+            "max_completion_tokens",
+            1,
+            1 << 24,
+        )? {
             Some(m) => Some(m as usize),
             None => int(&self.max_tokens, "max_tokens", 1, 1 << 24)?.map(|m| m as usize),
         };
@@ -170,9 +199,17 @@ impl Common {
         }
         let top_k = int(&self.top_k, "top_k", -1, 1 << 20)?.unwrap_or(0).max(0) as usize;
         let min_p = ranged(&self.min_p, "min_p", 0.0, 1.0, 0.0)? as f32;
-        let presence_penalty = ranged(&self.presence_penalty, "presence_penalty", -2.0, 2.0, 0.0)? as f32;
-        let frequency_penalty = ranged(&self.frequency_penalty, "frequency_penalty", -2.0, 2.0, 0.0)? as f32;
-        let repetition_penalty = ranged(&self.repetition_penalty, "repetition_penalty", 0.01, 10.0, 1.0)? as f32;
+        let presence_penalty =
+            ranged(&self.presence_penalty, "presence_penalty", -2.0, 2.0, 0.0)? as f32;
+        let frequency_penalty =
+            ranged(&self.frequency_penalty, "frequency_penalty", -2.0, 2.0, 0.0)? as f32;
+        let repetition_penalty = ranged(
+            &self.repetition_penalty,
+            "repetition_penalty",
+            0.01,
+            10.0,
+            1.0,
+        )? as f32;
         let mut logit_bias = Vec::new();
         match &self.logit_bias {
             None | Some(Value::Null) => {}
@@ -185,12 +222,22 @@ impl Common {
                         .parse()
                         .ok()
                         .filter(|&i: &u32| (i as usize) < vocab)
-                        .ok_or_else(|| bad("logit_bias", format!("`logit_bias` key '{k}' is not a token id below {vocab}")))?;
+                        .ok_or_else(|| {
+                            bad(
+                                "logit_bias",
+                                format!("`logit_bias` key '{k}' is not a token id below {vocab}"),
+                            )
+                        })?;
                     let b = ranged(&Some(v.clone()), "logit_bias", -100.0, 100.0, 0.0)? as f32;
                     logit_bias.push((id, b));
                 }
             }
-            Some(other) => return Err(bad("logit_bias", format!("`logit_bias` must be an object, got {other}"))),
+            Some(other) => {
+                return Err(bad(
+                    "logit_bias",
+                    format!("`logit_bias` must be an object, got {other}"),
+                ))
+            }
         }
         let seed = match &self.seed {
             None | Some(Value::Null) => None,
@@ -200,7 +247,12 @@ impl Common {
                     .or_else(|| n.as_u64())
                     .ok_or_else(|| bad("seed", "`seed` must be an integer"))?,
             ),
-            Some(other) => return Err(bad("seed", format!("`seed` must be an integer, got {other}"))),
+            Some(other) => {
+                return Err(bad(
+                    "seed",
+                    format!("`seed` must be an integer, got {other}"),
+                ))
+            }
         };
         let stop = match &self.stop {
             None | Some(Value::Null) => Vec::new(),
@@ -210,7 +262,11 @@ impl Common {
                     return Err(bad("stop", "`stop` has more than 16 strings"));
                 }
                 a.iter()
-                    .map(|x| x.as_str().map(str::to_string).ok_or_else(|| bad("stop", "`stop` must be a string or a list of strings")))
+                    .map(|x| {
+                        x.as_str().map(str::to_string).ok_or_else(|| {
+                            bad("stop", "`stop` must be a string or a list of strings")
+                        })
+                    })
                     .collect::<Result<_, _>>()?
             }
             Some(_) => return Err(bad("stop", "`stop` must be a string or a list of strings")),
@@ -224,23 +280,36 @@ impl Common {
             None | Some(Value::Null) => false,
             Some(v @ Value::Object(_)) => {
                 if !stream {
-                    return Err(bad("stream_options", "`stream_options` is only allowed with `stream: true`"));
+                    return Err(bad(
+                        "stream_options",
+                        "`stream_options` is only allowed with `stream: true`",
+                    ));
                 }
                 let so: StreamOptions = serde_json::from_value(v.clone())
                     .map_err(|e| bad("stream_options", format!("`stream_options`: {e}")))?;
                 so.include_usage
             }
-            Some(other) => return Err(bad("stream_options", format!("`stream_options` must be an object, got {other}"))),
+            Some(other) => {
+                return Err(bad(
+                    "stream_options",
+                    format!("`stream_options` must be an object, got {other}"),
+                ))
+            }
         };
         let min_tokens = int(&self.min_tokens, "min_tokens", 0, 1 << 24)?.unwrap_or(0) as usize;
         if let Some(m) = max_tokens {
             if min_tokens > m {
-                return Err(bad("min_tokens", format!("`min_tokens` ({min_tokens}) is larger than `max_tokens` ({m})")));
+                return Err(bad(
+                    "min_tokens",
+                    format!("`min_tokens` ({min_tokens}) is larger than `max_tokens` ({m})"),
+                ));
             }
         }
         match &self.user {
             None | Some(Value::Null) | Some(Value::String(_)) => {}
-            Some(other) => return Err(bad("user", format!("`user` must be a string, got {other}"))),
+            Some(other) => {
+                return Err(bad("user", format!("`user` must be a string, got {other}")))
+            }
         }
         Ok(ValidParams {
             max_tokens,
@@ -270,17 +339,33 @@ impl ChatRequest {
             Some(Value::Array(a)) if !a.is_empty() => a,
             Some(Value::Array(_)) => return Err(bad("messages", "`messages` must not be empty")),
             None | Some(Value::Null) => return Err(bad("messages", "`messages` is required")),
-            Some(other) => return Err(bad("messages", format!("`messages` must be a list, got {other}"))),
+            Some(other) => {
+                return Err(bad(
+                    "messages",
+                    format!("`messages` must be a list, got {other}"),
+                ))
+            }
         };
         let mut messages = Vec::with_capacity(msgs.len());
         for (i, m) in msgs.iter().enumerate() {
-            let role = m.get("role").and_then(|r| r.as_str()).ok_or_else(|| bad(&format!("messages[{i}].role"), format!("`messages[{i}].role` must be a string")))?;
+            let role = m.get("role").and_then(|r| r.as_str()).ok_or_else(|| {
+                bad(
+                    &format!("messages[{i}].role"),
+                    format!("`messages[{i}].role` must be a string"),
+                )
+            })?;
             if !matches!(role, "system" | "user" | "assistant" | "developer" | "tool") {
-                return Err(bad(&format!("messages[{i}].role"), format!("unknown role '{role}'")));
+                return Err(bad(
+                    &format!("messages[{i}].role"),
+                    format!("unknown role '{role}'"),
+                ));
             }
             for field in ["tool_calls", "function_call"] {
                 if m.get(field).is_some_and(|v| !v.is_null()) {
-                    return Err(bad(&format!("messages[{i}].{field}"), format!("`{field}` is not supported (no tool calling yet)")));
+                    return Err(bad(
+                        &format!("messages[{i}].{field}"),
+                        format!("`{field}` is not supported (no tool calling yet)"),
+                    ));
                 }
             }
             let content = match m.get("content") {
@@ -301,7 +386,12 @@ impl ChatRequest {
                     }
                     text
                 }
-                _ => return Err(bad(&format!("messages[{i}].content"), format!("`messages[{i}].content` must be a string or a list of text parts"))),
+                _ => {
+                    return Err(bad(
+                        &format!("messages[{i}].content"),
+                        format!("`messages[{i}].content` must be a string or a list of text parts"),
+                    ))
+                }
             };
             let role = if role == "developer" { "system" } else { role };
             messages.push(serde_json::json!({"role": role, "content": content}));
@@ -314,36 +404,63 @@ impl ChatRequest {
             }
             None
         };
-        Ok(ValidChat { messages, params: self.common.validate(vocab, logprobs)? })
+        Ok(ValidChat {
+            messages,
+            params: self.common.validate(vocab, logprobs)?,
+        })
     }
 }
 
 impl CompletionRequest {
     pub fn validate(&self, vocab: usize) -> Result<ValidCompletion, ApiError> {
         let id_list = |a: &[Value]| -> Option<Vec<u32>> {
-            a.iter().map(|x| x.as_u64().filter(|&i| (i as usize) < vocab).map(|i| i as u32)).collect()
+            a.iter()
+                .map(|x| {
+                    x.as_u64()
+                        .filter(|&i| (i as usize) < vocab)
+                        .map(|i| i as u32)
+                })
+                .collect()
         };
         let prompts = match &self.prompt {
             None | Some(Value::Null) => return Err(bad("prompt", "`prompt` is required")),
             Some(Value::String(s)) => vec![PromptInput::Text(s.clone())],
-            Some(Value::Array(a)) if a.is_empty() => return Err(bad("prompt", "`prompt` must not be empty")),
-            Some(Value::Array(a)) if a.iter().all(|x| x.is_string()) => {
-                a.iter().map(|x| PromptInput::Text(x.as_str().unwrap().to_string())).collect()
+            Some(Value::Array(a)) if a.is_empty() => {
+                return Err(bad("prompt", "`prompt` must not be empty"))
             }
-            Some(Value::Array(a)) if a.iter().all(|x| x.is_number()) => vec![PromptInput::Ids(
-                id_list(a).ok_or_else(|| bad("prompt", format!("token ids must be integers below {vocab}")))?,
-            )],
+            Some(Value::Array(a)) if a.iter().all(|x| x.is_string()) => a
+                .iter()
+                .map(|x| PromptInput::Text(x.as_str().unwrap().to_string()))
+                .collect(),
+            Some(Value::Array(a)) if a.iter().all(|x| x.is_number()) => {
+                vec![PromptInput::Ids(id_list(a).ok_or_else(|| {
+                    bad(
+                        "prompt",
+                        format!("token ids must be integers below {vocab}"),
+                    )
+                })?)]
+            }
             Some(Value::Array(a)) if a.iter().all(|x| x.is_array()) => a
                 .iter()
                 .map(|x| {
-                    let ids = id_list(x.as_array().unwrap()).ok_or_else(|| bad("prompt", format!("token ids must be integers below {vocab}")))?;
+                    let ids = id_list(x.as_array().unwrap()).ok_or_else(|| {
+                        bad(
+                            "prompt",
+                            format!("token ids must be integers below {vocab}"),
+                        )
+                    })?;
                     if ids.is_empty() {
                         return Err(bad("prompt", "a token-id prompt must not be empty"));
                     }
                     Ok(PromptInput::Ids(ids))
                 })
                 .collect::<Result<_, _>>()?,
-            Some(_) => return Err(bad("prompt", "`prompt` must be a string, a list of strings, or token ids")),
+            Some(_) => {
+                return Err(bad(
+                    "prompt",
+                    "`prompt` must be a string, a list of strings, or token ids",
+                ))
+            }
         };
         if prompts.len() > 64 {
             return Err(bad("prompt", "at most 64 prompts per request"));
@@ -358,9 +475,16 @@ impl CompletionRequest {
             return Err(bad("echo", "`echo` is not supported with `stream: true`"));
         }
         if echo && logprobs.is_some() {
-            return Err(bad("echo", "`echo` with `logprobs` (prompt log-probabilities) is not supported yet"));
+            return Err(bad(
+                "echo",
+                "`echo` with `logprobs` (prompt log-probabilities) is not supported yet",
+            ));
         }
-        Ok(ValidCompletion { prompts, echo, params })
+        Ok(ValidCompletion {
+            prompts,
+            echo,
+            params,
+        })
     }
 }
 
@@ -383,14 +507,19 @@ mod tests {
             (r#","n":0"#, "n"),
             (r#","max_tokens":-1"#, "max_tokens"),
             (r#","logit_bias":{"100":1}"#, "logit_bias"),
-            (r#","stream_options":{"include_usage":true}"#, "stream_options"),
+            (
+                r#","stream_options":{"include_usage":true}"#,
+                "stream_options",
+            ),
             (r#","top_logprobs":3"#, "top_logprobs"),
             (r#","logprobs":true,"top_logprobs":21"#, "top_logprobs"),
             (r#","stop":["", "x"]"#, "stop"),
             (r#","min_tokens":5,"max_tokens":2"#, "min_tokens"),
             (r#","presence_penalty":"a lot""#, "presence_penalty"),
         ] {
-            let e = chat(&format!("{ok}{extra}}}")).err().unwrap_or_else(|| panic!("{extra} accepted"));
+            let e = chat(&format!("{ok}{extra}}}"))
+                .err()
+                .unwrap_or_else(|| panic!("{extra} accepted"));
             assert_eq!(e.param.as_deref(), Some(param), "{extra}: {}", e.message);
         }
         let e = chat(r#"{"model":"m","messages":[]}"#).err().unwrap();

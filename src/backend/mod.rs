@@ -132,8 +132,12 @@ pub trait Backend {
     /// `residual += x`.
     fn add(&self, residual: &mut Self::Tensor, x: &Self::Tensor);
     /// `x [n, k] @ w[m, k]^T (+ bias[m])` → `[n, m]`.
-    fn matmul(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>)
-        -> Self::Tensor;
+    fn matmul(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+    ) -> Self::Tensor;
     /// Rotate every `head_dim`-wide segment of each row by its token's position. `factors`
     /// (`[n_rot / 2]`, Llama 3's `rope_freqs`) divide each pair's frequency.
     fn rope(

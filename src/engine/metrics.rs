@@ -15,7 +15,10 @@ pub struct Histogram {
 
 impl Histogram {
     pub const fn new(bounds: &'static [f64]) -> Self {
-        Histogram { bounds, inner: Mutex::new((Vec::new(), 0.0, 0)) }
+        Histogram {
+            bounds,
+            inner: Mutex::new((Vec::new(), 0.0, 0)),
+        }
     }
 
     pub fn observe(&self, v: f64) {
@@ -39,7 +42,11 @@ impl Histogram {
             let c = g.0.get(i).copied().unwrap_or(0);
             let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", g.2, g.1, g.2);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
+            g.2, g.1, g.2
+        );
     }
 }
 
@@ -118,30 +125,113 @@ impl Metrics {
         let mut s = String::new();
         let m = format!("model_name=\"{}\"", self.model_name.replace('"', "'"));
         let gauge = |s: &mut String, name: &str, kind: &str, help: &str, v: f64| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{m}}} {v}");
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{m}}} {v}"
+            );
         };
         let total = self.kv_blocks_total.get().max(1) as f64;
         let usage = self.kv_blocks_used.get() as f64 / total;
         for (prefix, vllm) in [("kojo:", false), ("vllm:", true)] {
             let n = |x: &str| format!("{prefix}{x}");
-            gauge(&mut s, &n("num_requests_waiting"), "gauge", "Requests waiting to be scheduled.", self.waiting.get() as f64);
-            gauge(&mut s, &n("num_requests_running"), "gauge", "Requests in the running batch.", self.running.get() as f64);
-            gauge(&mut s, &n("kv_cache_usage_perc"), "gauge", "Fraction of KV-cache blocks in use (1 = full).", usage);
-            gauge(&mut s, &n("prefix_cache_queries"), "counter", "KV blocks looked up in the prefix cache.", self.prefix_queries.get() as f64);
-            gauge(&mut s, &n("prefix_cache_hits"), "counter", "KV blocks found in the prefix cache.", self.prefix_hits.get() as f64);
-            gauge(&mut s, &n("num_preemptions"), "counter", "Sequences preempted (recomputed later) for KV space.", self.preemptions.get() as f64);
-            gauge(&mut s, &n("prompt_tokens"), "counter", "Prompt tokens processed.", self.prompt_tokens.get() as f64);
-            gauge(&mut s, &n("generation_tokens"), "counter", "Tokens generated.", self.generation_tokens.get() as f64);
-            self.ttft.render(&mut s, &n("time_to_first_token_seconds"), "Time to first token.");
-            self.itl.render(&mut s, &n("inter_token_latency_seconds"), "Time between tokens of a stream.");
-            self.queue_time.render(&mut s, &n("request_queue_time_seconds"), "Time spent waiting before the first schedule.");
-            self.e2e.render(&mut s, &n("e2e_request_latency_seconds"), "Request latency, arrival to finish.");
+            gauge(
+                &mut s,
+                &n("num_requests_waiting"),
+                "gauge",
+                "Requests waiting to be scheduled.",
+                self.waiting.get() as f64,
+            );
+            gauge(
+                &mut s,
+                &n("num_requests_running"),
+                "gauge",
+                "Requests in the running batch.",
+                self.running.get() as f64,
+            );
+            gauge(
+                &mut s,
+                &n("kv_cache_usage_perc"),
+                "gauge",
+                "Fraction of KV-cache blocks in use (1 = full).",
+                usage,
+            );
+            gauge(
+                &mut s,
+                &n("prefix_cache_queries"),
+                "counter",
+                "KV blocks looked up in the prefix cache.",
+                self.prefix_queries.get() as f64,
+            );
+            gauge(
+                &mut s,
+                &n("prefix_cache_hits"),
+                "counter",
+                "KV blocks found in the prefix cache.",
+                self.prefix_hits.get() as f64,
+            );
+            gauge(
+                &mut s,
+                &n("num_preemptions"),
+                "counter",
+                "Sequences preempted (recomputed later) for KV space.",
+                self.preemptions.get() as f64,
+            );
+            gauge(
+                &mut s,
+                &n("prompt_tokens"),
+                "counter",
+                "Prompt tokens processed.",
+                self.prompt_tokens.get() as f64,
+            );
+            gauge(
+                &mut s,
+                &n("generation_tokens"),
+                "counter",
+                "Tokens generated.",
+                self.generation_tokens.get() as f64,
+            );
+            self.ttft.render(
+                &mut s,
+                &n("time_to_first_token_seconds"),
+                "Time to first token.",
+            );
+            self.itl.render(
+                &mut s,
+                &n("inter_token_latency_seconds"),
+                "Time between tokens of a stream.",
+            );
+            self.queue_time.render(
+                &mut s,
+                &n("request_queue_time_seconds"),
+                "Time spent waiting before the first schedule.",
+            );
+            self.e2e.render(
+                &mut s,
+                &n("e2e_request_latency_seconds"),
+                "Request latency, arrival to finish.",
+            );
             if !vllm {
-                gauge(&mut s, "kojo:kv_blocks_used", "gauge", "KV-cache blocks in use.", self.kv_blocks_used.get() as f64);
-                gauge(&mut s, "kojo:kv_blocks_total", "gauge", "KV-cache blocks in the pool.", self.kv_blocks_total.get() as f64);
+                gauge(
+                    &mut s,
+                    "kojo:kv_blocks_used",
+                    "gauge",
+                    "KV-cache blocks in use.",
+                    self.kv_blocks_used.get() as f64,
+                );
+                gauge(
+                    &mut s,
+                    "kojo:kv_blocks_total",
+                    "gauge",
+                    "KV-cache blocks in the pool.",
+                    self.kv_blocks_total.get() as f64,
+                );
                 let _ = writeln!(s, "# HELP kojo:requests_total Finished requests by outcome.\n# TYPE kojo:requests_total counter");
                 for (i, o) in OUTCOMES.iter().enumerate() {
-                    let _ = writeln!(s, "kojo:requests_total{{{m},outcome=\"{o}\"}} {}", self.outcomes[i].get());
+                    let _ = writeln!(
+                        s,
+                        "kojo:requests_total{{{m},outcome=\"{o}\"}} {}",
+                        self.outcomes[i].get()
+                    );
                 }
             }
         }

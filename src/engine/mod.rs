@@ -55,9 +55,18 @@ pub enum Finish {
 pub enum Event {
     /// The request was scheduled for the first time; `cached_tokens` prompt tokens came from
     /// the prefix cache.
-    Scheduled { cached_tokens: usize },
-    Token { id: u32, logprob: Option<TokenLogprob> },
-    Done { finish: Finish, prompt_tokens: usize, cached_tokens: usize },
+    Scheduled {
+        cached_tokens: usize,
+    },
+    Token {
+        id: u32,
+        logprob: Option<TokenLogprob>,
+    },
+    Done {
+        finish: Finish,
+        prompt_tokens: usize,
+        cached_tokens: usize,
+    },
     Error(String),
 }
 
@@ -73,7 +82,9 @@ impl EngineHandle {
     pub fn submit(&self, r: EngineRequest) -> Result<(), String> {
         self.metrics.waiting.add(1);
         self.metrics.waiting_tokens.add(r.prompt.len() as u64);
-        self.tx.send(r).map_err(|_| "the engine has stopped".to_string())
+        self.tx
+            .send(r)
+            .map_err(|_| "the engine has stopped".to_string())
     }
 }
 
@@ -93,9 +104,11 @@ where
     metrics.kv_blocks_total.set(cfg.num_blocks as u64);
     let (tx, rx) = mpsc::channel::<EngineRequest>();
     let m = metrics.clone();
-    let join = std::thread::Builder::new().name("kojo-engine".into()).spawn(move || {
-        let mut sched = Scheduler::new(cfg, eog, m);
-        sched.run(&be, &model, kv, rx);
-    })?;
+    let join = std::thread::Builder::new()
+        .name("kojo-engine".into())
+        .spawn(move || {
+            let mut sched = Scheduler::new(cfg, eog, m);
+            sched.run(&be, &model, kv, rx);
+        })?;
     Ok((EngineHandle { tx, metrics }, join))
 }

@@ -81,7 +81,13 @@ impl Scheduler {
     }
 
     /// The step loop; returns when the request channel is closed and all work is done.
-    pub fn run<B: Backend>(&mut self, be: &B, model: &Transformer<B>, mut kv: B::KvCache, rx: Receiver<EngineRequest>) {
+    pub fn run<B: Backend>(
+        &mut self,
+        be: &B,
+        model: &Transformer<B>,
+        mut kv: B::KvCache,
+        rx: Receiver<EngineRequest>,
+    ) {
         let mut open = true;
         loop {
             if self.waiting.is_empty() && self.running.is_empty() {
@@ -159,7 +165,8 @@ impl Scheduler {
     fn leave_waiting_gauges(&self, s: &Seq) {
         let m = &self.metrics;
         m.waiting.set(m.waiting.get().saturating_sub(1));
-        m.waiting_tokens.set(m.waiting_tokens.get().saturating_sub(s.prompt_len as u64));
+        m.waiting_tokens
+            .set(m.waiting_tokens.get().saturating_sub(s.prompt_len as u64));
     }
 
     fn finish_waiting(&mut self, mut s: Seq, error: Option<&str>) {
@@ -251,7 +258,11 @@ impl Scheduler {
                 let full = (s.known() - 1) / bs;
                 let mut parent: Option<BlockHash> = None;
                 for b in 0..full {
-                    let h = hash_block(parent.as_ref(), s.req.cache_salt, &s.tokens[b * bs..(b + 1) * bs]);
+                    let h = hash_block(
+                        parent.as_ref(),
+                        s.req.cache_salt,
+                        &s.tokens[b * bs..(b + 1) * bs],
+                    );
                     match self.pool.acquire_cached(&h) {
                         Some(id) => {
                             s.blocks.push(id);
@@ -267,7 +278,9 @@ impl Scheduler {
                 }
             }
             let room = (s.blocks.len() + self.pool.num_free()) * bs;
-            let n = (s.known() - s.computed).min(budget).min(room.saturating_sub(s.computed));
+            let n = (s.known() - s.computed)
+                .min(budget)
+                .min(room.saturating_sub(s.computed));
             if n == 0 {
                 break; // wait for blocks to come back
             }
@@ -278,8 +291,12 @@ impl Scheduler {
             self.leave_waiting_gauges(&s);
             if !s.started {
                 s.started = true;
-                self.metrics.queue_time.observe(s.req.arrived.elapsed().as_secs_f64());
-                let _ = s.req.events.send(Event::Scheduled { cached_tokens: s.cached_tokens });
+                self.metrics
+                    .queue_time
+                    .observe(s.req.arrived.elapsed().as_secs_f64());
+                let _ = s.req.events.send(Event::Scheduled {
+                    cached_tokens: s.cached_tokens,
+                });
             }
             self.running.push(s);
             plan.push((self.running.len() - 1, n));
@@ -315,7 +332,12 @@ impl Scheduler {
         }
         let step = Step {
             tokens: &tokens,
-            layout: BatchLayout { positions: &positions, seq_starts: &seq_starts, block_tables: &tables, slots: &slots },
+            layout: BatchLayout {
+                positions: &positions,
+                seq_starts: &seq_starts,
+                block_tables: &tables,
+                slots: &slots,
+            },
             logit_rows: &rows,
         };
         let logits = model.forward(be, kv, &step)?;
@@ -324,7 +346,10 @@ impl Scheduler {
 
     fn update(&mut self, plan: &Plan, logits: &[f32]) {
         let bs = self.cfg.block_size;
-        let rows = plan.iter().filter(|&&(i, n)| self.running[i].computed + n == self.running[i].known()).count();
+        let rows = plan
+            .iter()
+            .filter(|&&(i, n)| self.running[i].computed + n == self.running[i].known())
+            .count();
         let vocab = if rows > 0 { logits.len() / rows } else { 0 };
         let mut row = 0;
         let mut done: Vec<usize> = Vec::new();
@@ -337,7 +362,11 @@ impl Scheduler {
             // register the blocks this step filled
             while (s.hashes.len() + 1) * bs <= s.computed {
                 let b = s.hashes.len();
-                let h = hash_block(s.hashes.last(), s.req.cache_salt, &s.tokens[b * bs..(b + 1) * bs]);
+                let h = hash_block(
+                    s.hashes.last(),
+                    s.req.cache_salt,
+                    &s.tokens[b * bs..(b + 1) * bs],
+                );
                 self.pool.set_hash(s.blocks[b], h);
                 s.hashes.push(h);
             }
@@ -360,7 +389,8 @@ impl Scheduler {
                     }
                 }
             }
-            s.sampler.penalize(&mut l, &s.tokens[..s.prompt_len], &s.tokens[s.prompt_len..]);
+            s.sampler
+                .penalize(&mut l, &s.tokens[..s.prompt_len], &s.tokens[s.prompt_len..]);
             let id = s.sampler.sample(&l);
             if eos_allowed && self.eog.contains(&id) {
                 let _ = s.req.events.send(Event::Done {
@@ -372,7 +402,10 @@ impl Scheduler {
                 continue;
             }
             let logprob = match (s.req.logprobs, &logprob_of) {
-                (Some(k), Some(lp)) => Some(TokenLogprob { logprob: lp[id as usize], top: crate::sampling::top_of(lp, k) }),
+                (Some(k), Some(lp)) => Some(TokenLogprob {
+                    logprob: lp[id as usize],
+                    top: crate::sampling::top_of(lp, k),
+                }),
                 _ => None,
             };
             s.tokens.push(id);
@@ -394,7 +427,9 @@ impl Scheduler {
         done.sort_unstable();
         for i in done.into_iter().rev() {
             let mut s = self.running.remove(i);
-            self.metrics.e2e.observe(s.req.arrived.elapsed().as_secs_f64());
+            self.metrics
+                .e2e
+                .observe(s.req.arrived.elapsed().as_secs_f64());
             self.pool.release_all(&mut s.blocks);
         }
     }

@@ -277,7 +277,11 @@ pub struct Unpacked {
 
 impl Default for Unpacked {
     fn default() -> Self {
-        Unpacked { q: [0; 256], a: [0.0; 16], b: [0.0; 16] }
+        Unpacked {
+            q: [0; 256],
+            a: [0.0; 16],
+            b: [0.0; 16],
+        }
     }
 }
 
@@ -308,7 +312,10 @@ pub fn unpack_block(ty: GgmlType, b: &[u8], u: &mut Unpacked) {
         GgmlType::Q4K => unpack_q4_k(b, u),
         GgmlType::Q5K => unpack_q5_k(b, u),
         GgmlType::Q6K => unpack_q6_k(b, u),
-        other => panic!("unpack_block: {} is not a block-quantized type", other.name()),
+        other => panic!(
+            "unpack_block: {} is not a block-quantized type",
+            other.name()
+        ),
     }
 }
 

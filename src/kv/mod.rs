@@ -164,7 +164,11 @@ mod tests {
         let mut p = BlockPool::new(2, 4);
         let h1 = hash_block(None, 0, &[1, 2, 3, 4]);
         let h2 = hash_block(Some(&h1), 0, &[5, 6, 7, 8]);
-        assert_ne!(h1, hash_block(None, 1, &[1, 2, 3, 4]), "the extra key separates tenants");
+        assert_ne!(
+            h1,
+            hash_block(None, 1, &[1, 2, 3, 4]),
+            "the extra key separates tenants"
+        );
         let b1 = p.allocate().unwrap();
         p.set_hash(b1, h1);
         p.release(b1);
@@ -173,7 +177,13 @@ mod tests {
         assert_eq!(p.acquire_cached(&h1), Some(b1));
         assert_eq!(p.num_free(), 1);
         assert_eq!(p.acquire_cached(&h2), None);
-        assert_eq!(p.stats, PoolStats { queries: 2, hits: 1 });
+        assert_eq!(
+            p.stats,
+            PoolStats {
+                queries: 2,
+                hits: 1
+            }
+        );
         // shared: two references, freed after both go
         assert_eq!(p.acquire_cached(&h1), Some(b1));
         p.release(b1);

@@ -276,12 +276,15 @@ fn hf_rope_scale(v: &Option<serde_json::Value>, path: &Path) -> Result<f64, Form
     let Some(v) = v.as_ref().filter(|v| !v.is_null()) else {
         return Ok(1.0);
     };
-    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("");
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("");
     match kind {
-        "linear" => v
-            .get("factor")
-            .and_then(|f| f.as_f64())
-            .ok_or_else(|| FormatError::new(path, "rope_scaling.factor", 0, "missing or not a number")),
+        "linear" => v.get("factor").and_then(|f| f.as_f64()).ok_or_else(|| {
+            FormatError::new(path, "rope_scaling.factor", 0, "missing or not a number")
+        }),
         "default" => Ok(1.0),
         other => Err(FormatError::new(
             path,

@@ -60,7 +60,11 @@ pub fn generate<B: Backend>(
             session.max_ctx()
         );
     }
-    let eog = if req.ignore_eos { Vec::new() } else { tok.end_of_generation() };
+    let eog = if req.ignore_eos {
+        Vec::new()
+    } else {
+        tok.end_of_generation()
+    };
     let mut sampler = Sampler::new(req.sampling.clone());
     let mut stops = StopMatcher::new(&req.stop);
     let mut decoder = StreamDecoder::new(tok, false);
@@ -79,7 +83,8 @@ pub fn generate<B: Backend>(
             break;
         }
         if req.top_logprobs > 0 {
-            out.top_logprobs.push(top_logprobs(&logits, req.top_logprobs));
+            out.top_logprobs
+                .push(top_logprobs(&logits, req.top_logprobs));
         }
         sampler.penalize(&mut logits, &req.prompt_ids, &out.output_ids);
         let id = sampler.sample(&logits);

@@ -32,11 +32,17 @@ pub fn perplexity<B: Backend>(
         bail!("--ctx must be at least 4, got {ctx}");
     }
     if ctx > session.max_ctx() {
-        bail!("--ctx {ctx} is larger than the session's context {}", session.max_ctx());
+        bail!(
+            "--ctx {ctx} is larger than the session's context {}",
+            session.max_ctx()
+        );
     }
     let chunks = tokens.len() / ctx;
     if chunks == 0 {
-        bail!("the text has {} tokens, fewer than one window of {ctx}", tokens.len());
+        bail!(
+            "the text has {} tokens, fewer than one window of {ctx}",
+            tokens.len()
+        );
     }
     let first = ctx / 2;
     let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
@@ -63,6 +69,16 @@ pub fn perplexity<B: Backend>(
     let mean = nll / count as f64;
     let var = nll2 / count as f64 - mean * mean;
     let ppl = mean.exp();
-    let stderr = if var > 0.0 && count > 1 { (var / (count - 1) as f64).sqrt() * ppl } else { 0.0 };
-    Ok(Perplexity { chunks, scored_tokens: count, ppl, ppl_stderr: stderr, per_chunk })
+    let stderr = if var > 0.0 && count > 1 {
+        (var / (count - 1) as f64).sqrt() * ppl
+    } else {
+        0.0
+    };
+    Ok(Perplexity {
+        chunks,
+        scored_tokens: count,
+        ppl,
+        ppl_stderr: stderr,
+        per_chunk,
+    })
 }

@@ -80,11 +80,14 @@ impl<'m, B: Backend> Session<'m, B> {
             let positions: Vec<u32> = (start..start + chunk.len()).map(|p| p as u32).collect();
             let slots: Vec<u32> = positions
                 .iter()
-                .map(|&p| self.table[p as usize / BLOCK_SIZE] * BLOCK_SIZE as u32 + p % BLOCK_SIZE as u32)
+                .map(|&p| {
+                    self.table[p as usize / BLOCK_SIZE] * BLOCK_SIZE as u32 + p % BLOCK_SIZE as u32
+                })
                 .collect();
             let base = ci * self.chunk;
-            let rows: Vec<usize> =
-                (0..chunk.len()).filter(|&i| base + i >= first_wanted).collect();
+            let rows: Vec<usize> = (0..chunk.len())
+                .filter(|&i| base + i >= first_wanted)
+                .collect();
             let tables = [&self.table[..]];
             let step = Step {
                 tokens: chunk,
@@ -98,7 +101,10 @@ impl<'m, B: Backend> Session<'m, B> {
             };
             if rows.is_empty() {
                 // still run the pass for the KV cache, with one row of logits thrown away
-                let step = Step { logit_rows: &[chunk.len() - 1], ..step };
+                let step = Step {
+                    logit_rows: &[chunk.len() - 1],
+                    ..step
+                };
                 self.model.forward(self.be, &mut self.kv, &step)?;
             } else {
                 let logits = self.model.forward(self.be, &mut self.kv, &step)?;

@@ -38,12 +38,21 @@ pub struct ArchSpec {
 impl ArchSpec {
     pub fn new(cfg: &ModelConfig, from_hf: bool) -> Result<Self> {
         let n_rot = cfg.rope_dim.unwrap_or(cfg.head_dim);
-        let rope = |layout, base| Rope { layout, n_rot, base, freq_scale: 1.0 / cfg.rope_scale };
+        let rope = |layout, base| Rope {
+            layout,
+            n_rot,
+            base,
+            freq_scale: 1.0 / cfg.rope_scale,
+        };
         let default_scale = 1.0 / (cfg.head_dim as f32).sqrt();
         let n = cfg.n_layers;
         Ok(match cfg.arch.as_str() {
             "llama" => {
-                let layout = if from_hf { RopeLayout::Halves } else { RopeLayout::Interleaved };
+                let layout = if from_hf {
+                    RopeLayout::Halves
+                } else {
+                    RopeLayout::Interleaved
+                };
                 ArchSpec {
                     glu: Glu::Silu,
                     embed_scale: 1.0,
@@ -84,13 +93,18 @@ impl ArchSpec {
                     rope: (0..n)
                         .map(|l| {
                             if is_swa(l) {
-                                Rope { freq_scale: 1.0, ..rope(RopeLayout::Halves, swa_base) }
+                                Rope {
+                                    freq_scale: 1.0,
+                                    ..rope(RopeLayout::Halves, swa_base)
+                                }
                             } else {
                                 rope(RopeLayout::Halves, cfg.rope_base)
                             }
                         })
                         .collect(),
-                    window: (0..n).map(|l| if is_swa(l) { cfg.sliding_window } else { None }).collect(),
+                    window: (0..n)
+                        .map(|l| if is_swa(l) { cfg.sliding_window } else { None })
+                        .collect(),
                 }
             }
             other => bail!("architecture '{other}' is not supported (llama, qwen2, gemma3)"),
@@ -146,7 +160,9 @@ impl<B: Backend> Transformer<B> {
         let (q_dim, kv_dim) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
         let get = |name: &str, dims: &[usize]| -> Result<B::Weight> {
             let w = src.weight(name, dims)?;
-            backend.load_weight(&w).with_context(|| format!("{}", src.path().display()))
+            backend
+                .load_weight(&w)
+                .with_context(|| format!("{}", src.path().display()))
         };
         let tok_embd = get("token_embd.weight", &[h, cfg.vocab_size])?;
         let output_norm = get("output_norm.weight", &[h])?;
@@ -160,7 +176,10 @@ impl<B: Backend> Transformer<B> {
             let w = src.weight("rope_freqs.weight", &[n_rot / 2])?;
             let f = crate::formats::quant::dequantize_to_vec(w.ty, &w.data, n_rot / 2)?;
             if f.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
-                bail!("{}: rope_freqs.weight has a factor that is not a positive number", src.path().display());
+                bail!(
+                    "{}: rope_freqs.weight has a factor that is not a positive number",
+                    src.path().display()
+                );
             }
             Some(f)
         } else {
@@ -184,13 +203,19 @@ impl<B: Backend> Transformer<B> {
                     None
                 },
                 qk_norm: if spec.qk_norm {
-                    Some([w("attn_q_norm.weight", &[hd])?, w("attn_k_norm.weight", &[hd])?])
+                    Some([
+                        w("attn_q_norm.weight", &[hd])?,
+                        w("attn_k_norm.weight", &[hd])?,
+                    ])
                 } else {
                     None
                 },
                 wo: w("attn_output.weight", &[q_dim, h])?,
                 post_norm: if spec.post_norms {
-                    Some([w("post_attention_norm.weight", &[h])?, w("post_ffw_norm.weight", &[h])?])
+                    Some([
+                        w("post_attention_norm.weight", &[h])?,
+                        w("post_ffw_norm.weight", &[h])?,
+                    ])
                 } else {
                     None
                 },
@@ -200,7 +225,15 @@ impl<B: Backend> Transformer<B> {
                 down: w("ffn_down.weight", &[cfg.ffn, h])?,
             });
         }
-        Ok(Transformer { cfg, spec, tok_embd, output_norm, output, rope_factors, layers })
+        Ok(Transformer {
+            cfg,
+            spec,
+            tok_embd,
+            output_norm,
+            output,
+            rope_factors,
+            layers,
+        })
     }
 
     pub fn kv_shape(&self, num_blocks: usize, block_size: usize) -> KvShape {
@@ -267,6 +300,10 @@ impl<B: Backend> Transformer<B> {
         }
         let last = be.gather_rows(&x, step.logit_rows); // [rows, hidden]
         let normed = be.rms_norm(&last, &self.output_norm, eps);
-        Ok(be.matmul(&normed, self.output.as_ref().unwrap_or(&self.tok_embd), None))
+        Ok(be.matmul(
+            &normed,
+            self.output.as_ref().unwrap_or(&self.tok_embd),
+            None,
+        ))
     }
 }

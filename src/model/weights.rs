@@ -24,7 +24,11 @@ impl ModelSource {
         let (ty, got, data): (GgmlType, Vec<usize>, &[u8]) = match self {
             ModelSource::Gguf(g) => {
                 let (info, data) = g.tensor_data(name)?;
-                (info.ty, info.dims.iter().map(|&d| d as usize).collect(), data)
+                (
+                    info.ty,
+                    info.dims.iter().map(|&d| d as usize).collect(),
+                    data,
+                )
             }
             ModelSource::Hf { weights, .. } => {
                 let Some(hf) = hf_name(name) else {
@@ -55,7 +59,12 @@ impl ModelSource {
                 self.path().display()
             );
         }
-        Ok(HostWeight { name: name.to_string(), ty, dims: dims.to_vec(), data: Cow::Borrowed(data) })
+        Ok(HostWeight {
+            name: name.to_string(),
+            ty,
+            dims: dims.to_vec(),
+            data: Cow::Borrowed(data),
+        })
     }
 }
 
@@ -92,7 +101,10 @@ fn hf_name(gguf: &str) -> Option<String> {
 mod tests {
     #[test]
     fn hf_names() {
-        assert_eq!(super::hf_name("blk.12.attn_q.bias").unwrap(), "model.layers.12.self_attn.q_proj.bias");
+        assert_eq!(
+            super::hf_name("blk.12.attn_q.bias").unwrap(),
+            "model.layers.12.self_attn.q_proj.bias"
+        );
         assert_eq!(super::hf_name("output.weight").unwrap(), "lm_head.weight");
         assert!(super::hf_name("blk.1.attn_q_norm.weight").is_none());
     }

@@ -162,7 +162,11 @@ impl Sampler {
             }
             for (l, s) in logits.iter_mut().zip(seen) {
                 if s {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -186,8 +190,11 @@ impl Sampler {
             return argmax(logits);
         }
         // candidates sorted by logit, best first
-        let mut cand: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .collect();
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
             cand.truncate(p.top_k);
@@ -244,29 +251,48 @@ mod tests {
     #[test]
     fn greedy_and_seeded() {
         let logits = [0.1, 2.0, 1.9, -1.0];
-        let mut s = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        });
         assert_eq!(s.sample(&logits), 1);
         let draw = |seed| {
-            let mut s = Sampler::new(SamplingParams { seed, ..Default::default() });
+            let mut s = Sampler::new(SamplingParams {
+                seed,
+                ..Default::default()
+            });
             (0..32).map(|_| s.sample(&logits)).collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
         // top-k 1 is greedy whatever the temperature
-        let mut s = Sampler::new(SamplingParams { top_k: 1, temperature: 5.0, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 1,
+            temperature: 5.0,
+            ..Default::default()
+        });
         assert!((0..50).all(|_| s.sample(&logits) == 1));
         // min-p 0.9 keeps only tokens within 90% of the best: 1 and 2 are close, 0/3 are not
-        let mut s = Sampler::new(SamplingParams { min_p: 0.9, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            min_p: 0.9,
+            ..Default::default()
+        });
         assert!((0..200).all(|_| matches!(s.sample(&logits), 1 | 2)));
         // top-p small keeps the best only
-        let mut s = Sampler::new(SamplingParams { top_p: 0.01, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            top_p: 0.01,
+            ..Default::default()
+        });
         assert!((0..50).all(|_| s.sample(&logits) == 1));
     }
 
     #[test]
     fn sampling_follows_the_distribution() {
         let logits = [0.0f32, (3.0f32).ln()]; // p = 0.25, 0.75
-        let mut s = Sampler::new(SamplingParams { seed: 1, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            seed: 1,
+            ..Default::default()
+        });
         let ones = (0..20000).filter(|_| s.sample(&logits) == 1).count();
         assert!((14500..15500).contains(&ones), "{ones}");
     }

@@ -19,7 +19,10 @@ pub struct StopMatcher {
 impl StopMatcher {
     /// Empty stop strings are ignored.
     pub fn new(stops: &[String]) -> Self {
-        StopMatcher { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), held: String::new() }
+        StopMatcher {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            held: String::new(),
+        }
     }
 
     pub fn push(&mut self, text: &str) -> Pushed {
@@ -48,7 +51,10 @@ impl StopMatcher {
             .unwrap_or(self.held.len());
         let emit = self.held[..keep_from].to_string();
         self.held.drain(..keep_from);
-        Pushed { emit, stopped: None }
+        Pushed {
+            emit,
+            stopped: None,
+        }
     }
 
     /// The end of generation without a stop string: whatever was held back is real text.
@@ -78,10 +84,22 @@ mod tests {
 
     #[test]
     fn across_boundaries() {
-        assert_eq!(run(&["END"], &["abc E", "N", "D more"]), ("abc ".into(), Some("END".into())));
-        assert_eq!(run(&["END"], &["abc E", "N", "d"]), ("abc ENd".into(), None));
-        assert_eq!(run(&["\n\n"], &["a\n", "\nb"]), ("a".into(), Some("\n\n".into())));
-        assert_eq!(run(&["東京"], &["首都は東", "京です"]), ("首都は".into(), Some("東京".into())));
+        assert_eq!(
+            run(&["END"], &["abc E", "N", "D more"]),
+            ("abc ".into(), Some("END".into()))
+        );
+        assert_eq!(
+            run(&["END"], &["abc E", "N", "d"]),
+            ("abc ENd".into(), None)
+        );
+        assert_eq!(
+            run(&["\n\n"], &["a\n", "\nb"]),
+            ("a".into(), Some("\n\n".into()))
+        );
+        assert_eq!(
+            run(&["東京"], &["首都は東", "京です"]),
+            ("首都は".into(), Some("東京".into()))
+        );
         assert_eq!(run(&[], &["x"]), ("x".into(), None));
     }
 

@@ -275,7 +275,10 @@ mod tests {
 
     #[test]
     fn qwen2_splits_single_digits() {
-        assert_eq!(PreTokenizer::Qwen2.split("abc 1234\n\n  def"), ["abc", " ", "1", "2", "3", "4", "\n\n", " ", " def"]);
+        assert_eq!(
+            PreTokenizer::Qwen2.split("abc 1234\n\n  def"),
+            ["abc", " ", "1", "2", "3", "4", "\n\n", " ", " def"]
+        );
     }
 
     #[test]

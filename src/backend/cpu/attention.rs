@@ -33,8 +33,12 @@ impl CpuKvCache {
             .ok_or_else(|| anyhow::anyhow!("KV cache shape {shape:?} overflows"))?;
         Ok(CpuKvCache {
             shape,
-            k: (0..shape.n_layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
-            v: (0..shape.n_layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
+            k: (0..shape.n_layers)
+                .map(|_| vec![f16::ZERO; per_layer])
+                .collect(),
+            v: (0..shape.n_layers)
+                .map(|_| vec![f16::ZERO; per_layer])
+                .collect(),
         })
     }
 
@@ -67,10 +71,16 @@ impl CpuKvCache {
                 bail!("write_kv: slot {slot} beyond the cache's {capacity}");
             }
             let dst = slot * w;
-            for (d, s) in self.k[layer][dst..dst + w].iter_mut().zip(&k.data[t * w..(t + 1) * w]) {
+            for (d, s) in self.k[layer][dst..dst + w]
+                .iter_mut()
+                .zip(&k.data[t * w..(t + 1) * w])
+            {
                 *d = f16::from_f32(*s);
             }
-            for (d, s) in self.v[layer][dst..dst + w].iter_mut().zip(&v.data[t * w..(t + 1) * w]) {
+            for (d, s) in self.v[layer][dst..dst + w]
+                .iter_mut()
+                .zip(&v.data[t * w..(t + 1) * w])
+            {
                 *d = f16::from_f32(*s);
             }
         }
@@ -87,10 +97,19 @@ impl CpuKvCache {
         let hd = p.head_dim;
         let n = layout.positions.len();
         if q.rows != n || q.cols != p.n_heads * hd || hd != self.shape.head_dim {
-            bail!("attention: q {}x{} for {n} tokens of {} heads x {hd}", q.rows, q.cols, p.n_heads);
+            bail!(
+                "attention: q {}x{} for {n} tokens of {} heads x {hd}",
+                q.rows,
+                q.cols,
+                p.n_heads
+            );
         }
         if p.n_kv_heads != self.shape.n_kv_heads || p.n_heads % p.n_kv_heads != 0 {
-            bail!("attention: {} query heads over {} KV heads", p.n_heads, p.n_kv_heads);
+            bail!(
+                "attention: {} query heads over {} KV heads",
+                p.n_heads,
+                p.n_kv_heads
+            );
         }
         let num_seqs = layout.seq_starts.len().saturating_sub(1);
         if layout.block_tables.len() != num_seqs || layout.seq_starts.last() != Some(&n) {
@@ -113,7 +132,10 @@ impl CpuKvCache {
                 .iter()
                 .any(|&b| b as usize >= self.shape.num_blocks)
             {
-                bail!("attention: block id beyond the cache's {}", self.shape.num_blocks);
+                bail!(
+                    "attention: block id beyond the cache's {}",
+                    self.shape.num_blocks
+                );
             }
         }
         let group = p.n_heads / p.n_kv_heads;
@@ -161,6 +183,10 @@ impl CpuKvCache {
                 }
             },
         );
-        Ok(CpuTensor { data: out, rows: n, cols: p.n_heads * hd })
+        Ok(CpuTensor {
+            data: out,
+            rows: n,
+            cols: p.n_heads * hd,
+        })
     }
 }

@@ -34,7 +34,11 @@ pub enum Matrix {
     /// `[rows, cols]` f32
     Dense(Vec<f32>),
     /// `[rows, cols / block_size]` GGUF blocks of `ty`
-    Blocks { ty: GgmlType, data: Vec<u8>, row_bytes: usize },
+    Blocks {
+        ty: GgmlType,
+        data: Vec<u8>,
+        row_bytes: usize,
+    },
 }
 
 /// Activations quantized per block, laid out per 16-weight group.
@@ -125,7 +129,12 @@ struct RowBuf {
 
 impl RowBuf {
     fn new(k: usize) -> Self {
-        RowBuf { q: vec![0; k], a: vec![0.0; k / GROUP], b: vec![0.0; k / GROUP], w: vec![0.0; k] }
+        RowBuf {
+            q: vec![0; k],
+            a: vec![0.0; k / GROUP],
+            b: vec![0.0; k / GROUP],
+            w: vec![0.0; k],
+        }
     }
 
     fn unpack(&mut self, ty: GgmlType, row: &[u8], exact: bool) {
@@ -167,7 +176,12 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 #[inline(always)]
 fn dot_q(row: &RowBuf, y: &[i8], d: &[f32], dsum: &[f32], has_b: bool) -> f32 {
     let mut acc = [0f32; 16];
-    for (g, (qg, yg)) in row.q.chunks_exact(GROUP).zip(y.chunks_exact(GROUP)).enumerate() {
+    for (g, (qg, yg)) in row
+        .q
+        .chunks_exact(GROUP)
+        .zip(y.chunks_exact(GROUP))
+        .enumerate()
+    {
         let s = row.a[g] * d[g];
         for l in 0..16 {
             acc[l] += (qg[l] as i32 * yg[l] as i32) as f32 * s;
@@ -265,7 +279,15 @@ unsafe fn rows_blocks_avx2(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_dense_avx2(w: &[f32], r0: usize, r1: usize, x: &[f32], k: usize, m: usize, out: &OutPtr) {
+unsafe fn rows_dense_avx2(
+    w: &[f32],
+    r0: usize,
+    r1: usize,
+    x: &[f32],
+    k: usize,
+    m: usize,
+    out: &OutPtr,
+) {
     rows_dense(w, r0, r1, x, k, m, out)
 }
 
@@ -301,11 +323,19 @@ impl Matrix {
                     rows_dense(w, r0, r1, x, k, m, &ptr)
                 });
             }
-            Matrix::Blocks { ty, data, row_bytes } => {
+            Matrix::Blocks {
+                ty,
+                data,
+                row_bytes,
+            } => {
                 let qa = match mode {
                     MatmulMode::Exact => None,
                     MatmulMode::Quantized => {
-                        let act_block = if ty.block_size() == Some(256) { 256 } else { 32 };
+                        let act_block = if ty.block_size() == Some(256) {
+                            256
+                        } else {
+                            32
+                        };
                         Some(quantize_acts(x, k, act_block))
                     }
                 };
@@ -330,7 +360,11 @@ impl Matrix {
     pub fn row_f32(&self, r: usize, k: usize, out: &mut [f32]) {
         match self {
             Matrix::Dense(w) => out.copy_from_slice(&w[r * k..(r + 1) * k]),
-            Matrix::Blocks { ty, data, row_bytes } => {
+            Matrix::Blocks {
+                ty,
+                data,
+                row_bytes,
+            } => {
                 let mut rb = RowBuf::new(k);
                 rb.unpack(*ty, &data[r * row_bytes..(r + 1) * row_bytes], true);
                 out.copy_from_slice(&rb.w);
@@ -357,7 +391,9 @@ mod tests {
             let (k, m, n) = (512, 7, 3);
             let ts = ty.type_size().unwrap();
             let bs = ty.block_size().unwrap();
-            let data: Vec<u8> = (0..m * k / bs * ts).map(|_| (rnd() * 127.0) as i8 as u8).collect();
+            let data: Vec<u8> = (0..m * k / bs * ts)
+                .map(|_| (rnd() * 127.0) as i8 as u8)
+                .collect();
             // keep f16 scales finite: rewrite each block's leading scale(s) to small values
             let mut data = data;
             for blk in data.chunks_exact_mut(ts) {
@@ -369,19 +405,31 @@ mod tests {
             }
             let w = crate::formats::quant::dequantize_to_vec(ty, &data, m * k).unwrap();
             let x: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
-            let mat = Matrix::Blocks { ty, data, row_bytes: k / bs * ts };
+            let mat = Matrix::Blocks {
+                ty,
+                data,
+                row_bytes: k / bs * ts,
+            };
             let exact = mat.matmul(&x, k, m, MatmulMode::Exact);
             let quant = mat.matmul(&x, k, m, MatmulMode::Quantized);
             for t in 0..n {
                 for r in 0..m {
-                    let want: f64 =
-                        (0..k).map(|i| w[r * k + i] as f64 * x[t * k + i] as f64).sum();
-                    let scale: f64 =
-                        (0..k).map(|i| (w[r * k + i] as f64 * x[t * k + i] as f64).abs()).sum();
+                    let want: f64 = (0..k)
+                        .map(|i| w[r * k + i] as f64 * x[t * k + i] as f64)
+                        .sum();
+                    let scale: f64 = (0..k)
+                        .map(|i| (w[r * k + i] as f64 * x[t * k + i] as f64).abs())
+                        .sum();
                     let e = exact[t * m + r] as f64;
                     let q = quant[t * m + r] as f64;
-                    assert!((e - want).abs() <= 1e-5 * scale, "{ty:?} exact {e} vs {want}");
-                    assert!((q - want).abs() <= 2e-2 * scale, "{ty:?} quant {q} vs {want}");
+                    assert!(
+                        (e - want).abs() <= 1e-5 * scale,
+                        "{ty:?} exact {e} vs {want}"
+                    );
+                    assert!(
+                        (q - want).abs() <= 2e-2 * scale,
+                        "{ty:?} quant {q} vs {want}"
+                    );
                 }
             }
         }

@@ -14,7 +14,7 @@ use crate::formats::quant::dequantize_to_vec;
 use crate::formats::GgmlType;
 use anyhow::{bail, Context};
 pub use attention::CpuKvCache;
-pub use matmul::{Matrix, MatmulMode};
+pub use matmul::{MatmulMode, Matrix};
 
 /// `[rows, cols]` f32, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,12 +76,17 @@ impl Backend for CpuBackend {
         let n = rows * cols;
         let m = match w.ty {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => Matrix::Dense(
-                dequantize_to_vec(w.ty, &w.data, n).with_context(|| format!("tensor {}", w.name))?,
+                dequantize_to_vec(w.ty, &w.data, n)
+                    .with_context(|| format!("tensor {}", w.name))?,
             ),
             ty if ty.is_supported() => {
                 let bs = ty.block_size().unwrap_or(1);
                 if cols % bs != 0 {
-                    bail!("tensor {}: row of {cols} is not whole {} blocks", w.name, ty.name());
+                    bail!(
+                        "tensor {}: row of {cols} is not whole {} blocks",
+                        w.name,
+                        ty.name()
+                    );
                 }
                 if rows == 1 {
                     // vectors (norm weights) are read element-wise: keep them dense
@@ -92,9 +97,17 @@ impl Backend for CpuBackend {
                 } else {
                     let row_bytes = cols / bs * ty.type_size().unwrap_or(0);
                     if w.data.len() != rows * row_bytes {
-                        bail!("tensor {}: {} bytes for {rows} rows of {row_bytes}", w.name, w.data.len());
+                        bail!(
+                            "tensor {}: {} bytes for {rows} rows of {row_bytes}",
+                            w.name,
+                            w.data.len()
+                        );
                     }
-                    Matrix::Blocks { ty, data: w.data.to_vec(), row_bytes }
+                    Matrix::Blocks {
+                        ty,
+                        data: w.data.to_vec(),
+                        row_bytes,
+                    }
                 }
             }
             ty => bail!("tensor {}: type {} is not supported", w.name, ty.name()),
@@ -103,12 +116,20 @@ impl Backend for CpuBackend {
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> CpuTensor {
-        CpuTensor { data: vec![0.0; rows * cols], rows, cols }
+        CpuTensor {
+            data: vec![0.0; rows * cols],
+            rows,
+            cols,
+        }
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> CpuTensor {
         assert_eq!(data.len(), rows * cols);
-        CpuTensor { data: data.to_vec(), rows, cols }
+        CpuTensor {
+            data: data.to_vec(),
+            rows,
+            cols,
+        }
     }
 
     fn download(&self, t: &CpuTensor) -> Vec<f32> {
@@ -143,7 +164,11 @@ impl Backend for CpuBackend {
         for &r in rows {
             data.extend_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
         }
-        CpuTensor { data, rows: rows.len(), cols: x.cols }
+        CpuTensor {
+            data,
+            rows: rows.len(),
+            cols: x.cols,
+        }
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> CpuTensor {
@@ -152,25 +177,43 @@ impl Backend for CpuBackend {
         out
     }
 
-    fn add_rms_norm(&self, residual: &mut CpuTensor, x: &CpuTensor, w: &CpuWeight, eps: f32) -> CpuTensor {
+    fn add_rms_norm(
+        &self,
+        residual: &mut CpuTensor,
+        x: &CpuTensor,
+        w: &CpuWeight,
+        eps: f32,
+    ) -> CpuTensor {
         self.add(residual, x);
         self.rms_norm(residual, w, eps)
     }
 
     fn add(&self, residual: &mut CpuTensor, x: &CpuTensor) {
         assert_eq!((residual.rows, residual.cols), (x.rows, x.cols));
-        residual.data.iter_mut().zip(&x.data).for_each(|(r, v)| *r += v);
+        residual
+            .data
+            .iter_mut()
+            .zip(&x.data)
+            .for_each(|(r, v)| *r += v);
     }
 
     fn matmul(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> CpuTensor {
-        assert_eq!(x.cols, w.cols, "matmul: x has {} columns, weight {}", x.cols, w.cols);
+        assert_eq!(
+            x.cols, w.cols,
+            "matmul: x has {} columns, weight {}",
+            x.cols, w.cols
+        );
         let mut data = w.m.matmul(&x.data, x.cols, w.rows, self.mode);
         if let Some(b) = bias {
             for row in data.chunks_exact_mut(w.rows) {
                 row.iter_mut().zip(b.vector()).for_each(|(o, b)| *o += b);
             }
         }
-        CpuTensor { data, rows: x.rows, cols: w.rows }
+        CpuTensor {
+            data,
+            rows: x.rows,
+            cols: w.rows,
+        }
     }
 
     fn rope(
@@ -242,6 +285,10 @@ impl Backend for CpuBackend {
                 Glu::GeluTanh => gelu_tanh(g) * u,
             })
             .collect();
-        CpuTensor { data, rows: gate.rows, cols: gate.cols }
+        CpuTensor {
+            data,
+            rows: gate.rows,
+            cols: gate.cols,
+        }
     }
 }
