@@ -34,6 +34,69 @@ pub struct Common {
     pub ignore_eos: Option<Value>,
     pub min_tokens: Option<Value>,
     pub user: Option<Value>,
+    /// Every other field, checked by [`check_other_fields`].
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+/// OpenAI fields kojo does not act on. Features it does not have are a 400 when asked for
+/// (rather than silently ignored); fields that change nothing it can honour are type-checked
+/// as the spec describes them and otherwise ignored.
+fn check_other_fields(other: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    let unsupported = |name: &str| bad(name, format!("`{name}` is not supported by this server"));
+    for (k, v) in other {
+        if v.is_null() {
+            continue;
+        }
+        let ok = match k.as_str() {
+            // features kojo does not have: allowed only in their "off" form
+            "tools" | "functions" => v.as_array().is_some_and(|a| a.is_empty()),
+            "tool_choice" => v.as_str() == Some("none"),
+            "function_call" => v.as_str() == Some("none"),
+            "response_format" => v.get("type").and_then(|t| t.as_str()) == Some("text"),
+            "modalities" => v
+                .as_array()
+                .is_some_and(|a| a.iter().all(|m| m.as_str() == Some("text"))),
+            "prediction" | "audio" | "web_search_options" | "suffix" => {
+                if k == "suffix" && v.as_str() == Some("") {
+                    continue;
+                }
+                return Err(unsupported(k));
+            }
+            "best_of" => v.as_u64() == Some(1),
+            // accepted and ignored, but of the right type
+            "store" | "parallel_tool_calls" => {
+                if !v.is_boolean() {
+                    return Err(bad(k, format!("`{k}` must be a boolean")));
+                }
+                true
+            }
+            "service_tier" | "reasoning_effort" | "verbosity" | "prompt_cache_key"
+            | "safety_identifier" => {
+                if !v.is_string() {
+                    return Err(bad(k, format!("`{k}` must be a string")));
+                }
+                true
+            }
+            "metadata" => {
+                let good = v
+                    .as_object()
+                    .is_some_and(|m| m.len() <= 16 && m.values().all(|x| x.is_string()));
+                if !good {
+                    return Err(bad(
+                        k,
+                        "`metadata` must be an object of at most 16 string values",
+                    ));
+                }
+                true
+            }
+            _ => true,
+        };
+        if !ok {
+            return Err(unsupported(k));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -183,6 +246,7 @@ impl Common {
     }
 
     pub fn validate(&self, vocab: usize, logprobs: Option<usize>) -> Result<ValidParams, ApiError> {
+        check_other_fields(&self.other)?;
         let max_tokens = match int(
             &self.max_completion_tokens,
             "max_completion_tokens",
