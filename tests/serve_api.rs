@@ -292,9 +292,6 @@ fn chat_matches_generate_and_llamacpp() {
             "--temperature",
             "0",
             "--json",
-            // its basic check generates until EOS; give a busy 2-core machine time
-            "--timeout",
-            "300",
         ]))
         .unwrap();
         assert_eq!(
