@@ -209,7 +209,7 @@ fn llm_comply_chat_schema() {
     let out = Command::new("llm-comply")
         .args(["--format", "openai-chat", "-u", &s.url("/v1"), "-k", "x", "-m", MODEL_ID, "-f",
                "chat-basic-response,chat-system-prompt,chat-multi-turn,chat-streaming-response,chat-streaming-usage,chat-error-handling",
-               "--json"])
+               "--json", "--timeout", "300"]) // its basic check runs to EOS: time on a busy machine
         .output()
         .expect("llm-comply (pip install llm-comply; scripts/test does)");
     let v: Value = serde_json::from_slice(&out.stdout)
