@@ -31,6 +31,9 @@ pub struct ServeArgs {
     /// KV-cache capacity in tokens, shared by all running requests.
     #[arg(long, default_value_t = 16384)]
     pub kv_cache_tokens: usize,
+    /// max_tokens for chat requests that give none (default: the rest of the context).
+    #[arg(long)]
+    pub default_max_tokens: Option<usize>,
     /// Requests in the running batch at most.
     #[arg(long, default_value_t = 64)]
     pub max_num_seqs: usize,
@@ -99,6 +102,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         port: a.port,
         api_keys: keys,
         max_model_len: a.max_model_len,
+        default_max_tokens: a.default_max_tokens,
         kv_tokens: a.kv_cache_tokens,
         max_num_seqs: a.max_num_seqs,
         max_batch_tokens: a.max_batch_tokens,

@@ -34,6 +34,8 @@ pub struct ServeConfig {
     pub api_keys: Vec<String>,
     /// Longest sequence (prompt + output) a request may ask for.
     pub max_model_len: usize,
+    /// max_tokens of chat requests that give none; `None`: the rest of the context.
+    pub default_max_tokens: Option<usize>,
     /// KV-cache capacity in tokens (rounded up to whole blocks).
     pub kv_tokens: usize,
     pub max_num_seqs: usize,
@@ -149,9 +151,12 @@ async fn chat(State(st): St, body: Bytes) -> Result<Response, ApiError> {
     );
     let model = req.common.model()?;
     st.check_model(&model)?;
-    let v = req
+    let mut v = req
         .validate(r.vocab)
         .inspect_err(|_| st.metrics.outcome("invalid"))?;
+    if v.params.max_tokens.is_none() {
+        v.params.max_tokens = st.cfg.default_max_tokens;
+    }
     let Some(tmpl) = r.template.as_ref() else {
         return Err(ApiError::bad_request(
             "this model has no chat template; use /v1/completions",
