@@ -278,6 +278,69 @@ impl Timing {
     }
 }
 
+/// One request's choices as their events arrive: text, cached prompt tokens, latencies.
+struct Progress {
+    choices: Vec<Choice>,
+    /// `[prompts]` prompt tokens found in the prefix cache
+    cached: Vec<usize>,
+    timing: Timing,
+}
+
+impl Progress {
+    fn new(job: &Job, total: usize) -> Self {
+        Progress {
+            choices: (0..total)
+                .map(|i| Choice::new(i, &job.params.stop))
+                .collect(),
+            cached: vec![0; job.prompts.len()],
+            timing: Timing {
+                first: None,
+                last: None,
+            },
+        }
+    }
+
+    /// Apply choice `i`'s event; `None` when there is nothing to tell the client.
+    fn on_event(
+        &mut self,
+        job: &Job,
+        tok: &Tokenizer,
+        m: &Metrics,
+        i: usize,
+        ev: Event,
+    ) -> Option<Step> {
+        if let Event::Scheduled { cached_tokens } = ev {
+            if i % job.params.n == 0 {
+                self.cached[i / job.params.n] = cached_tokens;
+            }
+            return None;
+        }
+        if matches!(ev, Event::Token { .. }) {
+            self.timing.token(m, job.arrived);
+        }
+        self.choices[i].on_event(job.kind, tok, ev)
+    }
+
+    fn unfinished(&self) -> bool {
+        self.choices.iter().any(|c| c.finish.is_none())
+    }
+
+    fn usage(&self, job: &Job) -> Value {
+        let prompt_tokens: usize = job.prompts.iter().map(Vec::len).sum();
+        let completion: usize = self.choices.iter().map(|c| c.tokens).sum();
+        usage(prompt_tokens, completion, self.cached.iter().sum())
+    }
+
+    /// The request's outcome for the metrics.
+    fn outcome(&self) -> &'static str {
+        if self.choices.iter().all(|c| c.finish == Some("length")) {
+            "length"
+        } else {
+            "stop"
+        }
+    }
+}
+
 async fn whole(
     job: Job,
     tok: Arc<Tokenizer>,
@@ -285,26 +348,9 @@ async fn whole(
     mut outcome: Outcome,
     metrics: Arc<Metrics>,
 ) -> Response {
-    let total = streams.len();
-    let mut choices: Vec<Choice> = (0..total)
-        .map(|i| Choice::new(i, &job.params.stop))
-        .collect();
-    let mut cached = vec![0usize; job.prompts.len()];
-    let mut timing = Timing {
-        first: None,
-        last: None,
-    };
+    let mut progress = Progress::new(&job, streams.len());
     while let Some((i, ev)) = streams.next().await {
-        if let Event::Scheduled { cached_tokens } = ev {
-            if i % job.params.n == 0 {
-                cached[i / job.params.n] = cached_tokens;
-            }
-            continue;
-        }
-        if matches!(ev, Event::Token { .. }) {
-            timing.token(&metrics, job.arrived);
-        }
-        match choices[i].on_event(job.kind, &tok, ev) {
+        match progress.on_event(&job, &tok, &metrics, i, ev) {
             Some(Step::Finished(..)) => {
                 streams.remove(&i); // a stop string: the engine aborts the rest
             }
@@ -315,21 +361,16 @@ async fn whole(
             _ => {}
         }
     }
-    if choices.iter().any(|c| c.finish.is_none()) {
+    if progress.unfinished() {
         outcome.set("error");
         return ApiError::internal("the engine stopped before the request finished")
             .into_response();
     }
-    let prompt_tokens: usize = job.prompts.iter().map(Vec::len).sum();
-    let completion: usize = choices.iter().map(|c| c.tokens).sum();
-    let usage = usage(prompt_tokens, completion, cached.iter().sum());
+    let usage = progress.usage(&job);
     metrics.e2e.observe(job.arrived.elapsed().as_secs_f64());
-    let reason = if choices.iter().all(|c| c.finish == Some("length")) {
-        "length"
-    } else {
-        "stop"
-    };
+    let reason = progress.outcome();
     outcome.set(reason);
+    let choices = &progress.choices;
     let body = match job.kind {
         Kind::Chat => json!({
             "id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
@@ -370,14 +411,7 @@ fn stream(
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
         let total = streams.len();
-        let mut choices: Vec<Choice> = (0..total)
-            .map(|i| Choice::new(i, &job.params.stop))
-            .collect();
-        let mut cached = vec![0usize; job.prompts.len()];
-        let mut timing = Timing {
-            first: None,
-            last: None,
-        };
+        let mut progress = Progress::new(&job, total);
         let with_usage = job.params.include_usage;
         let object = match job.kind {
             Kind::Chat => "chat.completion.chunk",
@@ -426,16 +460,7 @@ fn stream(
             }
         }
         while let Some((i, ev)) = streams.next().await {
-            if let Event::Scheduled { cached_tokens } = ev {
-                if i % job.params.n == 0 {
-                    cached[i / job.params.n] = cached_tokens;
-                }
-                continue;
-            }
-            if matches!(ev, Event::Token { .. }) {
-                timing.token(&metrics, job.arrived);
-            }
-            let out = match choices[i].on_event(job.kind, &tok, ev) {
+            let out = match progress.on_event(&job, &tok, &metrics, i, ev) {
                 None => continue,
                 Some(Step::Text(t, lp)) => {
                     if t.is_empty() && lp.is_none() {
@@ -478,28 +503,21 @@ fn stream(
                 }
             }
         }
-        if choices.iter().any(|c| c.finish.is_none()) {
+        if progress.unfinished() {
             outcome.set("error");
             return;
         }
         if with_usage {
-            let prompt_tokens: usize = job.prompts.iter().map(Vec::len).sum();
-            let completion: usize = choices.iter().map(|c| c.tokens).sum();
             let u = json!({
                 "id": job.id, "object": object, "created": job.created, "model": job.model,
                 "system_fingerprint": FINGERPRINT, "choices": [],
-                "usage": usage(prompt_tokens, completion, cached.iter().sum()),
+                "usage": progress.usage(&job),
             });
             let _ = tx.send(Ok(SseEvent::default().data(u.to_string()))).await;
         }
         let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
         metrics.e2e.observe(job.arrived.elapsed().as_secs_f64());
-        let reason = if choices.iter().all(|c| c.finish == Some("length")) {
-            "length"
-        } else {
-            "stop"
-        };
-        outcome.set(reason);
+        outcome.set(progress.outcome());
     });
     Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
         .keep_alive(KeepAlive::default())
