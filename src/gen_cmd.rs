@@ -5,7 +5,7 @@ use clap::Args;
 use kojo::backend::cpu::{CpuBackend, MatmulMode};
 use kojo::model::generate::{generate, GenerateRequest};
 use kojo::model::perplexity::perplexity;
-use kojo::model::session::Session;
+use kojo::model::session::{Logits, Session};
 use kojo::model::{ModelSource, Transformer};
 use kojo::sampling::SamplingParams;
 use kojo::tokenizer::Tokenizer;
@@ -30,11 +30,8 @@ impl CpuArgs {
             if t == 0 {
                 bail!("--threads must be at least 1");
             }
-            // the global pool can only be built once per process; this is its first use
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(t)
-                .build_global()
-                .ok();
+            // the pool is built at its first use, which comes after this
+            kojo::backend::cpu::pool::set_threads(t);
         }
         Ok(())
     }
@@ -116,6 +113,34 @@ pub struct PerplexityArgs {
     #[arg(long, default_value_t = 512)]
     pub ctx: usize,
     /// Print JSON instead of llama-perplexity's lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt lengths to time, each read in one batch ("pp" tests; 0 for none).
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
+    pub n_prompt: Vec<usize>,
+    /// Numbers of tokens to generate one at a time ("tg" tests; 0 for none).
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    pub n_gen: Vec<usize>,
+    /// Timed repetitions of each test (after one untimed warm-up).
+    #[arg(short = 'r', long, default_value_t = 5)]
+    pub repetitions: usize,
+    /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
 }
@@ -264,4 +289,81 @@ fn read_text(p: &Path) -> Result<String> {
             e.utf8_error().valid_up_to()
         )
     })
+}
+
+/// llama-bench's method: random token ids; a `pp` test reads the prompt as one batch (logits
+/// for its last token), a `tg` test feeds one token at a time from an empty cache (logits for
+/// every token); each repetition starts from an empty cache, after one untimed warm-up.
+pub fn run_bench(a: BenchArgs) -> Result<()> {
+    if a.repetitions == 0 {
+        bail!("--repetitions must be at least 1");
+    }
+    let l = load(&a.model)?;
+    let vocab = l.tok.vocab_size().min(l.model.cfg.vocab_size) as u64;
+    let mut tests: Vec<(String, usize, usize)> = Vec::new();
+    for &p in a.n_prompt.iter().filter(|&&p| p > 0) {
+        tests.push((format!("pp{p}"), p, 0));
+    }
+    for &n in a.n_gen.iter().filter(|&&n| n > 0) {
+        tests.push((format!("tg{n}"), 0, n));
+    }
+    let need = tests.iter().map(|t| t.1 + t.2).max().unwrap_or(1);
+    let mut session = Session::new(&l.backend, &l.model, need.max(1), a.model.batch)?;
+    let mut rng = kojo::sampling::Rng::new(1234);
+    let mut random =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect() };
+    let threads = kojo::backend::cpu::pool::global().threads();
+    let path = l.src.path();
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let params = l.src.n_params();
+    let name = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let mut rows = Vec::new();
+    if !a.json {
+        println!("| model | size | params | backend | threads | test | t/s |");
+        println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
+    }
+    for (test, p, n) in &tests {
+        let mut run = |session: &mut Session<CpuBackend>| -> Result<f64> {
+            session.reset();
+            let toks = random(p + n);
+            let t0 = std::time::Instant::now();
+            if *p > 0 {
+                session.feed(&toks[..*p], Logits::Last)?;
+            }
+            for &t in &toks[*p..] {
+                session.feed(&[t], Logits::Last)?;
+            }
+            Ok((p + n) as f64 / t0.elapsed().as_secs_f64())
+        };
+        run(&mut session)?;
+        let samples: Vec<f64> = (0..a.repetitions)
+            .map(|_| run(&mut session))
+            .collect::<Result<_>>()?;
+        let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+        let sd = if samples.len() > 1 {
+            (samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (samples.len() - 1) as f64)
+                .sqrt()
+        } else {
+            0.0
+        };
+        if a.json {
+            rows.push(serde_json::json!({
+                "model": name, "size_bytes": size, "params": params, "backend": "CPU",
+                "threads": threads, "test": test, "n_prompt": p, "n_gen": n,
+                "avg_ts": mean, "stddev_ts": sd, "samples_ts": samples,
+            }));
+        } else {
+            println!(
+                "| {name} | {:.2} MiB | {:.2} M | CPU | {threads} | {test} | {mean:.2} ± {sd:.2} |",
+                size as f64 / (1024.0 * 1024.0),
+                params as f64 / 1e6
+            );
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    }
+    Ok(())
 }

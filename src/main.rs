@@ -75,6 +75,8 @@ enum Cmd {
     Generate(gen_cmd::GenerateArgs),
     /// Perplexity of a text file, windowed as llama-perplexity does.
     Perplexity(gen_cmd::PerplexityArgs),
+    /// Time prompt processing and generation on the CPU, as llama-bench does (pp/tg tests).
+    Bench(gen_cmd::BenchArgs),
     /// List tensors (name, type, shape); with --sha256, the hash of each tensor dequantized to
     /// little-endian f32.
     Tensors {
@@ -107,6 +109,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::BenchServe(a) => bench_cmd::run(a),
         Cmd::Generate(a) => gen_cmd::run_generate(a),
         Cmd::Perplexity(a) => gen_cmd::run_perplexity(a),
+        Cmd::Bench(a) => gen_cmd::run_bench(a),
         Cmd::Tokenize {
             model,
             special,
@@ -202,27 +205,19 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
     let src = ModelSource::open(path)?;
     let cfg = src.config()?;
     let mut types: BTreeMap<String, usize> = BTreeMap::new();
-    let (n_tensors, n_params, format) = match &src {
+    let n_params = src.n_params();
+    let (n_tensors, format) = match &src {
         ModelSource::Gguf(g) => {
             for t in &g.tensors {
                 *types.entry(t.ty.name()).or_default() += 1;
             }
-            (
-                g.tensors.len(),
-                g.tensors.iter().map(|t| t.n_elements()).sum::<u64>(),
-                format!("GGUF v{}", g.version),
-            )
+            (g.tensors.len(), format!("GGUF v{}", g.version))
         }
         ModelSource::Hf { weights, .. } => {
             for t in weights.tensors.values() {
                 *types.entry(format!("{:?}", t.dtype)).or_default() += 1;
             }
-            let n: u64 = weights
-                .tensors
-                .values()
-                .map(|t| t.shape.iter().product::<usize>() as u64)
-                .sum();
-            (weights.tensors.len(), n, "safetensors".to_string())
+            (weights.tensors.len(), "safetensors".to_string())
         }
     };
     let tok = src.tokenizer();

@@ -413,7 +413,7 @@ fn unpack_q3_k(b: &[u8], u: &mut Unpacked) {
 }
 
 /// The 8 six-bit scales and mins of Q4_K/Q5_K, packed in 12 bytes.
-fn scale_min_k4(sc: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub(crate) fn scale_min_k4(sc: &[u8]) -> ([u8; 8], [u8; 8]) {
     let (mut s, mut m) = ([0u8; 8], [0u8; 8]);
     for j in 0..4 {
         s[j] = sc[j] & 0x3F;

@@ -92,6 +92,18 @@ impl ModelSource {
         Ok(ChatTemplate::new(&src, &text(tok.bos()), &text(tok.eos()))?)
     }
 
+    /// Number of weights over all tensors.
+    pub fn n_params(&self) -> u64 {
+        match self {
+            ModelSource::Gguf(g) => g.tensors.iter().map(|t| t.n_elements()).sum(),
+            ModelSource::Hf { weights, .. } => weights
+                .tensors
+                .values()
+                .map(|t| t.shape.iter().product::<usize>() as u64)
+                .sum(),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         match self {
             ModelSource::Gguf(g) => &g.path,

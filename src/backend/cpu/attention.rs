@@ -9,11 +9,12 @@
 //! queries and in f32 above; we always use f32, so a token's result never depends on how many
 //! others share its batch.)
 
+use super::matmul::{has_avx2, Out};
+use super::pool;
 use super::CpuTensor;
 use crate::backend::{AttnParams, BatchLayout, KvShape};
 use anyhow::{bail, Result};
 use half::f16;
-use rayon::prelude::*;
 
 pub struct CpuKvCache {
     pub shape: KvShape,
@@ -142,9 +143,12 @@ impl CpuKvCache {
         let (kc, vc) = (&self.k[layer], &self.v[layer]);
         let w = self.row_len();
         let mut out = vec![0f32; n * p.n_heads * hd];
-        out.par_chunks_mut(hd).enumerate().for_each_init(
-            || (vec![0f32; hd], Vec::<f32>::new()),
-            |(qh, scores), (i, o)| {
+        let optr = Out(out.as_mut_ptr());
+        let simd = has_avx2();
+        let items = n * p.n_heads;
+        pool::global().for_ranges(items, |range| {
+            let (mut qh, mut scores) = (vec![0f32; hd], Vec::<f32>::new());
+            for i in range {
                 let (t, h) = (i / p.n_heads, i % p.n_heads);
                 let kvh = h / group;
                 for (d, s) in qh.iter_mut().zip(&q.data[t * q.cols + h * hd..][..hd]) {
@@ -154,17 +158,14 @@ impl CpuKvCache {
                 let lo = p.window.map_or(0, |win| (pos + 1).saturating_sub(win));
                 let table = layout.block_tables[seq_of[t]];
                 let slot = |j: usize| table[j / bs] as usize * bs + j % bs;
-                // online softmax over the visible positions, accumulating V in f16 as ggml's
-                // CPU flash attention does with an f16 cache
+                // SAFETY: item i owns out[i * hd..(i + 1) * hd]
+                let o = unsafe { std::slice::from_raw_parts_mut(optr.at(i * hd), hd) };
+                // exact two-pass softmax over the visible positions, V accumulated in f32
                 scores.clear();
                 let mut max = f32::NEG_INFINITY;
                 for j in lo..=pos {
                     let kr = &kc[slot(j) * w + kvh * hd..][..hd];
-                    let mut acc = 0f32;
-                    for (a, b) in qh.iter().zip(kr) {
-                        acc += a * b.to_f32();
-                    }
-                    let s = acc * p.scale;
+                    let s = dot_f16(&qh, kr, simd) * p.scale;
                     max = max.max(s);
                     scores.push(s);
                 }
@@ -176,17 +177,72 @@ impl CpuKvCache {
                 o.fill(0.0);
                 for (jj, s) in scores.iter().enumerate() {
                     let vr = &vc[slot(lo + jj) * w + kvh * hd..][..hd];
-                    let pj = s / sum;
-                    for (a, b) in o.iter_mut().zip(vr) {
-                        *a += pj * b.to_f32();
-                    }
+                    axpy_f16(o, s / sum, vr, simd);
                 }
-            },
-        );
+            }
+        });
         Ok(CpuTensor {
             data: out,
             rows: n,
             cols: p.n_heads * hd,
         })
+    }
+}
+
+/// `sum(q * k)` with `k` in f16.
+#[inline]
+fn dot_f16(q: &[f32], k: &[f16], simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd && q.len() % 8 == 0 {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked by the caller)
+        return unsafe { dot_f16_avx2(q, k) };
+    }
+    let _ = simd;
+    let mut acc = 0f32;
+    for (a, b) in q.iter().zip(k) {
+        acc += a * b.to_f32();
+    }
+    acc
+}
+
+/// `o += p * v` with `v` in f16.
+#[inline]
+fn axpy_f16(o: &mut [f32], p: f32, v: &[f16], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd && o.len() % 8 == 0 {
+        // SAFETY: as above
+        return unsafe { axpy_f16_avx2(o, p, v) };
+    }
+    let _ = simd;
+    for (a, b) in o.iter_mut().zip(v) {
+        *a += p * b.to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16_avx2(q: &[f32], k: &[f16]) -> f32 {
+    use std::arch::x86_64::*;
+    assert!(k.len() >= q.len());
+    let mut acc = _mm256_setzero_ps();
+    for i in (0..q.len()).step_by(8) {
+        let kv = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(i) as *const __m128i));
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), kv, acc);
+    }
+    let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_f16_avx2(o: &mut [f32], p: f32, v: &[f16]) {
+    use std::arch::x86_64::*;
+    assert!(v.len() >= o.len());
+    let pv = _mm256_set1_ps(p);
+    for i in (0..o.len()).step_by(8) {
+        let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
+        let op = o.as_mut_ptr().add(i);
+        _mm256_storeu_ps(op, _mm256_fmadd_ps(pv, vv, _mm256_loadu_ps(op)));
     }
 }

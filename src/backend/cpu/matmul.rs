@@ -1,8 +1,10 @@
 //! Matrix products on the CPU: `out[n, m] = x[n, k] @ w[m, k]^T`.
 //!
-//! Weights stay in their GGUF blocks. Each weight row is unpacked once per call into small
-//! integers `q[k]` and per-16-weight affine scales (`w = a * q - b`, see
-//! [`crate::formats::quant::Unpacked`]), then dotted against every activation row:
+//! Weights stay in their GGUF blocks. The fast path is [`super::simd`]: hand-written x86-64
+//! kernels that read the blocks as they are. The portable path, for other CPUs and the types
+//! without a kernel, unpacks each weight row once per call into small integers `q[k]` and
+//! per-16-weight affine scales (`w = a * q - b`, see [`crate::formats::quant::Unpacked`]),
+//! then dots it against every activation row. Both use the same arithmetic:
 //!
 //! - **Quantized** (the default, as llama.cpp does): activations are quantized per block like
 //!   ggml's `vec_dot_type` of the weight — Q8_0 (32 weights, f16 scale `amax / 127`) for the
@@ -13,13 +15,34 @@
 //!   reference that tests compare against.
 //!
 //! Dense weights (F32; F16 and BF16 are widened to f32 at load) take the f32 path.
-//! Work is split over output rows with rayon; the inner loops are written so the compiler
-//! vectorizes them, and are compiled twice on x86-64 (baseline and AVX2+FMA), chosen at run time.
+//! Work is split over output rows on the [`super::pool`] threads; the portable inner loops are
+//! written so the compiler vectorizes them, and are compiled twice on x86-64 (baseline and
+//! AVX2+FMA), chosen at run time.
 
+use super::pool;
+#[cfg(target_arch = "x86_64")]
+use super::simd;
 use crate::formats::quant::{unpack_block, Unpacked, GROUP};
 use crate::formats::GgmlType;
 use half::f16;
-use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// Output pointer shared by the threads of one matmul; each writes its own rows' columns.
+#[derive(Clone, Copy)]
+pub struct Out(pub *mut f32);
+// SAFETY: callers give each thread a disjoint set of weight rows (output columns).
+unsafe impl Sync for Out {}
+unsafe impl Send for Out {}
+
+impl Out {
+    /// The pointer `i` floats in.
+    ///
+    /// # Safety
+    /// `i` is inside the buffer.
+    pub unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+}
 
 /// Which arithmetic a quantized matmul uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -41,33 +64,40 @@ pub enum Matrix {
     },
 }
 
-/// Activations quantized per block, laid out per 16-weight group.
-struct QuantActs {
+/// Activations quantized per block the way ggml's `vec_dot_type` of the weight wants them.
+pub struct Acts {
+    /// row length
+    pub k: usize,
+    /// rows (tokens)
+    pub n: usize,
+    /// 32 (Q8_0/Q8_1) or 256 (Q8_K)
+    pub block: usize,
     /// `[n, k]`
-    q: Vec<i8>,
-    /// `[n, k / 16]` the scale of the block each group belongs to
-    d: Vec<f32>,
-    /// `[n, k / 16]` `d * sum(q)` of each group
-    dsum: Vec<f32>,
+    pub q: Vec<i8>,
+    /// `[n, k / block]` scale of each block
+    pub d: Vec<f32>,
+    /// `[n, k / block]` Q8_1's `d * sum(q)`, rounded to f16 as ggml stores it (32-blocks only)
+    pub s: Vec<f32>,
+    /// `[n, k / 16]` `sum(q)` of each 16-value group
+    pub sums: Vec<i32>,
 }
 
 /// ggml's `nearest_int`: round to nearest, ties to even.
-#[inline]
+#[inline(always)]
 fn nearest_int(x: f32) -> i32 {
     x.round_ties_even() as i32
 }
 
-fn quantize_acts(x: &[f32], k: usize, block: usize) -> QuantActs {
-    let n = x.len() / k;
-    let groups = k / GROUP;
-    let mut qa = QuantActs {
-        q: vec![0; n * k],
-        d: vec![0.0; n * groups],
-        dsum: vec![0.0; n * groups],
-    };
-    for t in 0..n {
-        for (bi, xb) in x[t * k..(t + 1) * k].chunks_exact(block).enumerate() {
-            let qb = &mut qa.q[t * k + bi * block..t * k + (bi + 1) * block];
+/// Quantizes token rows `t0..t1` of `x` into `acts` (already sized).
+#[inline(always)]
+fn quantize_rows(x: &[f32], acts: &mut ActsRows<'_>, t0: usize, t1: usize) {
+    let (k, block) = (acts.k, acts.block);
+    let (nblk, ngrp) = (k / block, k / GROUP);
+    for t in t0..t1 {
+        let xr = &x[t * k..(t + 1) * k];
+        let lt = t - t0;
+        for (bi, xb) in xr.chunks_exact(block).enumerate() {
+            let qb = &mut acts.q[lt * k + bi * block..lt * k + (bi + 1) * block];
             let d = if block == 256 {
                 // Q8_K: scale from the signed value of largest magnitude
                 let mut max = 0f32;
@@ -97,25 +127,105 @@ fn quantize_acts(x: &[f32], k: usize, block: usize) -> QuantActs {
                 for (q, &v) in qb.iter_mut().zip(xb) {
                     *q = nearest_int(v * id) as i8;
                 }
-                let sum: i32 = qb.iter().map(|&v| v as i32).sum();
-                // Q8_1's block sum, f16 like ggml's; the weight's offset is the same over
-                // the block, so the whole sum sits on the first group
-                let g0 = t * groups + bi * block / GROUP;
-                qa.d[g0] = f16::from_f32(d).to_f32();
-                qa.d[g0 + 1] = qa.d[g0];
-                qa.dsum[g0] = f16::from_f32(d * sum as f32).to_f32();
-                qa.dsum[g0 + 1] = 0.0;
-                continue;
+                d
             };
-            let g0 = t * groups + bi * block / GROUP;
+            let mut total = 0;
             for (g, qg) in qb.chunks_exact(GROUP).enumerate() {
                 let s: i32 = qg.iter().map(|&v| v as i32).sum();
-                qa.d[g0 + g] = d;
-                qa.dsum[g0 + g] = d * s as f32;
+                acts.sums[lt * ngrp + bi * block / GROUP + g] = s;
+                total += s;
+            }
+            if block == 256 {
+                acts.d[lt * nblk + bi] = d;
+            } else {
+                acts.d[lt * nblk + bi] = f16::from_f32(d).to_f32();
+                acts.s[lt * nblk + bi] = f16::from_f32(d * total as f32).to_f32();
             }
         }
     }
-    qa
+}
+
+/// Mutable views of the rows of [`Acts`] one thread fills.
+struct ActsRows<'a> {
+    k: usize,
+    block: usize,
+    q: &'a mut [i8],
+    d: &'a mut [f32],
+    s: &'a mut [f32],
+    sums: &'a mut [i32],
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_rows_avx2(x: &[f32], acts: &mut ActsRows<'_>, t0: usize, t1: usize) {
+    quantize_rows(x, acts, t0, t1)
+}
+
+impl Acts {
+    /// Quantizes `x [n, k]` in blocks of `block`, splitting the tokens over the pool.
+    pub fn quantize(x: &[f32], k: usize, block: usize) -> Acts {
+        let n = x.len() / k;
+        let (nblk, ngrp) = (k / block, k / GROUP);
+        let mut a = Acts {
+            k,
+            n,
+            block,
+            q: vec![0; n * k],
+            d: vec![0.0; n * nblk],
+            s: vec![0.0; n * nblk],
+            sums: vec![0; n * ngrp],
+        };
+        let avx2 = has_avx2();
+        let one = |t0: usize, t1: usize, rows: &mut ActsRows<'_>| {
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked)
+                return unsafe { quantize_rows_avx2(x, rows, t0, t1) };
+            }
+            let _ = avx2;
+            quantize_rows(x, rows, t0, t1)
+        };
+        let pool = pool::global();
+        let parts = if n >= 8 { pool.threads() } else { 1 };
+        // split every buffer at the same token boundaries
+        let mut views = Vec::with_capacity(parts);
+        let (mut q, mut d, mut s, mut sums) =
+            (&mut a.q[..], &mut a.d[..], &mut a.s[..], &mut a.sums[..]);
+        let mut t = 0;
+        for i in 0..parts {
+            let t1 = n * (i + 1) / parts;
+            let c = t1 - t;
+            let (q0, q1) = q.split_at_mut(c * k);
+            let (d0, d1) = d.split_at_mut(c * nblk);
+            let (s0, s1) = s.split_at_mut(c * nblk);
+            let (g0, g1) = sums.split_at_mut(c * ngrp);
+            views.push(Mutex::new((
+                t,
+                t1,
+                ActsRows {
+                    k,
+                    block,
+                    q: q0,
+                    d: d0,
+                    s: s0,
+                    sums: g0,
+                },
+            )));
+            (q, d, s, sums) = (q1, d1, s1, g1);
+            t = t1;
+        }
+        if parts == 1 {
+            let (t0, t1, rows) = &mut *views[0].lock().unwrap();
+            one(*t0, *t1, rows);
+        } else {
+            pool.run(&|i, _| {
+                let (t0, t1, rows) = &mut *views[i].lock().unwrap();
+                one(*t0, *t1, rows);
+            });
+        }
+        drop(views);
+        a
+    }
 }
 
 /// One weight row, unpacked: `[k]` integers and `[k / 16]` scales.
@@ -172,9 +282,14 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// `sum_g a_g d_g sum(q y) - sum_g b_g dsum_g` over whole 16-weight groups.
+/// `sum_g a_g d_g sum(q y) - sum_g b_g dsum_g` over whole 16-weight groups of token `t`.
 #[inline(always)]
-fn dot_q(row: &RowBuf, y: &[i8], d: &[f32], dsum: &[f32], has_b: bool) -> f32 {
+fn dot_q(row: &RowBuf, acts: &Acts, t: usize, has_b: bool) -> f32 {
+    let k = acts.k;
+    let y = &acts.q[t * k..(t + 1) * k];
+    let gpb = acts.block / GROUP;
+    let nblk = k / acts.block;
+    let d = &acts.d[t * nblk..(t + 1) * nblk];
     let mut acc = [0f32; 16];
     for (g, (qg, yg)) in row
         .q
@@ -182,29 +297,31 @@ fn dot_q(row: &RowBuf, y: &[i8], d: &[f32], dsum: &[f32], has_b: bool) -> f32 {
         .zip(y.chunks_exact(GROUP))
         .enumerate()
     {
-        let s = row.a[g] * d[g];
+        let s = row.a[g] * d[g / gpb];
         for l in 0..16 {
             acc[l] += (qg[l] as i32 * yg[l] as i32) as f32 * s;
         }
     }
     let mut total: f32 = acc.iter().sum();
     if has_b {
-        total -= dot_f32(&row.b, dsum);
+        // `d * sum(y)` per group: Q8_K's exact sums; Q8_1's f16 block sum, which ggml applies
+        // to the block's one offset (the first group's)
+        let ngrp = k / GROUP;
+        let sums = &acts.sums[t * ngrp..(t + 1) * ngrp];
+        let mut off = 0f32;
+        for g in 0..ngrp {
+            let dsum = if acts.block == 256 {
+                d[g / gpb] * sums[g] as f32
+            } else if g % 2 == 0 {
+                acts.s[t * nblk + g / 2]
+            } else {
+                0.0
+            };
+            off += row.b[g] * dsum;
+        }
+        total -= off;
     }
     total
-}
-
-struct OutPtr(*mut f32);
-// SAFETY: each task writes a disjoint set of columns (its own rows of the weight).
-unsafe impl Sync for OutPtr {}
-unsafe impl Send for OutPtr {}
-
-/// Rows per parallel task.
-fn chunk_rows(m: usize, n: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
-    let per = m.div_ceil(threads * 8).max(1);
-    // bigger chunks when each row has a lot of work already
-    if n >= 64 { per.max(4) } else { per.max(16) }.min(m.max(1))
 }
 
 #[inline(always)]
@@ -215,15 +332,14 @@ fn rows_blocks(
     r0: usize,
     r1: usize,
     x: &[f32],
-    qa: Option<&QuantActs>,
+    acts: Option<&Acts>,
     k: usize,
     m: usize,
-    out: &OutPtr,
+    out: Out,
 ) {
     let n = x.len() / k;
-    let groups = k / GROUP;
     let mut row = RowBuf::new(k);
-    let exact = qa.is_none();
+    let exact = acts.is_none();
     let has_b = !matches!(
         ty,
         GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q3K | GgmlType::Q6K
@@ -231,15 +347,9 @@ fn rows_blocks(
     for r in r0..r1 {
         row.unpack(ty, &data[r * row_bytes..(r + 1) * row_bytes], exact);
         for t in 0..n {
-            let v = match qa {
+            let v = match acts {
                 None => dot_f32(&row.w, &x[t * k..(t + 1) * k]),
-                Some(qa) => dot_q(
-                    &row,
-                    &qa.q[t * k..(t + 1) * k],
-                    &qa.d[t * groups..(t + 1) * groups],
-                    &qa.dsum[t * groups..(t + 1) * groups],
-                    has_b,
-                ),
+                Some(a) => dot_q(&row, a, t, has_b),
             };
             // SAFETY: t < n, r < m; column r belongs to this task only.
             unsafe { *out.0.add(t * m + r) = v };
@@ -248,7 +358,7 @@ fn rows_blocks(
 }
 
 #[inline(always)]
-fn rows_dense(w: &[f32], r0: usize, r1: usize, x: &[f32], k: usize, m: usize, out: &OutPtr) {
+fn rows_dense(w: &[f32], r0: usize, r1: usize, x: &[f32], k: usize, m: usize, out: Out) {
     let n = x.len() / k;
     for r in r0..r1 {
         let wr = &w[r * k..(r + 1) * k];
@@ -261,7 +371,7 @@ fn rows_dense(w: &[f32], r0: usize, r1: usize, x: &[f32], k: usize, m: usize, ou
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_blocks_avx2(
     ty: GgmlType,
     data: &[u8],
@@ -269,16 +379,16 @@ unsafe fn rows_blocks_avx2(
     r0: usize,
     r1: usize,
     x: &[f32],
-    qa: Option<&QuantActs>,
+    acts: Option<&Acts>,
     k: usize,
     m: usize,
-    out: &OutPtr,
+    out: Out,
 ) {
-    rows_blocks(ty, data, row_bytes, r0, r1, x, qa, k, m, out)
+    rows_blocks(ty, data, row_bytes, r0, r1, x, acts, k, m, out)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_dense_avx2(
     w: &[f32],
     r0: usize,
@@ -286,15 +396,17 @@ unsafe fn rows_dense_avx2(
     x: &[f32],
     k: usize,
     m: usize,
-    out: &OutPtr,
+    out: Out,
 ) {
     rows_dense(w, r0, r1, x, k, m, out)
 }
 
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -302,54 +414,99 @@ fn has_avx2() -> bool {
     }
 }
 
+/// Which kernels a matmul runs; [`Kernels::detect`] picks the best this CPU has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// hand-written SIMD kernels for the types that have them
+    #[cfg(target_arch = "x86_64")]
+    Simd(simd::Isa),
+    /// the portable loops (compiled for AVX2 too where present)
+    Portable,
+}
+
+impl Kernels {
+    pub fn detect() -> Kernels {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(isa) = simd::Isa::detect() {
+            return Kernels::Simd(isa);
+        }
+        Kernels::Portable
+    }
+}
+
+/// Rows per unit of work: threads take contiguous stripes of whole units.
+const ROW_UNIT: usize = 16;
+
 impl Matrix {
     /// `x [n, k]` times this `[m, k]` matrix transposed → `[n, m]`.
     pub fn matmul(&self, x: &[f32], k: usize, m: usize, mode: MatmulMode) -> Vec<f32> {
+        self.matmul_with(x, k, m, mode, Kernels::detect())
+    }
+
+    /// [`Matrix::matmul`] with a chosen kernel set (benchmarks and tests compare them).
+    pub fn matmul_with(
+        &self,
+        x: &[f32],
+        k: usize,
+        m: usize,
+        mode: MatmulMode,
+        kernels: Kernels,
+    ) -> Vec<f32> {
         let n = x.len() / k;
         let mut out = vec![0f32; n * m];
-        let ptr = OutPtr(out.as_mut_ptr());
-        let chunk = chunk_rows(m, n);
+        let ptr = Out(out.as_mut_ptr());
         let avx2 = has_avx2();
+        let units = m.div_ceil(ROW_UNIT);
+        let pool = pool::global();
         match self {
-            Matrix::Dense(w) => {
-                (0..m.div_ceil(chunk)).into_par_iter().for_each(|c| {
-                    let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(m));
-                    #[cfg(target_arch = "x86_64")]
-                    if avx2 {
-                        // SAFETY: the CPU has AVX2 and FMA (checked above)
-                        return unsafe { rows_dense_avx2(w, r0, r1, x, k, m, &ptr) };
-                    }
-                    let _ = avx2;
-                    rows_dense(w, r0, r1, x, k, m, &ptr)
-                });
-            }
+            Matrix::Dense(w) => pool.for_ranges(units, |u| {
+                let (r0, r1) = (u.start * ROW_UNIT, (u.end * ROW_UNIT).min(m));
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the CPU has AVX2, FMA and F16C (checked above)
+                    return unsafe { rows_dense_avx2(w, r0, r1, x, k, m, ptr) };
+                }
+                rows_dense(w, r0, r1, x, k, m, ptr)
+            }),
             Matrix::Blocks {
                 ty,
                 data,
                 row_bytes,
             } => {
-                let qa = match mode {
+                let acts = match mode {
                     MatmulMode::Exact => None,
                     MatmulMode::Quantized => {
-                        let act_block = if ty.block_size() == Some(256) {
+                        let block = if ty.block_size() == Some(256) {
                             256
                         } else {
                             32
                         };
-                        Some(quantize_acts(x, k, act_block))
+                        Some(Acts::quantize(x, k, block))
                     }
                 };
-                let qa = qa.as_ref();
-                (0..m.div_ceil(chunk)).into_par_iter().for_each(|c| {
-                    let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(m));
+                let acts = acts.as_ref();
+                pool.for_ranges(units, |u| {
+                    let (r0, r1) = (u.start * ROW_UNIT, (u.end * ROW_UNIT).min(m));
                     #[cfg(target_arch = "x86_64")]
-                    if avx2 {
-                        // SAFETY: the CPU has AVX2 and FMA (checked above)
-                        return unsafe {
-                            rows_blocks_avx2(*ty, data, *row_bytes, r0, r1, x, qa, k, m, &ptr)
-                        };
+                    {
+                        if let (Kernels::Simd(isa), Some(a)) = (kernels, acts) {
+                            // SAFETY: `out` holds n * m floats, `data` m rows (checked at
+                            // load), and `isa` was detected on this CPU.
+                            if unsafe {
+                                simd::matmul_rows(isa, *ty, data, *row_bytes, r0, r1, a, m, ptr)
+                            } {
+                                return;
+                            }
+                        }
+                        if avx2 {
+                            // SAFETY: the CPU has AVX2, FMA and F16C (checked above)
+                            return unsafe {
+                                rows_blocks_avx2(*ty, data, *row_bytes, r0, r1, x, acts, k, m, ptr)
+                            };
+                        }
                     }
-                    rows_blocks(*ty, data, *row_bytes, r0, r1, x, qa, k, m, &ptr)
+                    let _ = kernels;
+                    rows_blocks(*ty, data, *row_bytes, r0, r1, x, acts, k, m, ptr)
                 });
             }
         }

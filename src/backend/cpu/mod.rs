@@ -3,11 +3,16 @@
 //! - [`matmul`]: products against dense and GGUF-block weights (integer or exact f32)
 //! - [`attention`]: the paged f16 KV cache and causal attention over it
 //!
-//! Element-wise ops are plain loops; matmul and attention run on rayon's pool (one thread per
-//! core).
+//! - [`simd`]: hand-written x86-64 kernels for the quantized matmuls
+//! - [`pool`]: the persistent worker threads matmul and attention run on
+//!
+//! Element-wise ops are plain loops on the calling thread.
 
 pub mod attention;
 pub mod matmul;
+pub mod pool;
+#[cfg(target_arch = "x86_64")]
+pub mod simd;
 
 use super::{AttnParams, Backend, BatchLayout, Glu, HostWeight, KvShape, Result, Rope, RopeLayout};
 use crate::formats::quant::dequantize_to_vec;
