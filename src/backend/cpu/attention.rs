@@ -146,9 +146,10 @@ impl CpuKvCache {
         let optr = Out(out.as_mut_ptr());
         let simd = has_avx2();
         let items = n * p.n_heads;
-        pool::global().for_ranges(items, |range| {
+        // items interleaved over the threads: causal rows grow with position
+        pool::global().run(&|thread, threads| {
             let (mut qh, mut scores) = (vec![0f32; hd], Vec::<f32>::new());
-            for i in range {
+            for i in (thread..items).step_by(threads) {
                 let (t, h) = (i / p.n_heads, i % p.n_heads);
                 let kvh = h / group;
                 for (d, s) in qh.iter_mut().zip(&q.data[t * q.cols + h * hd..][..hd]) {

@@ -281,19 +281,25 @@ impl Backend for CpuBackend {
 
     fn glu(&self, gate: &CpuTensor, up: &CpuTensor, act: Glu) -> CpuTensor {
         assert_eq!((gate.rows, gate.cols), (up.rows, up.cols));
-        let data = gate
-            .data
-            .iter()
-            .zip(&up.data)
-            .map(|(&g, &u)| match act {
-                Glu::Silu => g / (1.0 + (-g).exp()) * u,
-                Glu::GeluTanh => gelu_tanh(g) * u,
-            })
-            .collect();
-        CpuTensor {
-            data,
-            rows: gate.rows,
-            cols: gate.cols,
+        let mut out = self.zeros(gate.rows, gate.cols);
+        let ptr = matmul::Out(out.data.as_mut_ptr());
+        let f = |range: std::ops::Range<usize>| {
+            for i in range {
+                let (g, u) = (gate.data[i], up.data[i]);
+                let v = match act {
+                    Glu::Silu => g / (1.0 + (-g).exp()) * u,
+                    Glu::GeluTanh => gelu_tanh(g) * u,
+                };
+                // SAFETY: ranges are disjoint and inside `out`
+                unsafe { *ptr.at(i) = v };
+            }
+        };
+        let n = out.data.len();
+        if n >= 1 << 14 {
+            pool::global().for_ranges(n, f);
+        } else {
+            f(0..n);
         }
+        out
     }
 }
