@@ -62,6 +62,9 @@ pub enum Matrix {
         data: Vec<u8>,
         row_bytes: usize,
     },
+    /// rows repacked eight at a time for the AVX-512 VNNI kernels (see [`super::x8`])
+    #[cfg(target_arch = "x86_64")]
+    X8 { ty: GgmlType, data: Vec<u8> },
 }
 
 /// Activations quantized per block the way ggml's `vec_dot_type` of the weight wants them.
@@ -80,6 +83,8 @@ pub struct Acts {
     pub s: Vec<f32>,
     /// `[n, k / 16]` `sum(q)` of each 16-value group
     pub sums: Vec<i32>,
+    /// `q` holds `q + 128` as unsigned bytes (for the x8 kernels)
+    pub offset: bool,
 }
 
 /// ggml's `nearest_int`: round to nearest, ties to even.
@@ -135,6 +140,9 @@ fn quantize_rows(x: &[f32], acts: &mut ActsRows<'_>, t0: usize, t1: usize) {
                 acts.sums[lt * ngrp + bi * block / GROUP + g] = s;
                 total += s;
             }
+            if acts.offset {
+                qb.iter_mut().for_each(|q| *q ^= i8::MIN);
+            }
             if block == 256 {
                 acts.d[lt * nblk + bi] = d;
             } else {
@@ -149,6 +157,7 @@ fn quantize_rows(x: &[f32], acts: &mut ActsRows<'_>, t0: usize, t1: usize) {
 struct ActsRows<'a> {
     k: usize,
     block: usize,
+    offset: bool,
     q: &'a mut [i8],
     d: &'a mut [f32],
     s: &'a mut [f32],
@@ -164,6 +173,15 @@ unsafe fn quantize_rows_avx2(x: &[f32], acts: &mut ActsRows<'_>, t0: usize, t1: 
 impl Acts {
     /// Quantizes `x [n, k]` in blocks of `block`, splitting the tokens over the pool.
     pub fn quantize(x: &[f32], k: usize, block: usize) -> Acts {
+        Self::quantize_with(x, k, block, false)
+    }
+
+    /// Q8_0 blocks stored as `q + 128` (unsigned), the form the x8 kernels read.
+    pub fn quantize_offset(x: &[f32], k: usize) -> Acts {
+        Self::quantize_with(x, k, 32, true)
+    }
+
+    fn quantize_with(x: &[f32], k: usize, block: usize, offset: bool) -> Acts {
         let n = x.len() / k;
         let (nblk, ngrp) = (k / block, k / GROUP);
         let mut a = Acts {
@@ -174,6 +192,7 @@ impl Acts {
             d: vec![0.0; n * nblk],
             s: vec![0.0; n * nblk],
             sums: vec![0; n * ngrp],
+            offset,
         };
         let avx2 = has_avx2();
         let one = |t0: usize, t1: usize, rows: &mut ActsRows<'_>| {
@@ -205,6 +224,7 @@ impl Acts {
                 ActsRows {
                     k,
                     block,
+                    offset,
                     q: q0,
                     d: d0,
                     s: s0,
@@ -459,6 +479,31 @@ impl Matrix {
         let units = m.div_ceil(ROW_UNIT);
         let pool = pool::global();
         match self {
+            #[cfg(target_arch = "x86_64")]
+            Matrix::X8 { ty, data } => {
+                if let (Kernels::Simd(simd::Isa::Vnni), MatmulMode::Quantized) = (kernels, mode) {
+                    let acts = Acts::quantize_offset(x, k);
+                    let groups = m / 8;
+                    pool.for_ranges(groups.div_ceil(2), |u| {
+                        let (g0, g1) = (u.start * 2, (u.end * 2).min(groups));
+                        // SAFETY: the CPU has AVX-512 VNNI (detected), the matrix holds m / 8
+                        // groups (built by `x8::repack`), `out` n * m floats.
+                        unsafe { super::x8::matmul_groups(*ty, data, g0, g1, &acts, m, ptr) }
+                    });
+                } else {
+                    // other kernels on a repacked matrix: row by row in f32
+                    pool.for_ranges(m, |rows| {
+                        let mut w = vec![0f32; k];
+                        for r in rows {
+                            super::x8::row_f32(*ty, data, k, r, &mut w);
+                            for t in 0..n {
+                                // SAFETY: column r belongs to this range only
+                                unsafe { *ptr.at(t * m + r) = dot_f32(&w, &x[t * k..(t + 1) * k]) };
+                            }
+                        }
+                    });
+                }
+            }
             Matrix::Dense(w) => pool.for_ranges(units, |u| {
                 let (r0, r1) = (u.start * ROW_UNIT, (u.end * ROW_UNIT).min(m));
                 #[cfg(target_arch = "x86_64")]
@@ -526,6 +571,8 @@ impl Matrix {
                 rb.unpack(*ty, &data[r * row_bytes..(r + 1) * row_bytes], true);
                 out.copy_from_slice(&rb.w);
             }
+            #[cfg(target_arch = "x86_64")]
+            Matrix::X8 { ty, data } => super::x8::row_f32(*ty, data, k, r, out),
         }
     }
 }

@@ -480,6 +480,13 @@ mod tests {
     use super::*;
     use half::f16;
 
+    fn mat_data(m: &Matrix) -> Vec<u8> {
+        match m {
+            Matrix::Blocks { data, .. } => data.clone(),
+            _ => unreachable!(),
+        }
+    }
+
     fn rng(mut seed: u64) -> impl FnMut() -> u64 {
         move || {
             seed ^= seed << 13;
@@ -529,6 +536,9 @@ mod tests {
                 (768, 19, 5),
                 (256, 33, 9),
                 (512, 5, 4),
+                (512, 40, 6),
+                (768, 16, 1),
+                (256, 8, 9),
             ] {
                 let rb = k / bs * ts;
                 let mut data: Vec<u8> = (0..m * rb).map(|_| next() as u8).collect();
@@ -548,6 +558,44 @@ mod tests {
                 };
                 let want = mat.matmul_with(&x, k, m, MatmulMode::Quantized, Kernels::Portable);
                 let exact = mat.matmul_with(&x, k, m, MatmulMode::Exact, Kernels::Portable);
+                // the x8 repacking of the same weights: exact rows, same products
+                if let Some(packed) = super::super::x8::repack(ty, &mat_data(&mat), m, rb) {
+                    let mat8 = Matrix::X8 { ty, data: packed };
+                    let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
+                    for r in 0..m {
+                        mat.row_f32(r, k, &mut a);
+                        mat8.row_f32(r, k, &mut b);
+                        assert_eq!(a, b, "{ty:?} x8 row {r}");
+                    }
+                    if isas.contains(&Isa::Vnni) {
+                        let got = mat8.matmul_with(
+                            &x,
+                            k,
+                            m,
+                            MatmulMode::Quantized,
+                            Kernels::Simd(Isa::Vnni),
+                        );
+                        for i in 0..n * m {
+                            let tol = 1e-5 * exact.iter().map(|v| v.abs()).fold(1.0, f32::max);
+                            assert!(
+                                (got[i] - want[i]).abs() <= tol,
+                                "{ty:?} x8 k {k} m {m} n {n} at {i}: {} vs {} (seed {seed})",
+                                got[i],
+                                want[i]
+                            );
+                        }
+                    }
+                    // without VNNI it falls back to f32 rows
+                    let slow = mat8.matmul_with(&x, k, m, MatmulMode::Exact, Kernels::Portable);
+                    for i in 0..n * m {
+                        assert!((slow[i] - exact[i]).abs() <= 1e-4 * exact[i].abs().max(1.0));
+                    }
+                } else {
+                    assert!(
+                        m % 8 != 0
+                            || !matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0)
+                    );
+                }
                 for &isa in &isas {
                     let got = mat.matmul_with(&x, k, m, MatmulMode::Quantized, Kernels::Simd(isa));
                     for i in 0..n * m {

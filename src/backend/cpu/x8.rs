@@ -1,0 +1,233 @@
+//! Weights repacked eight rows at a time ("x8"), for the AVX-512 VNNI kernels.
+//!
+//! For each group of 8 rows and each 32-weight block, the repacked block holds the 8 rows'
+//! f16 scales, the 8 sums of their integer weights (i16), and the weights interleaved in
+//! 4-weight chunks: chunk `c` of all 8 rows is 32 consecutive bytes, `[row0 w4c..w4c+3, row1
+//! ..., row7 ...]`, so one `vpdpbusd` against the 4 activation bytes `y[4c..4c+4]` broadcast
+//! to every lane advances 8 rows at once. After a block's 8 chunks the 8 lanes hold the 8
+//! rows' integer dot products: one conversion and one multiply-add per 8 rows, where the
+//! row-at-a-time kernels pay them per row.
+//!
+//! `vpdpbusd` multiplies unsigned by signed bytes, so activations are stored offset by 128
+//! ([`Acts::quantize_offset`]); `sum((y + 128) w) - 128 sum(w)` is exact, and the `128 sum(w)`
+//! term comes from the stored sums as the accumulator's starting value.
+//!
+//! Payloads per block of 8 rows: Q8_0 256 bytes of i8; Q4_0 and Q5_0 128 bytes of nibbles
+//! (chunk `2j` in the low nibbles of the 32 bytes `j`, chunk `2j + 1` in the high ones), and
+//! for Q5_0 32 more bytes whose bit `c` is the fifth bit of chunk `c`'s byte. The weights are
+//! the same numbers as in the file (repacking is lossless; [`row_f32`] reads them back).
+
+#![cfg(target_arch = "x86_64")]
+
+use super::matmul::{Acts, Out};
+use crate::formats::quant::{unpack_block, Unpacked};
+use crate::formats::GgmlType;
+
+/// Bytes of one repacked block of 8 rows: 16 scale bytes, 16 sum bytes, the payload.
+pub fn block_bytes(ty: GgmlType) -> Option<usize> {
+    Some(
+        32 + match ty {
+            GgmlType::Q8_0 => 256,
+            GgmlType::Q4_0 => 128,
+            GgmlType::Q5_0 => 160,
+            _ => return None,
+        },
+    )
+}
+
+/// Repacks `rows` rows of `ty` blocks (`row_bytes` each); `None` when the type has no x8 form
+/// or the rows are not whole groups of 8.
+pub fn repack(ty: GgmlType, data: &[u8], rows: usize, row_bytes: usize) -> Option<Vec<u8>> {
+    let bb = block_bytes(ty)?;
+    let ts = ty.type_size()?;
+    if rows % 8 != 0 || row_bytes % ts != 0 || data.len() != rows * row_bytes {
+        return None;
+    }
+    let nb = row_bytes / ts;
+    let mut out = vec![0u8; rows / 8 * nb * bb];
+    let mut u = Unpacked::default();
+    for g in 0..rows / 8 {
+        for b in 0..nb {
+            let o = &mut out[(g * nb + b) * bb..][..bb];
+            for lane in 0..8 {
+                let src = &data[(g * 8 + lane) * row_bytes + b * ts..][..ts];
+                unpack_block(ty, src, &mut u);
+                o[2 * lane..2 * lane + 2].copy_from_slice(&src[0..2]);
+                let sum: i32 = u.q[..32].iter().map(|&q| q as i32).sum();
+                o[16 + 2 * lane..18 + 2 * lane].copy_from_slice(&(sum as i16).to_le_bytes());
+                for i in 0..32 {
+                    let (c, j) = (i / 4, i % 4);
+                    let at = 4 * lane + j;
+                    let q = u.q[i];
+                    match ty {
+                        GgmlType::Q8_0 => o[32 + 32 * c + at] = q as u8,
+                        _ => {
+                            let v = (q as i32 + if ty == GgmlType::Q5_0 { 16 } else { 8 }) as u8;
+                            o[32 + 32 * (c / 2) + at] |= (v & 0x0F) << (4 * (c % 2));
+                            if ty == GgmlType::Q5_0 {
+                                o[160 + at] |= ((v >> 4) & 1) << c;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Row `r` dequantized (the embedding lookup of a tied output matrix).
+pub fn row_f32(ty: GgmlType, data: &[u8], cols: usize, r: usize, out: &mut [f32]) {
+    let bb = block_bytes(ty).expect("x8 type");
+    let nb = cols / 32;
+    let (g, lane) = (r / 8, r % 8);
+    for b in 0..nb {
+        let o = &data[(g * nb + b) * bb..][..bb];
+        let d = half::f16::from_le_bytes([o[2 * lane], o[2 * lane + 1]]).to_f32();
+        for i in 0..32 {
+            let (c, j) = (i / 4, i % 4);
+            let at = 4 * lane + j;
+            let q = match ty {
+                GgmlType::Q8_0 => o[32 + 32 * c + at] as i8 as i32,
+                _ => {
+                    let mut v = (o[32 + 32 * (c / 2) + at] >> (4 * (c % 2))) & 0x0F;
+                    if ty == GgmlType::Q5_0 {
+                        v |= ((o[160 + at] >> c) & 1) << 4;
+                        v as i32 - 16
+                    } else {
+                        v as i32 - 8
+                    }
+                }
+            };
+            out[b * 32 + i] = d * q as f32;
+        }
+    }
+}
+
+/// `out[t, r] = x[t] . w[r]` for the row groups `g0..g1` of a repacked matrix.
+///
+/// # Safety
+/// The CPU has AVX-512 VNNI, VL and BW; `out` holds `acts.n * m` floats; `data` holds at least
+/// `g1` groups of `acts.k / 32` blocks; `8 * g1 <= m`; `acts` was quantized with the offset.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw")]
+pub unsafe fn matmul_groups(
+    ty: GgmlType,
+    data: &[u8],
+    g0: usize,
+    g1: usize,
+    acts: &Acts,
+    m: usize,
+    out: Out,
+) {
+    match ty {
+        GgmlType::Q8_0 => drive::<0>(data, g0, g1, acts, m, out),
+        GgmlType::Q4_0 => drive::<1>(data, g0, g1, acts, m, out),
+        _ => drive::<2>(data, g0, g1, acts, m, out),
+    }
+}
+
+const NT: usize = 4;
+const TB: usize = 64;
+const GB: usize = 4;
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw")]
+unsafe fn drive<const KIND: u8>(
+    data: &[u8],
+    g0: usize,
+    g1: usize,
+    acts: &Acts,
+    m: usize,
+    out: Out,
+) {
+    use std::arch::x86_64::*;
+    let n = acts.n;
+    let nb = acts.k / 32;
+    let bb = 32 + [256, 128, 160][KIND as usize];
+    assert!(acts.offset && acts.block == 32 && data.len() >= g1 * nb * bb && 8 * g1 <= m);
+    let mut gb = g0;
+    while gb < g1 {
+        let ge = (gb + GB).min(g1);
+        let mut tb = 0;
+        while tb < n {
+            let te = (tb + TB).min(n);
+            for g in gb..ge {
+                let gp = data.as_ptr().add(g * nb * bb);
+                let mut t = tb;
+                while t < te {
+                    let c = if t + NT <= te { NT } else { 1 };
+                    if c == NT {
+                        let v = group_dots::<KIND, NT>(gp, nb, acts, t);
+                        for (i, v) in v.iter().enumerate() {
+                            _mm256_storeu_ps(out.at((t + i) * m + 8 * g), *v);
+                        }
+                    } else {
+                        let [v] = group_dots::<KIND, 1>(gp, nb, acts, t);
+                        _mm256_storeu_ps(out.at(t * m + 8 * g), v);
+                    }
+                    t += c;
+                }
+            }
+            tb = te;
+        }
+        gb = ge;
+    }
+}
+
+/// The 8 rows of one group dotted with `T` tokens from `t0`: one 8-lane vector per token.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw")]
+#[inline]
+unsafe fn group_dots<const KIND: u8, const T: usize>(
+    gp: *const u8,
+    nb: usize,
+    acts: &Acts,
+    t0: usize,
+) -> [std::arch::x86_64::__m256; T] {
+    use std::arch::x86_64::*;
+    let k = acts.k;
+    let bb = 32 + [256, 128, 160][KIND as usize];
+    let yq = acts.q.as_ptr().add(t0 * k) as *const u8;
+    let yd = acts.d.as_ptr().add(t0 * nb);
+    let mut acc = [_mm256_setzero_ps(); T];
+    let m4 = _mm256_set1_epi8(0x0F);
+    for b in 0..nb {
+        let p = gp.add(b * bb);
+        let scale = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+        let wsum = _mm256_cvtepi16_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
+        let start = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(wsum, 7));
+        let mut w = [_mm256_setzero_si256(); 8];
+        for (c, wc) in w.iter_mut().enumerate() {
+            *wc = match KIND {
+                0 => _mm256_loadu_si256(p.add(32 + 32 * c) as *const __m256i),
+                _ => {
+                    let q = _mm256_loadu_si256(p.add(32 + 32 * (c / 2)) as *const __m256i);
+                    let nib = if c % 2 == 0 {
+                        _mm256_and_si256(q, m4)
+                    } else {
+                        _mm256_and_si256(_mm256_srli_epi16(q, 4), m4)
+                    };
+                    if KIND == 1 {
+                        _mm256_sub_epi8(nib, _mm256_set1_epi8(8))
+                    } else {
+                        let qh = _mm256_loadu_si256(p.add(160) as *const __m256i);
+                        let hb = _mm256_and_si256(
+                            _mm256_slli_epi16(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(c as i32)), 4),
+                            _mm256_set1_epi8(0x10),
+                        );
+                        _mm256_sub_epi8(_mm256_or_si256(nib, hb), _mm256_set1_epi8(16))
+                    }
+                }
+            };
+        }
+        for t in 0..T {
+            let y = yq.add(t * k + b * 32);
+            let mut isum = start;
+            for (c, wc) in w.iter().enumerate() {
+                let y4 = _mm256_set1_epi32((y.add(4 * c) as *const i32).read_unaligned());
+                isum = _mm256_dpbusd_epi32(isum, y4, *wc);
+            }
+            let s = _mm256_mul_ps(scale, _mm256_set1_ps(*yd.add(t * nb + b)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), s, acc[t]);
+        }
+    }
+    acc
+}
