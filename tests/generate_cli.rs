@@ -65,7 +65,11 @@ fn stop_strings_end_generation_and_are_not_printed() {
         "--stop",
         &stop,
     ]);
-    assert_eq!(stopped["text"].as_str().unwrap(), &text[..at], "stop {stop:?}");
+    assert_eq!(
+        stopped["text"].as_str().unwrap(),
+        &text[..at],
+        "stop {stop:?}"
+    );
     assert_eq!(stopped["finish_reason"], "stop");
     assert_eq!(stopped["stop"], stop.as_str());
 }

@@ -143,6 +143,30 @@ impl Storage {
     }
 }
 
+impl Storage {
+    /// `madvise(MADV_DONTNEED)` over the whole pages inside `data`, if it lies in the map.
+    fn release(&self, data: &[u8]) {
+        let Storage::Mmap(m) = self else { return };
+        let base = m.as_ptr() as usize;
+        let (start, end) = (data.as_ptr() as usize, data.as_ptr() as usize + data.len());
+        if start < base || end > base + m.len() {
+            return;
+        }
+        let page = 4096;
+        let (lo, hi) = (
+            (start - base).div_ceil(page) * page,
+            (end - base) / page * page,
+        );
+        if lo < hi {
+            // SAFETY: the map is a read-only private file mapping; dropped pages are read
+            // back from the file, unchanged, at the next access.
+            let _ = unsafe {
+                m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
+            };
+        }
+    }
+}
+
 /// An opened GGUF file. Metadata keeps file order.
 pub struct GgufFile {
     pub path: PathBuf,
@@ -171,6 +195,12 @@ impl std::fmt::Debug for GgufFile {
 }
 
 impl GgufFile {
+    /// Lets the resident pages under `data` (a slice of this file) go; see
+    /// [`crate::model::ModelSource::release`].
+    pub fn release(&self, data: &[u8]) {
+        self.storage.release(data)
+    }
+
     /// Open and validate a GGUF file, memory-mapping its data.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();

@@ -92,6 +92,14 @@ impl ModelSource {
         Ok(ChatTemplate::new(&src, &text(tok.bos()), &text(tok.eos()))?)
     }
 
+    /// Drops this process's resident pages of the mapped file under `data` (a tensor slice
+    /// that was copied out); later reads fault them back in from the file.
+    pub fn release(&self, data: &[u8]) {
+        if let ModelSource::Gguf(g) = self {
+            g.release(data);
+        }
+    }
+
     /// Number of weights over all tensors.
     pub fn n_params(&self) -> u64 {
         match self {

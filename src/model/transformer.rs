@@ -160,9 +160,13 @@ impl<B: Backend> Transformer<B> {
         let (q_dim, kv_dim) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
         let get = |name: &str, dims: &[usize]| -> Result<B::Weight> {
             let w = src.weight(name, dims)?;
-            backend
+            let loaded = backend
                 .load_weight(&w)
-                .with_context(|| format!("{}", src.path().display()))
+                .with_context(|| format!("{}", src.path().display()))?;
+            // the backend holds its own copy now: let the file's pages go, so loading does
+            // not need the model's size twice in memory
+            src.release(&w.data);
+            Ok(loaded)
         };
         let tok_embd = get("token_embd.weight", &[h, cfg.vocab_size])?;
         let output_norm = get("output_norm.weight", &[h])?;

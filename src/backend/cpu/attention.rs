@@ -34,12 +34,8 @@ impl CpuKvCache {
             .ok_or_else(|| anyhow::anyhow!("KV cache shape {shape:?} overflows"))?;
         Ok(CpuKvCache {
             shape,
-            k: (0..shape.n_layers)
-                .map(|_| vec![f16::ZERO; per_layer])
-                .collect(),
-            v: (0..shape.n_layers)
-                .map(|_| vec![f16::ZERO; per_layer])
-                .collect(),
+            k: (0..shape.n_layers).map(|_| zeroed(per_layer)).collect(),
+            v: (0..shape.n_layers).map(|_| zeroed(per_layer)).collect(),
         })
     }
 
@@ -188,6 +184,15 @@ impl CpuKvCache {
             cols: p.n_heads * hd,
         })
     }
+}
+
+/// `n` zero f16 values from zeroed memory (calloc), so pages cost nothing until written: the
+/// cache is sized for the most tokens it may hold, not the tokens it holds.
+fn zeroed(n: usize) -> Vec<f16> {
+    let v = std::mem::ManuallyDrop::new(vec![0u16; n]);
+    // SAFETY: f16 is a transparent u16 (same size and alignment), all bits valid; the
+    // allocation moves over whole with its length and capacity.
+    unsafe { Vec::from_raw_parts(v.as_ptr() as *mut f16, v.len(), v.capacity()) }
 }
 
 /// `sum(q * k)` with `k` in f16.
