@@ -166,11 +166,9 @@ impl CpuKvCache {
                     max = max.max(s);
                     scores.push(s);
                 }
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
+                scores.iter_mut().for_each(|s| *s -= max);
+                super::math::exp_in_place(&mut scores, simd);
+                let sum: f32 = scores.iter().sum();
                 o.fill(0.0);
                 for (jj, s) in scores.iter().enumerate() {
                     let vr = &vc[slot(lo + jj) * w + kvh * hd..][..hd];

@@ -9,6 +9,7 @@
 //! Element-wise ops are plain loops on the calling thread.
 
 pub mod attention;
+pub mod math;
 pub mod matmul;
 pub mod pool;
 #[cfg(target_arch = "x86_64")]
@@ -87,9 +88,26 @@ fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
+#[inline(always)]
+fn glu_body(o: &mut [f32], g: &[f32], u: &[f32], act: Glu) {
+    match act {
+        Glu::Silu => {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = math::silu(g) * u;
+            }
+        }
+        Glu::GeluTanh => {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = math::gelu_tanh(g) * u;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn glu_avx2(o: &mut [f32], g: &[f32], u: &[f32], act: Glu) {
+    glu_body(o, g, u, act)
 }
 
 impl Backend for CpuBackend {
@@ -300,16 +318,18 @@ impl Backend for CpuBackend {
         assert_eq!((gate.rows, gate.cols), (up.rows, up.cols));
         let mut out = self.zeros(gate.rows, gate.cols);
         let ptr = matmul::Out(out.data.as_mut_ptr());
+        let avx2 = matmul::has_avx2();
         let f = |range: std::ops::Range<usize>| {
-            for i in range {
-                let (g, u) = (gate.data[i], up.data[i]);
-                let v = match act {
-                    Glu::Silu => g / (1.0 + (-g).exp()) * u,
-                    Glu::GeluTanh => gelu_tanh(g) * u,
-                };
-                // SAFETY: ranges are disjoint and inside `out`
-                unsafe { *ptr.at(i) = v };
+            // SAFETY: ranges are disjoint and inside `out`
+            let o = unsafe { std::slice::from_raw_parts_mut(ptr.at(range.start), range.len()) };
+            let (g, u) = (&gate.data[range.clone()], &up.data[range]);
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU has AVX2 and FMA (checked)
+                return unsafe { glu_avx2(o, g, u, act) };
             }
+            let _ = avx2;
+            glu_body(o, g, u, act)
         };
         let n = out.data.len();
         if n >= 1 << 14 {
