@@ -136,44 +136,54 @@ impl CpuKvCache {
             }
         }
         let group = p.n_heads / p.n_kv_heads;
+        if group > 64 {
+            bail!("attention: {group} query heads per KV head (at most 64)");
+        }
         let (kc, vc) = (&self.k[layer], &self.v[layer]);
         let w = self.row_len();
         let mut out = vec![0f32; n * p.n_heads * hd];
         let optr = Out(out.as_mut_ptr());
         let simd = has_avx2();
-        let items = n * p.n_heads;
-        // items interleaved over the threads: causal rows grow with position
+        let nkv = p.n_kv_heads;
+        let items = n * nkv;
+        // one item is a token's group of query heads sharing a K/V head: each K and V row is
+        // widened from f16 once for the whole group. Items are interleaved over the threads
+        // (causal rows grow with position).
         pool::global().run(&|thread, threads| {
-            let (mut qh, mut scores) = (vec![0f32; hd], Vec::<f32>::new());
+            let mut qg = vec![0f32; group * hd];
+            let mut scores = Vec::<f32>::new();
+            let mut row = vec![0f32; hd];
             for i in (thread..items).step_by(threads) {
-                let (t, h) = (i / p.n_heads, i % p.n_heads);
-                let kvh = h / group;
-                for (d, s) in qh.iter_mut().zip(&q.data[t * q.cols + h * hd..][..hd]) {
+                let (t, kvh) = (i / nkv, i % nkv);
+                let qrow = &q.data[t * q.cols + kvh * group * hd..][..group * hd];
+                for (d, s) in qg.iter_mut().zip(qrow) {
                     *d = f16::from_f32(*s).to_f32();
                 }
                 let pos = layout.positions[t] as usize;
                 let lo = p.window.map_or(0, |win| (pos + 1).saturating_sub(win));
                 let table = layout.block_tables[seq_of[t]];
-                let slot = |j: usize| table[j / bs] as usize * bs + j % bs;
-                // SAFETY: item i owns out[i * hd..(i + 1) * hd]
-                let o = unsafe { std::slice::from_raw_parts_mut(optr.at(i * hd), hd) };
-                // exact two-pass softmax over the visible positions, V accumulated in f32
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for j in lo..=pos {
-                    let kr = &kc[slot(j) * w + kvh * hd..][..hd];
-                    let s = dot_f16(&qh, kr, simd) * p.scale;
-                    max = max.max(s);
-                    scores.push(s);
+                let at = |j: usize| (table[j / bs] as usize * bs + j % bs) * w + kvh * hd;
+                // SAFETY: item i owns the group's heads of token t in `out`
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        optr.at(t * q.cols + kvh * group * hd),
+                        group * hd,
+                    )
+                };
+                let g = Group {
+                    q: &qg,
+                    hd,
+                    lo,
+                    pos,
+                    scale: p.scale,
+                };
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: the CPU has AVX2, FMA and F16C (checked)
+                    unsafe { attend_avx2(&g, kc, vc, &at, &mut scores, &mut row, o) };
+                    continue;
                 }
-                scores.iter_mut().for_each(|s| *s -= max);
-                super::math::exp_in_place(&mut scores, simd);
-                let sum: f32 = scores.iter().sum();
-                o.fill(0.0);
-                for (jj, s) in scores.iter().enumerate() {
-                    let vr = &vc[slot(lo + jj) * w + kvh * hd..][..hd];
-                    axpy_f16(o, s / sum, vr, simd);
-                }
+                attend::<false>(&g, kc, vc, &at, &mut scores, &mut row, o);
             }
         });
         Ok(CpuTensor {
@@ -193,60 +203,109 @@ fn zeroed(n: usize) -> Vec<f16> {
     unsafe { Vec::from_raw_parts(v.as_ptr() as *mut f16, v.len(), v.capacity()) }
 }
 
-/// `sum(q * k)` with `k` in f16.
-#[inline]
-fn dot_f16(q: &[f32], k: &[f16], simd: bool) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if simd && q.len() % 8 == 0 {
-        // SAFETY: the CPU has AVX2, FMA and F16C (checked by the caller)
-        return unsafe { dot_f16_avx2(q, k) };
-    }
-    let _ = simd;
-    let mut acc = 0f32;
-    for (a, b) in q.iter().zip(k) {
-        acc += a * b.to_f32();
-    }
-    acc
+/// The query heads of one token that share a K/V head, and the positions they see.
+struct Group<'a> {
+    /// `[heads, hd]`, rounded to f16
+    q: &'a [f32],
+    hd: usize,
+    lo: usize,
+    pos: usize,
+    scale: f32,
 }
 
-/// `o += p * v` with `v` in f16.
-#[inline]
-fn axpy_f16(o: &mut [f32], p: f32, v: &[f16], simd: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if simd && o.len() % 8 == 0 {
-        // SAFETY: as above
-        return unsafe { axpy_f16_avx2(o, p, v) };
+/// Exact two-pass softmax attention of a group over positions `lo..=pos`, V accumulated in
+/// f32; `at(j)` is the offset of position `j`'s K/V row in the caches.
+#[inline(always)]
+fn attend<const F16C: bool>(
+    g: &Group,
+    kc: &[f16],
+    vc: &[f16],
+    at: &dyn Fn(usize) -> usize,
+    scores: &mut Vec<f32>,
+    row: &mut [f32],
+    out: &mut [f32],
+) {
+    let (hd, heads) = (g.hd, g.q.len() / g.hd);
+    let npos = g.pos + 1 - g.lo;
+    scores.clear();
+    scores.resize(heads * npos, 0.0);
+    for j in 0..npos {
+        widen::<F16C>(&kc[at(g.lo + j)..][..hd], row);
+        for h in 0..heads {
+            scores[h * npos + j] = dot(&g.q[h * hd..(h + 1) * hd], row) * g.scale;
+        }
     }
-    let _ = simd;
-    for (a, b) in o.iter_mut().zip(v) {
-        *a += p * b.to_f32();
+    let mut inv = [0f32; 64];
+    for (h, sc) in scores.chunks_exact_mut(npos).enumerate() {
+        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        sc.iter_mut().for_each(|s| *s = super::math::exp(*s - max));
+        inv[h % 64] = 1.0 / sc.iter().sum::<f32>();
+    }
+    out.fill(0.0);
+    for j in 0..npos {
+        widen::<F16C>(&vc[at(g.lo + j)..][..hd], row);
+        for h in 0..heads {
+            let pj = scores[h * npos + j] * inv[h % 64];
+            for (o, v) in out[h * hd..(h + 1) * hd].iter_mut().zip(row.iter()) {
+                *o += pj * v;
+            }
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f16_avx2(q: &[f32], k: &[f16]) -> f32 {
-    use std::arch::x86_64::*;
-    assert!(k.len() >= q.len());
-    let mut acc = _mm256_setzero_ps();
-    for i in (0..q.len()).step_by(8) {
-        let kv = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(i) as *const __m128i));
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), kv, acc);
+unsafe fn attend_avx2(
+    g: &Group,
+    kc: &[f16],
+    vc: &[f16],
+    at: &dyn Fn(usize) -> usize,
+    scores: &mut Vec<f32>,
+    row: &mut [f32],
+    out: &mut [f32],
+) {
+    attend::<true>(g, kc, vc, at, scores, row, out)
+}
+
+/// `sum(a * b)` with 8 independent accumulators so the compiler can vectorize.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
     }
-    let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    let n = a.len() / 8 * 8;
+    let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// f16 → f32 over a row (with F16C when `F16C`, which only AVX2 builds set).
+#[inline(always)]
+fn widen<const F16C: bool>(src: &[f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if F16C {
+        // SAFETY: only instantiated with true inside functions that enable F16C
+        return unsafe { widen_f16c(src, dst) };
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn axpy_f16_avx2(o: &mut [f32], p: f32, v: &[f16]) {
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn widen_f16c(src: &[f16], dst: &mut [f32]) {
     use std::arch::x86_64::*;
-    assert!(v.len() >= o.len());
-    let pv = _mm256_set1_ps(p);
-    for i in (0..o.len()).step_by(8) {
-        let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
-        let op = o.as_mut_ptr().add(i);
-        _mm256_storeu_ps(op, _mm256_fmadd_ps(pv, vv, _mm256_loadu_ps(op)));
+    let n = dst.len().min(src.len());
+    let n8 = n / 8 * 8;
+    for i in (0..n8).step_by(8) {
+        let v = _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().add(i) as *const __m128i));
+        _mm256_storeu_ps(dst.as_mut_ptr().add(i), v);
+    }
+    for i in n8..n {
+        dst[i] = src[i].to_f32();
     }
 }
