@@ -14,8 +14,11 @@
 //!
 //! Payloads per block of 8 rows: Q8_0 256 bytes of i8; Q4_0 and Q5_0 128 bytes of nibbles
 //! (chunk `2j` in the low nibbles of the 32 bytes `j`, chunk `2j + 1` in the high ones), and
-//! for Q5_0 32 more bytes whose bit `c` is the fifth bit of chunk `c`'s byte. The weights are
-//! the same numbers as in the file (repacking is lossless; [`row_f32`] reads them back).
+//! for Q5_0 32 more bytes whose bit `c` is the fifth bit of chunk `c`'s byte. Q4_K keeps its
+//! nibbles unsigned (no offset needed: `vpdpbusd` takes them as the unsigned operand against
+//! plain Q8_K activations) with its scales and mins unpacked per row ([`Q4K_BYTES`]). The
+//! weights are the same numbers as in the file (repacking is lossless; [`row_f32`] reads them
+//! back).
 
 #![cfg(target_arch = "x86_64")]
 
@@ -23,16 +26,32 @@ use super::matmul::{Acts, Out};
 use crate::formats::quant::{unpack_block, Unpacked};
 use crate::formats::GgmlType;
 
-/// Bytes of one repacked block of 8 rows: 16 scale bytes, 16 sum bytes, the payload.
+/// Bytes of one repacked block of 8 rows: 16 scale bytes, 16 sum bytes, the payload; for
+/// Q4_K a super-block of 8 rows (see [`Q4K_BYTES`]).
 pub fn block_bytes(ty: GgmlType) -> Option<usize> {
-    Some(
-        32 + match ty {
-            GgmlType::Q8_0 => 256,
-            GgmlType::Q4_0 => 128,
-            GgmlType::Q5_0 => 160,
-            _ => return None,
-        },
-    )
+    Some(match ty {
+        GgmlType::Q8_0 => 32 + 256,
+        GgmlType::Q4_0 => 32 + 128,
+        GgmlType::Q5_0 => 32 + 160,
+        GgmlType::Q4K => Q4K_BYTES,
+        _ => return None,
+    })
+}
+
+/// A Q4_K super-block (256 weights) of 8 rows: `d[8]` and `dmin[8]` (f16), the 6-bit scales
+/// as bytes (`[sub-block][row]`, 64), the mins as i16 pairs of sub-blocks `(2p, 2p + 1)` per
+/// row (`[p][row][2]`, 128, for `vpdpwssd` against pairs of activation sums), then per
+/// sub-block 4 × 32 bytes of nibbles in the chunk layout above (chunk `2i` low, `2i + 1`
+/// high).
+pub const Q4K_BYTES: usize = 32 + 64 + 128 + 1024;
+
+/// Weights per repacked block of `ty` (per row).
+fn block_len(ty: GgmlType) -> usize {
+    if ty == GgmlType::Q4K {
+        256
+    } else {
+        32
+    }
 }
 
 /// Repacks `rows` rows of `ty` blocks (`row_bytes` each); `None` when the type has no x8 form
@@ -46,6 +65,32 @@ pub fn repack(ty: GgmlType, data: &[u8], rows: usize, row_bytes: usize) -> Optio
     let nb = row_bytes / ts;
     let mut out = vec![0u8; rows / 8 * nb * bb];
     let mut u = Unpacked::default();
+    if ty == GgmlType::Q4K {
+        for g in 0..rows / 8 {
+            for b in 0..nb {
+                let o = &mut out[(g * nb + b) * bb..][..bb];
+                for lane in 0..8 {
+                    let src = &data[(g * 8 + lane) * row_bytes + b * ts..][..ts];
+                    unpack_block(ty, src, &mut u);
+                    let (sc, mn) = crate::formats::quant::scale_min_k4(&src[4..16]);
+                    o[2 * lane..2 * lane + 2].copy_from_slice(&src[0..2]);
+                    o[16 + 2 * lane..18 + 2 * lane].copy_from_slice(&src[2..4]);
+                    for j in 0..8 {
+                        o[32 + 8 * j + lane] = sc[j];
+                        let at = 96 + 32 * (j / 2) + 4 * lane + 2 * (j % 2);
+                        o[at..at + 2].copy_from_slice(&(mn[j] as i16).to_le_bytes());
+                    }
+                    for i in 0..256 {
+                        let (j, w) = (i / 32, i % 32);
+                        let (c, jj) = (w / 4, w % 4);
+                        let at = 224 + 128 * j + 32 * (c / 2) + 4 * lane + jj;
+                        o[at] |= ((u.q[i] as u8) & 0x0F) << (4 * (c % 2));
+                    }
+                }
+            }
+        }
+        return Some(out);
+    }
     for g in 0..rows / 8 {
         for b in 0..nb {
             let o = &mut out[(g * nb + b) * bb..][..bb];
@@ -79,8 +124,25 @@ pub fn repack(ty: GgmlType, data: &[u8], rows: usize, row_bytes: usize) -> Optio
 /// Row `r` dequantized (the embedding lookup of a tied output matrix).
 pub fn row_f32(ty: GgmlType, data: &[u8], cols: usize, r: usize, out: &mut [f32]) {
     let bb = block_bytes(ty).expect("x8 type");
-    let nb = cols / 32;
+    let nb = cols / block_len(ty);
     let (g, lane) = (r / 8, r % 8);
+    let f16 = |o: &[u8], at: usize| half::f16::from_le_bytes([o[at], o[at + 1]]).to_f32();
+    if ty == GgmlType::Q4K {
+        for b in 0..nb {
+            let o = &data[(g * nb + b) * bb..][..bb];
+            let (d, dmin) = (f16(o, 2 * lane), f16(o, 16 + 2 * lane));
+            for i in 0..256 {
+                let (j, w) = (i / 32, i % 32);
+                let (c, jj) = (w / 4, w % 4);
+                let q = (o[224 + 128 * j + 32 * (c / 2) + 4 * lane + jj] >> (4 * (c % 2))) & 0x0F;
+                let sc = o[32 + 8 * j + lane] as f32;
+                let at = 96 + 32 * (j / 2) + 4 * lane + 2 * (j % 2);
+                let m = i16::from_le_bytes([o[at], o[at + 1]]) as f32;
+                out[b * 256 + i] = d * sc * q as f32 - dmin * m;
+            }
+        }
+        return;
+    }
     for b in 0..nb {
         let o = &data[(g * nb + b) * bb..][..bb];
         let d = half::f16::from_le_bytes([o[2 * lane], o[2 * lane + 1]]).to_f32();
@@ -122,7 +184,8 @@ pub unsafe fn matmul_groups(
     match ty {
         GgmlType::Q8_0 => drive::<0>(data, g0, g1, acts, m, out),
         GgmlType::Q4_0 => drive::<1>(data, g0, g1, acts, m, out),
-        _ => drive::<2>(data, g0, g1, acts, m, out),
+        GgmlType::Q5_0 => drive::<2>(data, g0, g1, acts, m, out),
+        _ => drive::<3>(data, g0, g1, acts, m, out),
     }
 }
 
@@ -141,9 +204,13 @@ unsafe fn drive<const KIND: u8>(
 ) {
     use std::arch::x86_64::*;
     let n = acts.n;
-    let nb = acts.k / 32;
-    let bb = 32 + [256, 128, 160][KIND as usize];
-    assert!(acts.offset && acts.block == 32 && data.len() >= g1 * nb * bb && 8 * g1 <= m);
+    let (nb, bb) = match KIND {
+        3 => (acts.k / 256, Q4K_BYTES),
+        _ => (acts.k / 32, 32 + [256, 128, 160][KIND as usize]),
+    };
+    // legacy types read offset Q8_0 activations, Q4_K plain Q8_K ones
+    let want = if KIND == 3 { (false, 256) } else { (true, 32) };
+    assert!((acts.offset, acts.block) == want && data.len() >= g1 * nb * bb && 8 * g1 <= m);
     let mut gb = g0;
     while gb < g1 {
         let ge = (gb + GB).min(g1);
@@ -156,12 +223,20 @@ unsafe fn drive<const KIND: u8>(
                 while t < te {
                     let c = if t + NT <= te { NT } else { 1 };
                     if c == NT {
-                        let v = group_dots::<KIND, NT>(gp, nb, acts, t);
+                        let v = if KIND == 3 {
+                            group_dots_q4k::<NT>(gp, nb, acts, t)
+                        } else {
+                            group_dots::<KIND, NT>(gp, nb, acts, t)
+                        };
                         for (i, v) in v.iter().enumerate() {
                             _mm256_storeu_ps(out.at((t + i) * m + 8 * g), *v);
                         }
                     } else {
-                        let [v] = group_dots::<KIND, 1>(gp, nb, acts, t);
+                        let [v] = if KIND == 3 {
+                            group_dots_q4k::<1>(gp, nb, acts, t)
+                        } else {
+                            group_dots::<KIND, 1>(gp, nb, acts, t)
+                        };
                         _mm256_storeu_ps(out.at(t * m + 8 * g), v);
                     }
                     t += c;
@@ -227,6 +302,67 @@ unsafe fn group_dots<const KIND: u8, const T: usize>(
             }
             let s = _mm256_mul_ps(scale, _mm256_set1_ps(*yd.add(t * nb + b)));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), s, acc[t]);
+        }
+    }
+    acc
+}
+
+/// [`group_dots`] for Q4_K super-blocks: unsigned nibbles against signed Q8_K activations,
+/// 6-bit scales applied to each sub-block's integer sums, mins through `vpdpwssd` against
+/// pairs of the activations' 32-value sums.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw")]
+#[inline]
+unsafe fn group_dots_q4k<const T: usize>(
+    gp: *const u8,
+    nb: usize,
+    acts: &Acts,
+    t0: usize,
+) -> [std::arch::x86_64::__m256; T] {
+    use std::arch::x86_64::*;
+    let k = acts.k;
+    let ngrp = k / 16;
+    let yq = acts.q.as_ptr().add(t0 * k) as *const u8;
+    let yd = acts.d.as_ptr().add(t0 * nb);
+    let ys = acts.sums.as_ptr().add(t0 * ngrp);
+    let mut acc = [_mm256_setzero_ps(); T];
+    let m4 = _mm256_set1_epi8(0x0F);
+    for b in 0..nb {
+        let p = gp.add(b * Q4K_BYTES);
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+        let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
+        let mut sumi = [_mm256_setzero_si256(); T];
+        for j in 0..8 {
+            let sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(32 + 8 * j) as *const __m128i));
+            let mut w = [_mm256_setzero_si256(); 8];
+            for i in 0..4 {
+                let q = _mm256_loadu_si256(p.add(224 + 128 * j + 32 * i) as *const __m256i);
+                w[2 * i] = _mm256_and_si256(q, m4);
+                w[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            }
+            for t in 0..T {
+                let y = yq.add(t * k + b * 256 + 32 * j);
+                let mut isum = _mm256_setzero_si256();
+                for (c, wc) in w.iter().enumerate() {
+                    let y4 = _mm256_set1_epi32((y.add(4 * c) as *const i32).read_unaligned());
+                    isum = _mm256_dpbusd_epi32(isum, *wc, y4);
+                }
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_mullo_epi32(isum, sc));
+            }
+        }
+        for t in 0..T {
+            let g = ys.add(t * ngrp + b * 16);
+            let mut msum = _mm256_setzero_si256();
+            for pr in 0..4 {
+                let mins = _mm256_loadu_si256(p.add(96 + 32 * pr) as *const __m256i);
+                // sums of sub-blocks 2pr and 2pr + 1 (each two 16-value groups), as i16
+                let s0 = *g.add(4 * pr) + *g.add(4 * pr + 1);
+                let s1 = *g.add(4 * pr + 2) + *g.add(4 * pr + 3);
+                let pair = ((s1 as i16 as u16 as u32) << 16 | s0 as i16 as u16 as u32) as i32;
+                msum = _mm256_dpwssd_epi32(msum, mins, _mm256_set1_epi32(pair));
+            }
+            let dy = _mm256_set1_ps(*yd.add(t * nb + b));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_mul_ps(d, dy), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, dy), acc[t]);
         }
     }
     acc
