@@ -482,10 +482,10 @@ impl Matrix {
             #[cfg(target_arch = "x86_64")]
             Matrix::X8 { ty, data } => {
                 if let (Kernels::Simd(simd::Isa::Vnni), MatmulMode::Quantized) = (kernels, mode) {
-                    let acts = if *ty == GgmlType::Q4K {
-                        Acts::quantize(x, k, 256)
-                    } else {
-                        Acts::quantize_offset(x, k)
+                    let acts = match ty {
+                        GgmlType::Q4K => Acts::quantize(x, k, 256),
+                        GgmlType::Q4_1 => Acts::quantize(x, k, 32),
+                        _ => Acts::quantize_offset(x, k),
                     };
                     let groups = m / 8;
                     pool.for_ranges(groups.div_ceil(2), |u| {

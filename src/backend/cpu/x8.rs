@@ -34,6 +34,7 @@ pub fn block_bytes(ty: GgmlType) -> Option<usize> {
         GgmlType::Q4_0 => 32 + 128,
         GgmlType::Q5_0 => 32 + 160,
         GgmlType::Q4K => Q4K_BYTES,
+        GgmlType::Q4_1 => 32 + 128,
         _ => return None,
     })
 }
@@ -98,8 +99,13 @@ pub fn repack(ty: GgmlType, data: &[u8], rows: usize, row_bytes: usize) -> Optio
                 let src = &data[(g * 8 + lane) * row_bytes + b * ts..][..ts];
                 unpack_block(ty, src, &mut u);
                 o[2 * lane..2 * lane + 2].copy_from_slice(&src[0..2]);
-                let sum: i32 = u.q[..32].iter().map(|&q| q as i32).sum();
-                o[16 + 2 * lane..18 + 2 * lane].copy_from_slice(&(sum as i16).to_le_bytes());
+                if ty == GgmlType::Q4_1 {
+                    // the min (f16) where the others keep their weight sums
+                    o[16 + 2 * lane..18 + 2 * lane].copy_from_slice(&src[2..4]);
+                } else {
+                    let sum: i32 = u.q[..32].iter().map(|&q| q as i32).sum();
+                    o[16 + 2 * lane..18 + 2 * lane].copy_from_slice(&(sum as i16).to_le_bytes());
+                }
                 for i in 0..32 {
                     let (c, j) = (i / 4, i % 4);
                     let at = 4 * lane + j;
@@ -107,7 +113,12 @@ pub fn repack(ty: GgmlType, data: &[u8], rows: usize, row_bytes: usize) -> Optio
                     match ty {
                         GgmlType::Q8_0 => o[32 + 32 * c + at] = q as u8,
                         _ => {
-                            let v = (q as i32 + if ty == GgmlType::Q5_0 { 16 } else { 8 }) as u8;
+                            let zero = match ty {
+                                GgmlType::Q5_0 => 16,
+                                GgmlType::Q4_0 => 8,
+                                _ => 0,
+                            };
+                            let v = (q as i32 + zero) as u8;
                             o[32 + 32 * (c / 2) + at] |= (v & 0x0F) << (4 * (c % 2));
                             if ty == GgmlType::Q5_0 {
                                 o[160 + at] |= ((v >> 4) & 1) << c;
@@ -145,7 +156,13 @@ pub fn row_f32(ty: GgmlType, data: &[u8], cols: usize, r: usize, out: &mut [f32]
     }
     for b in 0..nb {
         let o = &data[(g * nb + b) * bb..][..bb];
-        let d = half::f16::from_le_bytes([o[2 * lane], o[2 * lane + 1]]).to_f32();
+        let d = f16(o, 2 * lane);
+        // Q4_1's min; the other types keep weight sums there
+        let min = if ty == GgmlType::Q4_1 {
+            f16(o, 16 + 2 * lane)
+        } else {
+            0.0
+        };
         for i in 0..32 {
             let (c, j) = (i / 4, i % 4);
             let at = 4 * lane + j;
@@ -153,15 +170,17 @@ pub fn row_f32(ty: GgmlType, data: &[u8], cols: usize, r: usize, out: &mut [f32]
                 GgmlType::Q8_0 => o[32 + 32 * c + at] as i8 as i32,
                 _ => {
                     let mut v = (o[32 + 32 * (c / 2) + at] >> (4 * (c % 2))) & 0x0F;
-                    if ty == GgmlType::Q5_0 {
-                        v |= ((o[160 + at] >> c) & 1) << 4;
-                        v as i32 - 16
-                    } else {
-                        v as i32 - 8
+                    match ty {
+                        GgmlType::Q5_0 => {
+                            v |= ((o[160 + at] >> c) & 1) << 4;
+                            v as i32 - 16
+                        }
+                        GgmlType::Q4_0 => v as i32 - 8,
+                        _ => v as i32,
                     }
                 }
             };
-            out[b * 32 + i] = d * q as f32;
+            out[b * 32 + i] = d * q as f32 + min;
         }
     }
 }
@@ -170,7 +189,8 @@ pub fn row_f32(ty: GgmlType, data: &[u8], cols: usize, r: usize, out: &mut [f32]
 ///
 /// # Safety
 /// The CPU has AVX-512 VNNI, VL and BW; `out` holds `acts.n * m` floats; `data` holds at least
-/// `g1` groups of `acts.k / 32` blocks; `8 * g1 <= m`; `acts` was quantized with the offset.
+/// `g1` groups of blocks; `8 * g1 <= m`; `acts` was quantized as `drive` asserts (offset Q8_0
+/// for Q8_0/Q4_0/Q5_0, Q8_1 for Q4_1, Q8_K for Q4_K).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw")]
 pub unsafe fn matmul_groups(
     ty: GgmlType,
@@ -185,6 +205,7 @@ pub unsafe fn matmul_groups(
         GgmlType::Q8_0 => drive::<0>(data, g0, g1, acts, m, out),
         GgmlType::Q4_0 => drive::<1>(data, g0, g1, acts, m, out),
         GgmlType::Q5_0 => drive::<2>(data, g0, g1, acts, m, out),
+        GgmlType::Q4_1 => drive::<4>(data, g0, g1, acts, m, out),
         _ => drive::<3>(data, g0, g1, acts, m, out),
     }
 }
@@ -206,10 +227,14 @@ unsafe fn drive<const KIND: u8>(
     let n = acts.n;
     let (nb, bb) = match KIND {
         3 => (acts.k / 256, Q4K_BYTES),
-        _ => (acts.k / 32, 32 + [256, 128, 160][KIND as usize]),
+        _ => (acts.k / 32, 32 + [256, 128, 160, 0, 128][KIND as usize]),
     };
-    // legacy types read offset Q8_0 activations, Q4_K plain Q8_K ones
-    let want = if KIND == 3 { (false, 256) } else { (true, 32) };
+    // signed legacy types read offset Q8_0 activations, Q4_1 plain Q8_1, Q4_K plain Q8_K
+    let want = match KIND {
+        3 => (false, 256),
+        4 => (false, 32),
+        _ => (true, 32),
+    };
     assert!((acts.offset, acts.block) == want && data.len() >= g1 * nb * bb && 8 * g1 <= m);
     let mut gb = g0;
     while gb < g1 {
@@ -259,16 +284,24 @@ unsafe fn group_dots<const KIND: u8, const T: usize>(
 ) -> [std::arch::x86_64::__m256; T] {
     use std::arch::x86_64::*;
     let k = acts.k;
-    let bb = 32 + [256, 128, 160][KIND as usize];
+    let bb = 32 + [256, 128, 160, 0, 128][KIND as usize];
     let yq = acts.q.as_ptr().add(t0 * k) as *const u8;
     let yd = acts.d.as_ptr().add(t0 * nb);
+    let ys = acts.s.as_ptr().add(t0 * nb);
     let mut acc = [_mm256_setzero_ps(); T];
     let m4 = _mm256_set1_epi8(0x0F);
     for b in 0..nb {
         let p = gp.add(b * bb);
         let scale = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-        let wsum = _mm256_cvtepi16_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
-        let start = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(wsum, 7));
+        // Q4_1: bytes 16..32 are the rows' f16 mins; the others: their weight sums
+        let (start, mins) = if KIND == 4 {
+            let mins = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
+            (_mm256_setzero_si256(), mins)
+        } else {
+            let wsum = _mm256_cvtepi16_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
+            let start = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(wsum, 7));
+            (start, _mm256_setzero_ps())
+        };
         let mut w = [_mm256_setzero_si256(); 8];
         for (c, wc) in w.iter_mut().enumerate() {
             *wc = match KIND {
@@ -280,7 +313,9 @@ unsafe fn group_dots<const KIND: u8, const T: usize>(
                     } else {
                         _mm256_and_si256(_mm256_srli_epi16(q, 4), m4)
                     };
-                    if KIND == 1 {
+                    if KIND == 4 {
+                        nib
+                    } else if KIND == 1 {
                         _mm256_sub_epi8(nib, _mm256_set1_epi8(8))
                     } else {
                         let qh = _mm256_loadu_si256(p.add(160) as *const __m256i);
@@ -298,10 +333,20 @@ unsafe fn group_dots<const KIND: u8, const T: usize>(
             let mut isum = start;
             for (c, wc) in w.iter().enumerate() {
                 let y4 = _mm256_set1_epi32((y.add(4 * c) as *const i32).read_unaligned());
-                isum = _mm256_dpbusd_epi32(isum, y4, *wc);
+                isum = if KIND == 4 {
+                    // unsigned weights against signed activations
+                    _mm256_dpbusd_epi32(isum, *wc, y4)
+                } else {
+                    // offset (unsigned) activations against signed weights
+                    _mm256_dpbusd_epi32(isum, y4, *wc)
+                };
             }
             let s = _mm256_mul_ps(scale, _mm256_set1_ps(*yd.add(t * nb + b)));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), s, acc[t]);
+            if KIND == 4 {
+                // + min * d * sum(y), the f16 block sum as ggml's Q8_1 keeps it
+                acc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(*ys.add(t * nb + b)), acc[t]);
+            }
         }
     }
     acc
