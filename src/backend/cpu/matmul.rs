@@ -483,7 +483,7 @@ impl Matrix {
             Matrix::X8 { ty, data } => {
                 if let (Kernels::Simd(simd::Isa::Vnni), MatmulMode::Quantized) = (kernels, mode) {
                     let acts = match ty {
-                        GgmlType::Q4K => Acts::quantize(x, k, 256),
+                        GgmlType::Q4K | GgmlType::Q6K => Acts::quantize(x, k, 256),
                         GgmlType::Q4_1 => Acts::quantize(x, k, 32),
                         _ => Acts::quantize_offset(x, k),
                     };

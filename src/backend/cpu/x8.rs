@@ -14,9 +14,11 @@
 //!
 //! Payloads per block of 8 rows: Q8_0 256 bytes of i8; Q4_0 and Q5_0 128 bytes of nibbles
 //! (chunk `2j` in the low nibbles of the 32 bytes `j`, chunk `2j + 1` in the high ones), and
-//! for Q5_0 32 more bytes whose bit `c` is the fifth bit of chunk `c`'s byte. Q4_K keeps its
-//! nibbles unsigned (no offset needed: `vpdpbusd` takes them as the unsigned operand against
-//! plain Q8_K activations) with its scales and mins unpacked per row ([`Q4K_BYTES`]). The
+//! for Q5_0 32 more bytes whose bit `c` is the fifth bit of chunk `c`'s byte. Q4_1, Q4_K and
+//! Q6_K keep their weights unsigned (no offset needed: `vpdpbusd` takes them as the unsigned
+//! operand against plain Q8_1/Q8_K activations): Q4_1 with its f16 mins where the others keep
+//! weight sums, Q4_K and Q6_K with their scales unpacked per row ([`Q4K_BYTES`],
+//! [`Q6K_BYTES`]). The
 //! weights are the same numbers as in the file (repacking is lossless; [`row_f32`] reads them
 //! back).
 
@@ -34,6 +36,7 @@ pub fn block_bytes(ty: GgmlType) -> Option<usize> {
         GgmlType::Q4_0 => 32 + 128,
         GgmlType::Q5_0 => 32 + 160,
         GgmlType::Q4K => Q4K_BYTES,
+        GgmlType::Q6K => Q6K_BYTES,
         GgmlType::Q4_1 => 32 + 128,
         _ => return None,
     })
@@ -46,9 +49,16 @@ pub fn block_bytes(ty: GgmlType) -> Option<usize> {
 /// high).
 pub const Q4K_BYTES: usize = 32 + 64 + 128 + 1024;
 
+/// A Q6_K super-block of 8 rows: `d[8]` (f16), the scales (`[sub-block][row]` i8, 128),
+/// the scales again as i16 pairs of sub-blocks (`[p][row][2]`, 256, for the `- 32` zero point
+/// through `vpdpwssd`), per sub-block of 16 two 32-byte vectors of low nibbles (chunk `2i`
+/// low, `2i + 1` high; 1024), then per sub-block 32 bytes whose bits `2c, 2c + 1` are chunk
+/// `c`'s top two bits (512).
+pub const Q6K_BYTES: usize = 16 + 128 + 256 + 1024 + 512;
+
 /// Weights per repacked block of `ty` (per row).
 fn block_len(ty: GgmlType) -> usize {
-    if ty == GgmlType::Q4K {
+    if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) {
         256
     } else {
         32
@@ -66,6 +76,33 @@ pub fn repack(ty: GgmlType, data: &[u8], rows: usize, row_bytes: usize) -> Optio
     let nb = row_bytes / ts;
     let mut out = vec![0u8; rows / 8 * nb * bb];
     let mut u = Unpacked::default();
+    if ty == GgmlType::Q6K {
+        for g in 0..rows / 8 {
+            for b in 0..nb {
+                let o = &mut out[(g * nb + b) * bb..][..bb];
+                for lane in 0..8 {
+                    let src = &data[(g * 8 + lane) * row_bytes + b * ts..][..ts];
+                    unpack_block(ty, src, &mut u);
+                    o[2 * lane..2 * lane + 2].copy_from_slice(&src[208..210]);
+                    for j in 0..16 {
+                        let sc = src[192 + j] as i8;
+                        o[16 + 8 * j + lane] = sc as u8;
+                        let at = 144 + 32 * (j / 2) + 4 * lane + 2 * (j % 2);
+                        o[at..at + 2].copy_from_slice(&(sc as i16).to_le_bytes());
+                    }
+                    for i in 0..256 {
+                        let v = (u.q[i] as i32 + 32) as u8;
+                        let (j, w) = (i / 16, i % 16);
+                        let (c, jj) = (w / 4, w % 4);
+                        let at = 4 * lane + jj;
+                        o[400 + 64 * j + 32 * (c / 2) + at] |= (v & 0x0F) << (4 * (c % 2));
+                        o[1424 + 32 * j + at] |= (v >> 4) << (2 * c);
+                    }
+                }
+            }
+        }
+        return Some(out);
+    }
     if ty == GgmlType::Q4K {
         for g in 0..rows / 8 {
             for b in 0..nb {
@@ -138,6 +175,22 @@ pub fn row_f32(ty: GgmlType, data: &[u8], cols: usize, r: usize, out: &mut [f32]
     let nb = cols / block_len(ty);
     let (g, lane) = (r / 8, r % 8);
     let f16 = |o: &[u8], at: usize| half::f16::from_le_bytes([o[at], o[at + 1]]).to_f32();
+    if ty == GgmlType::Q6K {
+        for b in 0..nb {
+            let o = &data[(g * nb + b) * bb..][..bb];
+            let d = f16(o, 2 * lane);
+            for i in 0..256 {
+                let (j, w) = (i / 16, i % 16);
+                let (c, jj) = (w / 4, w % 4);
+                let at = 4 * lane + jj;
+                let lo = (o[400 + 64 * j + 32 * (c / 2) + at] >> (4 * (c % 2))) & 0x0F;
+                let hi = (o[1424 + 32 * j + at] >> (2 * c)) & 3;
+                let sc = o[16 + 8 * j + lane] as i8 as f32;
+                out[b * 256 + i] = d * sc * ((lo | hi << 4) as i32 - 32) as f32;
+            }
+        }
+        return;
+    }
     if ty == GgmlType::Q4K {
         for b in 0..nb {
             let o = &data[(g * nb + b) * bb..][..bb];
@@ -206,6 +259,7 @@ pub unsafe fn matmul_groups(
         GgmlType::Q4_0 => drive::<1>(data, g0, g1, acts, m, out),
         GgmlType::Q5_0 => drive::<2>(data, g0, g1, acts, m, out),
         GgmlType::Q4_1 => drive::<4>(data, g0, g1, acts, m, out),
+        GgmlType::Q6K => drive::<5>(data, g0, g1, acts, m, out),
         _ => drive::<3>(data, g0, g1, acts, m, out),
     }
 }
@@ -227,11 +281,12 @@ unsafe fn drive<const KIND: u8>(
     let n = acts.n;
     let (nb, bb) = match KIND {
         3 => (acts.k / 256, Q4K_BYTES),
+        5 => (acts.k / 256, Q6K_BYTES),
         _ => (acts.k / 32, 32 + [256, 128, 160, 0, 128][KIND as usize]),
     };
     // signed legacy types read offset Q8_0 activations, Q4_1 plain Q8_1, Q4_K plain Q8_K
     let want = match KIND {
-        3 => (false, 256),
+        3 | 5 => (false, 256),
         4 => (false, 32),
         _ => (true, 32),
     };
@@ -250,6 +305,8 @@ unsafe fn drive<const KIND: u8>(
                     if c == NT {
                         let v = if KIND == 3 {
                             group_dots_q4k::<NT>(gp, nb, acts, t)
+                        } else if KIND == 5 {
+                            group_dots_q6k::<NT>(gp, nb, acts, t)
                         } else {
                             group_dots::<KIND, NT>(gp, nb, acts, t)
                         };
@@ -259,6 +316,8 @@ unsafe fn drive<const KIND: u8>(
                     } else {
                         let [v] = if KIND == 3 {
                             group_dots_q4k::<1>(gp, nb, acts, t)
+                        } else if KIND == 5 {
+                            group_dots_q6k::<1>(gp, nb, acts, t)
                         } else {
                             group_dots::<KIND, 1>(gp, nb, acts, t)
                         };
@@ -408,6 +467,76 @@ unsafe fn group_dots_q4k<const T: usize>(
             let dy = _mm256_set1_ps(*yd.add(t * nb + b));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_mul_ps(d, dy), acc[t]);
             acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, dy), acc[t]);
+        }
+    }
+    acc
+}
+
+/// [`group_dots`] for Q6_K super-blocks: 6-bit unsigned weights against signed Q8_K
+/// activations, the i8 scales applied to each 16-weight sub-block's integer sums, and the
+/// zero point 32 through `vpdpwssd` of the scales against pairs of 16-value activation sums.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw")]
+#[inline]
+unsafe fn group_dots_q6k<const T: usize>(
+    gp: *const u8,
+    nb: usize,
+    acts: &Acts,
+    t0: usize,
+) -> [std::arch::x86_64::__m256; T] {
+    use std::arch::x86_64::*;
+    let k = acts.k;
+    let ngrp = k / 16;
+    let yq = acts.q.as_ptr().add(t0 * k) as *const u8;
+    let yd = acts.d.as_ptr().add(t0 * nb);
+    let ys = acts.sums.as_ptr().add(t0 * ngrp);
+    let mut acc = [_mm256_setzero_ps(); T];
+    let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+    for b in 0..nb {
+        let p = gp.add(b * Q6K_BYTES);
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+        let mut sumi = [_mm256_setzero_si256(); T];
+        for j in 0..16 {
+            let sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(16 + 8 * j) as *const __m128i));
+            let l0 = _mm256_loadu_si256(p.add(400 + 64 * j) as *const __m256i);
+            let l1 = _mm256_loadu_si256(p.add(432 + 64 * j) as *const __m256i);
+            let h = _mm256_loadu_si256(p.add(1424 + 32 * j) as *const __m256i);
+            let w = [
+                _mm256_or_si256(
+                    _mm256_and_si256(l0, m4),
+                    _mm256_and_si256(_mm256_slli_epi16(h, 4), m2),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                    _mm256_and_si256(_mm256_slli_epi16(h, 2), m2),
+                ),
+                _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(h, m2)),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                    _mm256_and_si256(_mm256_srli_epi16(h, 2), m2),
+                ),
+            ];
+            for t in 0..T {
+                let y = yq.add(t * k + b * 256 + 16 * j);
+                let mut isum = _mm256_setzero_si256();
+                for (c, wc) in w.iter().enumerate() {
+                    let y4 = _mm256_set1_epi32((y.add(4 * c) as *const i32).read_unaligned());
+                    isum = _mm256_dpbusd_epi32(isum, *wc, y4);
+                }
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_mullo_epi32(isum, sc));
+            }
+        }
+        for t in 0..T {
+            let g = ys.add(t * ngrp + b * 16);
+            let mut zsum = _mm256_setzero_si256();
+            for pr in 0..8 {
+                let scp = _mm256_loadu_si256(p.add(144 + 32 * pr) as *const __m256i);
+                let (s0, s1) = (*g.add(2 * pr), *g.add(2 * pr + 1));
+                let pair = ((s1 as i16 as u16 as u32) << 16 | s0 as i16 as u16 as u32) as i32;
+                zsum = _mm256_dpwssd_epi32(zsum, scp, _mm256_set1_epi32(pair));
+            }
+            let total = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32(zsum, 5));
+            let dy = _mm256_set1_ps(*yd.add(t * nb + b));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(d, dy), acc[t]);
         }
     }
     acc
