@@ -139,3 +139,34 @@ pub fn check_tokenize_cases(model: &std::path::Path, ref_file: &str) {
         assert_eq!(c["detokenize_roundtrip"].as_str().unwrap(), text);
     }
 }
+
+/// A reference completion's top-5 entries, each at the position of its token: llama.cpp
+/// reports one entry per whole UTF-8 character, with the distribution at the character's last
+/// token.
+pub fn reference_positions(g: &serde_json::Value) -> Vec<(usize, &serde_json::Value)> {
+    let want = ids_of(&g["tokens"]);
+    let mut positions = Vec::new();
+    let mut cursor = 0;
+    for e in g["top5_all_positions"].as_array().unwrap() {
+        let id = e["chosen_id"].as_u64().unwrap();
+        let Some(t) = (cursor..want.len()).find(|&t| want[t] == id) else {
+            break;
+        };
+        positions.push((t, e));
+        cursor = t + 1;
+    }
+    positions
+}
+
+/// The first position where the reference's top two candidates are under `margin` nats
+/// apart: a correct implementation with other rounding may pick either from there on.
+pub fn first_near_tie(g: &serde_json::Value, margin: f64) -> Option<usize> {
+    reference_positions(g)
+        .iter()
+        .find(|(_, p)| {
+            let t = p["top"].as_array().unwrap();
+            t.len() > 1
+                && t[0]["logprob"].as_f64().unwrap() - t[1]["logprob"].as_f64().unwrap() < margin
+        })
+        .map(|(t, _)| *t)
+}

@@ -2,7 +2,8 @@
 //!
 //! One op is one [`Pool::run`]: every thread (the caller is thread 0) runs the same closure
 //! with its index, and the call returns when all are done. Workers spin on an epoch counter
-//! between ops (an op every few microseconds during a forward pass) and sleep on a condition
+//! between ops (an op every few microseconds during a forward pass), then yield the core
+//! (another thread may need it when cores are oversubscribed), and sleep on a condition
 //! variable after [`SPIN`] of idleness, so an idle server uses no CPU. Calls from several
 //! threads at once are serialized; a call made while the pool is busy (a nested op, or
 //! another engine in the same process) runs on the caller alone, so it never deadlocks.
@@ -114,8 +115,16 @@ impl Pool {
             s.wake.notify_all();
         }
         let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(0, n)));
+        let mut spins = 0u32;
         while s.pending.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
+            spins += 1;
+            if spins < 4096 {
+                std::hint::spin_loop();
+            } else {
+                // a worker that is not running (more threads than free cores: other
+                // processes, parallel tests) needs this core more than we need to spin
+                std::thread::yield_now();
+            }
         }
         *s.job.lock().unwrap() = None;
         drop(guard);
@@ -150,8 +159,12 @@ fn worker(s: Arc<Shared>, index: usize) {
                 seen = e;
                 break;
             }
-            std::hint::spin_loop();
             spins += 1;
+            if spins < 4096 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
             if spins % 1024 == 0 && since.elapsed() > SPIN {
                 let mut l = s.sleep.lock().unwrap();
                 while s.epoch.load(Ordering::Acquire) == seen {
@@ -162,6 +175,7 @@ fn worker(s: Arc<Shared>, index: usize) {
                         .0;
                 }
                 since = Instant::now();
+                spins = 0;
             }
         }
         let job = *s.job.lock().unwrap();
