@@ -152,7 +152,7 @@ impl CpuKvCache {
         pool::global().run(&|thread, threads| {
             let mut qg = vec![0f32; group * hd];
             let mut scores = Vec::<f32>::new();
-            let mut row = vec![0f32; hd];
+            let mut row = Vec::<f32>::new();
             for i in (thread..items).step_by(threads) {
                 let (t, kvh) = (i / nkv, i % nkv);
                 let qrow = &q.data[t * q.cols + kvh * group * hd..][..group * hd];
@@ -214,7 +214,8 @@ struct Group<'a> {
 }
 
 /// Exact two-pass softmax attention of a group over positions `lo..=pos`, V accumulated in
-/// f32; `at(j)` is the offset of position `j`'s K/V row in the caches.
+/// f32; `at(j)` is the offset of position `j`'s K/V row in the caches. `F16C` is set only in
+/// the AVX2 + FMA + F16C build: hardware f16 widening and fused multiply-adds.
 #[inline(always)]
 fn attend<const F16C: bool>(
     g: &Group,
@@ -222,17 +223,18 @@ fn attend<const F16C: bool>(
     vc: &[f16],
     at: &dyn Fn(usize) -> usize,
     scores: &mut Vec<f32>,
-    row: &mut [f32],
+    row: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     let (hd, heads) = (g.hd, g.q.len() / g.hd);
     let npos = g.pos + 1 - g.lo;
     scores.clear();
     scores.resize(heads * npos, 0.0);
+    row.resize(hd.max(row.len()), 0.0);
     for j in 0..npos {
-        widen::<F16C>(&kc[at(g.lo + j)..][..hd], row);
+        widen::<F16C>(&kc[at(g.lo + j)..][..hd], &mut row[..hd]);
         for h in 0..heads {
-            scores[h * npos + j] = dot(&g.q[h * hd..(h + 1) * hd], row) * g.scale;
+            scores[h * npos + j] = dot::<F16C>(&g.q[h * hd..(h + 1) * hd], &row[..hd]) * g.scale;
         }
     }
     let mut inv = [0f32; 64];
@@ -241,14 +243,45 @@ fn attend<const F16C: bool>(
         sc.iter_mut().for_each(|s| *s = super::math::exp(*s - max));
         inv[h % 64] = 1.0 / sc.iter().sum::<f32>();
     }
-    out.fill(0.0);
+    // V rows widened once into `row` ([npos, hd]), then each head's output accumulated in
+    // registers, 64 dimensions at a time, over all positions
+    row.clear();
+    row.resize(npos * hd, 0.0);
     for j in 0..npos {
-        widen::<F16C>(&vc[at(g.lo + j)..][..hd], row);
-        for h in 0..heads {
-            let pj = scores[h * npos + j] * inv[h % 64];
-            for (o, v) in out[h * hd..(h + 1) * hd].iter_mut().zip(row.iter()) {
-                *o += pj * v;
+        widen::<F16C>(&vc[at(g.lo + j)..][..hd], &mut row[j * hd..(j + 1) * hd]);
+    }
+    for h in 0..heads {
+        let p = &scores[h * npos..(h + 1) * npos];
+        let o = &mut out[h * hd..(h + 1) * hd];
+        let mut c = 0;
+        #[cfg(target_arch = "x86_64")]
+        if F16C {
+            while c + 64 <= hd {
+                // SAFETY: only instantiated with true inside functions that enable AVX2 and
+                // FMA; rows j * hd + c + 64 <= npos * hd = row.len(), c + 64 <= o.len()
+                unsafe { pv64_fma(p, row, hd, c, inv[h % 64], &mut o[c..c + 64]) };
+                c += 64;
             }
+        }
+        while c + 64 <= hd {
+            let mut acc = [0f32; 64];
+            for (j, &pj) in p.iter().enumerate() {
+                let v = &row[j * hd + c..j * hd + c + 64];
+                for l in 0..64 {
+                    acc[l] = madd::<F16C>(pj, v[l], acc[l]);
+                }
+            }
+            for l in 0..64 {
+                o[c + l] = acc[l] * inv[h % 64];
+            }
+            c += 64;
+        }
+        for d in c..hd {
+            let mut acc = 0f32;
+            for (j, &pj) in p.iter().enumerate() {
+                acc += pj * row[j * hd + d];
+            }
+            o[d] = acc * inv[h % 64];
         }
     }
 }
@@ -261,15 +294,52 @@ unsafe fn attend_avx2(
     vc: &[f16],
     at: &dyn Fn(usize) -> usize,
     scores: &mut Vec<f32>,
-    row: &mut [f32],
+    row: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     attend::<true>(g, kc, vc, at, scores, row, out)
 }
 
-/// `sum(a * b)` with 8 independent accumulators so the compiler can vectorize.
+/// `a * b + c`: one fused instruction in the FMA build (`FMA`), plain otherwise (where
+/// `mul_add` would be a library call).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `out = scale * sum_j p[j] * rows[j * hd + c..][..64]`, the 64 sums in 8 registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn pv64_fma(p: &[f32], rows: &[f32], hd: usize, c: usize, scale: f32, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(out.len() >= 64 && c + 64 <= hd && p.len() * hd <= rows.len());
+    let mut acc = [_mm256_setzero_ps(); 8];
+    for (j, &pj) in p.iter().enumerate() {
+        let w = _mm256_set1_ps(pj);
+        let r = rows.as_ptr().add(j * hd + c);
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(r.add(8 * i)), *a);
+        }
+    }
+    let sv = _mm256_set1_ps(scale);
+    for (i, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.as_mut_ptr().add(8 * i), _mm256_mul_ps(*a, sv));
+    }
+}
+
+/// `sum(a * b)`.
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: only instantiated with true inside functions that enable AVX2 and FMA
+        return unsafe { dot_fma(a, b) };
+    }
     let mut acc = [0f32; 8];
     for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
         for l in 0..8 {
@@ -279,6 +349,42 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len() / 8 * 8;
     let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum();
     acc.iter().sum::<f32>() + tail
+}
+
+/// `sum(a * b)` on four independent FMA chains (one chain would wait on its own latency).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (c, v) in acc.iter_mut().enumerate() {
+            let o = i + 8 * c;
+            *v = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *v);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(
+            _mm256_loadu_ps(pa.add(i)),
+            _mm256_loadu_ps(pb.add(i)),
+            acc[0],
+        );
+        i += 8;
+    }
+    let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let mut total = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    while i < n {
+        total += a[i] * b[i];
+        i += 1;
+    }
+    total
 }
 
 /// f16 → f32 over a row (with F16C when `F16C`, which only AVX2 builds set).
