@@ -88,6 +88,22 @@ fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// What a RoPE cos/sin table depends on.
+#[derive(PartialEq)]
+struct RopeKey {
+    positions: Vec<u32>,
+    base: u64,
+    freq_scale: u64,
+    n_rot: usize,
+    factors: Option<Vec<f32>>,
+}
+
+thread_local! {
+    /// The last two RoPE tables computed on this thread (`[positions, n_rot / 2]` cos/sin).
+    static ROPE_TABLES: std::cell::RefCell<Vec<(RopeKey, Vec<(f32, f32)>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 #[inline(always)]
 fn glu_body(o: &mut [f32], g: &[f32], u: &[f32], act: Glu) {
     match act {
@@ -266,26 +282,52 @@ impl Backend for CpuBackend {
     ) {
         assert_eq!(x.rows, positions.len());
         let half = rope.n_rot / 2;
-        let mut cs = vec![(0f32, 0f32); half];
-        for (row, &pos) in x.data.chunks_exact_mut(x.cols).zip(positions) {
-            for (i, c) in cs.iter_mut().enumerate() {
-                let inv = rope.base.powf(-2.0 * i as f64 / rope.n_rot as f64);
-                let f = factors.map_or(1.0, |f| f[i] as f64);
-                let theta = pos as f64 * rope.freq_scale * inv / f;
-                *c = (theta.cos() as f32, theta.sin() as f32);
-            }
-            for head in row.chunks_exact_mut(head_dim) {
-                for (i, &(cos, sin)) in cs.iter().enumerate() {
-                    let (a, b) = match rope.layout {
-                        RopeLayout::Interleaved => (2 * i, 2 * i + 1),
-                        RopeLayout::Halves => (i, i + half),
-                    };
-                    let (x0, x1) = (head[a], head[b]);
-                    head[a] = x0 * cos - x1 * sin;
-                    head[b] = x0 * sin + x1 * cos;
+        ROPE_TABLES.with(|tables| {
+            let mut tables = tables.borrow_mut();
+            let key = RopeKey {
+                positions: positions.to_vec(),
+                base: rope.base.to_bits(),
+                freq_scale: rope.freq_scale.to_bits(),
+                n_rot: rope.n_rot,
+                factors: factors.map(|f| f.to_vec()),
+            };
+            // the same positions and frequencies come back for K after Q and for every layer
+            // of the step (two tables: Gemma alternates two bases)
+            let at = match tables.iter().position(|(k, _)| *k == key) {
+                Some(i) => i,
+                None => {
+                    let mut cs = Vec::with_capacity(positions.len() * half);
+                    for &pos in positions {
+                        for i in 0..half {
+                            let inv = rope.base.powf(-2.0 * i as f64 / rope.n_rot as f64);
+                            let f = factors.map_or(1.0, |f| f[i] as f64);
+                            let theta = pos as f64 * rope.freq_scale * inv / f;
+                            cs.push((theta.cos() as f32, theta.sin() as f32));
+                        }
+                    }
+                    if tables.len() == 2 {
+                        tables.remove(0);
+                    }
+                    tables.push((key, cs));
+                    tables.len() - 1
+                }
+            };
+            let cs_all = &tables[at].1;
+            for (t, row) in x.data.chunks_exact_mut(x.cols).enumerate() {
+                let cs = &cs_all[t * half..(t + 1) * half];
+                for head in row.chunks_exact_mut(head_dim) {
+                    for (i, &(cos, sin)) in cs.iter().enumerate() {
+                        let (a, b) = match rope.layout {
+                            RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                            RopeLayout::Halves => (i, i + half),
+                        };
+                        let (x0, x1) = (head[a], head[b]);
+                        head[a] = x0 * cos - x1 * sin;
+                        head[b] = x0 * sin + x1 * cos;
+                    }
                 }
             }
-        }
+        });
     }
 
     fn scale(&self, x: &mut CpuTensor, s: f32) {
