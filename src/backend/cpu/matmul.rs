@@ -104,15 +104,10 @@ fn quantize_rows(x: &[f32], acts: &mut ActsRows<'_>, t0: usize, t1: usize) {
         for (bi, xb) in xr.chunks_exact(block).enumerate() {
             let qb = &mut acts.q[lt * k + bi * block..lt * k + (bi + 1) * block];
             let d = if block == 256 {
-                // Q8_K: scale from the signed value of largest magnitude
-                let mut max = 0f32;
-                let mut amax = 0f32;
-                for &v in xb {
-                    if v.abs() > amax {
-                        amax = v.abs();
-                        max = v;
-                    }
-                }
+                // Q8_K: scale from the signed value of largest magnitude (the first of them,
+                // as ggml's strict `>` scan picks); the magnitude first, in vector form
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let max = xb.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0);
                 if amax == 0.0 {
                     qb.fill(0);
                     0.0
