@@ -29,24 +29,29 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// The best kernel set of this CPU (`KOJO_NO_SIMD` / `KOJO_NO_VNNI` step down), decided
+    /// once per process: every matmul asks.
     pub fn detect() -> Option<Isa> {
-        use std::is_x86_feature_detected as has;
-        if std::env::var_os("KOJO_NO_SIMD").is_some() {
-            return None;
-        }
-        let avx2 = has!("avx2") && has!("fma") && has!("f16c");
-        if avx2
-            && has!("avx512vnni")
-            && has!("avx512vl")
-            && has!("avx512bw")
-            && std::env::var_os("KOJO_NO_VNNI").is_none()
-        {
-            Some(Isa::Vnni)
-        } else if avx2 {
-            Some(Isa::Avx2)
-        } else {
-            None
-        }
+        static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            use std::is_x86_feature_detected as has;
+            if std::env::var_os("KOJO_NO_SIMD").is_some() {
+                return None;
+            }
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            if avx2
+                && has!("avx512vnni")
+                && has!("avx512vl")
+                && has!("avx512bw")
+                && std::env::var_os("KOJO_NO_VNNI").is_none()
+            {
+                Some(Isa::Vnni)
+            } else if avx2 {
+                Some(Isa::Avx2)
+            } else {
+                None
+            }
+        })
     }
 }
 
