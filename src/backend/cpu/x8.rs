@@ -332,6 +332,35 @@ unsafe fn drive<const KIND: u8>(
     }
 }
 
+/// `start + sum over chunks c of w[c] . y[4c..4c + 4]` per lane (row): the activation's 4
+/// bytes broadcast to every row. `UNSIGNED_W`: the weights are the unsigned operand (Q4_1,
+/// K-quants, signed activations); else the activations are (stored `+ 128`, signed weights).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw")]
+#[inline]
+unsafe fn chunk_dots<const UNSIGNED_W: bool>(
+    start: std::arch::x86_64::__m256i,
+    w: &[std::arch::x86_64::__m256i],
+    y: *const u8,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let mut isum = start;
+    for (c, wc) in w.iter().enumerate() {
+        let y4 = _mm256_set1_epi32((y.add(4 * c) as *const i32).read_unaligned());
+        isum = if UNSIGNED_W {
+            _mm256_dpbusd_epi32(isum, *wc, y4)
+        } else {
+            _mm256_dpbusd_epi32(isum, y4, *wc)
+        };
+    }
+    isum
+}
+
+/// Two activation sums as the i16 pair `vpdpwssd` multiplies against per-row scale pairs.
+#[inline(always)]
+fn i16_pair(s0: i32, s1: i32) -> i32 {
+    ((s1 as i16 as u16 as u32) << 16 | s0 as i16 as u16 as u32) as i32
+}
+
 /// The 8 rows of one group dotted with `T` tokens from `t0`: one 8-lane vector per token.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw")]
 #[inline]
@@ -389,17 +418,11 @@ unsafe fn group_dots<const KIND: u8, const T: usize>(
         }
         for t in 0..T {
             let y = yq.add(t * k + b * 32);
-            let mut isum = start;
-            for (c, wc) in w.iter().enumerate() {
-                let y4 = _mm256_set1_epi32((y.add(4 * c) as *const i32).read_unaligned());
-                isum = if KIND == 4 {
-                    // unsigned weights against signed activations
-                    _mm256_dpbusd_epi32(isum, *wc, y4)
-                } else {
-                    // offset (unsigned) activations against signed weights
-                    _mm256_dpbusd_epi32(isum, y4, *wc)
-                };
-            }
+            let isum = if KIND == 4 {
+                chunk_dots::<true>(start, &w, y)
+            } else {
+                chunk_dots::<false>(start, &w, y)
+            };
             let s = _mm256_mul_ps(scale, _mm256_set1_ps(*yd.add(t * nb + b)));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), s, acc[t]);
             if KIND == 4 {
@@ -445,11 +468,7 @@ unsafe fn group_dots_q4k<const T: usize>(
             }
             for t in 0..T {
                 let y = yq.add(t * k + b * 256 + 32 * j);
-                let mut isum = _mm256_setzero_si256();
-                for (c, wc) in w.iter().enumerate() {
-                    let y4 = _mm256_set1_epi32((y.add(4 * c) as *const i32).read_unaligned());
-                    isum = _mm256_dpbusd_epi32(isum, *wc, y4);
-                }
+                let isum = chunk_dots::<true>(_mm256_setzero_si256(), &w, y);
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_mullo_epi32(isum, sc));
             }
         }
@@ -461,8 +480,7 @@ unsafe fn group_dots_q4k<const T: usize>(
                 // sums of sub-blocks 2pr and 2pr + 1 (each two 16-value groups), as i16
                 let s0 = *g.add(4 * pr) + *g.add(4 * pr + 1);
                 let s1 = *g.add(4 * pr + 2) + *g.add(4 * pr + 3);
-                let pair = ((s1 as i16 as u16 as u32) << 16 | s0 as i16 as u16 as u32) as i32;
-                msum = _mm256_dpwssd_epi32(msum, mins, _mm256_set1_epi32(pair));
+                msum = _mm256_dpwssd_epi32(msum, mins, _mm256_set1_epi32(i16_pair(s0, s1)));
             }
             let dy = _mm256_set1_ps(*yd.add(t * nb + b));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_mul_ps(d, dy), acc[t]);
@@ -517,11 +535,7 @@ unsafe fn group_dots_q6k<const T: usize>(
             ];
             for t in 0..T {
                 let y = yq.add(t * k + b * 256 + 16 * j);
-                let mut isum = _mm256_setzero_si256();
-                for (c, wc) in w.iter().enumerate() {
-                    let y4 = _mm256_set1_epi32((y.add(4 * c) as *const i32).read_unaligned());
-                    isum = _mm256_dpbusd_epi32(isum, *wc, y4);
-                }
+                let isum = chunk_dots::<true>(_mm256_setzero_si256(), &w, y);
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_mullo_epi32(isum, sc));
             }
         }
@@ -531,8 +545,7 @@ unsafe fn group_dots_q6k<const T: usize>(
             for pr in 0..8 {
                 let scp = _mm256_loadu_si256(p.add(144 + 32 * pr) as *const __m256i);
                 let (s0, s1) = (*g.add(2 * pr), *g.add(2 * pr + 1));
-                let pair = ((s1 as i16 as u16 as u32) << 16 | s0 as i16 as u16 as u32) as i32;
-                zsum = _mm256_dpwssd_epi32(zsum, scp, _mm256_set1_epi32(pair));
+                zsum = _mm256_dpwssd_epi32(zsum, scp, _mm256_set1_epi32(i16_pair(s0, s1)));
             }
             let total = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32(zsum, 5));
             let dy = _mm256_set1_ps(*yd.add(t * nb + b));
