@@ -5,10 +5,12 @@
 //! it was given once at load ([`Backend::Weight`]) and a paged KV cache ([`Backend::KvCache`]).
 //! It is not a tensor library: there is no broadcasting, no strides, no graph.
 //!
+//! - [`gpu`]: kojo's CUDA kernels through a device (a real GPU, or the CPU executor in tests)
 //! - [`cpu`]: the reference backend (threads over the machine's cores; integer dot products
 //!   against GGUF blocks, or an exact f32 path for tests)
 
 pub mod cpu;
+pub mod gpu;
 
 use crate::formats::GgmlType;
 
@@ -48,6 +50,22 @@ pub struct Rope {
     pub base: f64,
     /// Linear position scaling: the angle uses `position * freq_scale`.
     pub freq_scale: f64,
+}
+
+/// `[positions.len() * n_rot / 2]` (cos, sin) of each token's rotation angle per pair,
+/// computed in f64: `position * freq_scale * base^(-2i / n_rot) / factors[i]`.
+pub fn rope_table(positions: &[u32], rope: &Rope, factors: Option<&[f32]>) -> Vec<(f32, f32)> {
+    let half = rope.n_rot / 2;
+    let mut cs = Vec::with_capacity(positions.len() * half);
+    for &pos in positions {
+        for i in 0..half {
+            let inv = rope.base.powf(-2.0 * i as f64 / rope.n_rot as f64);
+            let f = factors.map_or(1.0, |f| f[i] as f64);
+            let theta = pos as f64 * rope.freq_scale * inv / f;
+            cs.push((theta.cos() as f32, theta.sin() as f32));
+        }
+    }
+    cs
 }
 
 /// Gated activations: `act(gate) * up`.
@@ -111,7 +129,7 @@ pub trait Backend {
     /// `[rows, cols]` zeros.
     fn zeros(&self, rows: usize, cols: usize) -> Self::Tensor;
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Self::Tensor;
-    fn download(&self, t: &Self::Tensor) -> Vec<f32>;
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     fn shape(&self, t: &Self::Tensor) -> (usize, usize);
     fn alloc_kv(&self, shape: KvShape) -> Result<Self::KvCache>;
 
@@ -159,6 +177,23 @@ pub trait Backend {
         v: &Self::Tensor,
         layout: &BatchLayout,
     ) -> Result<()>;
+    /// Rotate `k` as [`Backend::rope`] does and store it with `v` as [`Backend::write_kv`] does;
+    /// a backend may fuse the two (`k` is then left unrotated).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_write_kv(
+        &self,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        k: &mut Self::Tensor,
+        v: &Self::Tensor,
+        layout: &BatchLayout,
+        head_dim: usize,
+        rope: &Rope,
+        factors: Option<&[f32]>,
+    ) -> Result<()> {
+        self.rope(k, layout.positions, head_dim, rope, factors);
+        self.write_kv(cache, layer, k, v, layout)
+    }
     /// Causal attention of each token's query heads over its sequence's cached K/V
     /// (positions `0..=position`, within the window). q `[num_tokens, n_heads * head_dim]`.
     fn attention(

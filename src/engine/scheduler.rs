@@ -341,7 +341,7 @@ impl Scheduler {
             logit_rows: &rows,
         };
         let logits = model.forward(be, kv, &step)?;
-        Ok(be.download(&logits))
+        be.download(&logits)
     }
 
     fn update(&mut self, plan: &Plan, logits: &[f32]) {

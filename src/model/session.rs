@@ -108,7 +108,7 @@ impl<'m, B: Backend> Session<'m, B> {
                 self.model.forward(self.be, &mut self.kv, &step)?;
             } else {
                 let logits = self.model.forward(self.be, &mut self.kv, &step)?;
-                out.extend(self.be.download(&logits));
+                out.extend(self.be.download(&logits)?);
             }
             self.tokens.extend_from_slice(chunk);
         }

@@ -275,8 +275,7 @@ impl<B: Backend> Transformer<B> {
             let rope = &self.spec.rope[l];
             let factors = self.rope_factors.as_deref();
             be.rope(&mut q, lay.positions, c.head_dim, rope, factors);
-            be.rope(&mut k, lay.positions, c.head_dim, rope, factors);
-            be.write_kv(kv, l, &k, &v, lay)?;
+            be.rope_write_kv(kv, l, &mut k, &v, lay, c.head_dim, rope, factors)?;
             let p = AttnParams {
                 n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,

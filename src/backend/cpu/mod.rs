@@ -188,8 +188,8 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn download(&self, t: &CpuTensor) -> Vec<f32> {
-        t.data.clone()
+    fn download(&self, t: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(t.data.clone())
     }
 
     fn shape(&self, t: &CpuTensor) -> (usize, usize) {
@@ -296,15 +296,7 @@ impl Backend for CpuBackend {
             let at = match tables.iter().position(|(k, _)| *k == key) {
                 Some(i) => i,
                 None => {
-                    let mut cs = Vec::with_capacity(positions.len() * half);
-                    for &pos in positions {
-                        for i in 0..half {
-                            let inv = rope.base.powf(-2.0 * i as f64 / rope.n_rot as f64);
-                            let f = factors.map_or(1.0, |f| f[i] as f64);
-                            let theta = pos as f64 * rope.freq_scale * inv / f;
-                            cs.push((theta.cos() as f32, theta.sin() as f32));
-                        }
-                    }
+                    let cs = super::rope_table(positions, rope, factors);
                     if tables.len() == 2 {
                         tables.remove(0);
                     }

@@ -1,0 +1,147 @@
+// Row-wise and element-wise ops: embedding gather, RMSNorm (with fused residual add), residual
+// add, scale, row gather, gated activations, RoPE and the paged KV-cache write (fused with RoPE).
+#include "quant.cuh"
+
+// out[t] = table[tokens[t]] * scale. grid (n_tokens), block 128. Ids are checked by the host.
+template <int TY>
+__device__ __forceinline__ void embed_impl(float* __restrict__ out, const u8* __restrict__ table,
+                                           const u32* __restrict__ tokens, u32 cols, u32 row_bytes,
+                                           float scale) {
+    u32 t = blockIdx.x;
+    const u8* row = table + (u64)tokens[t] * row_bytes;
+    float* o = out + (u64)t * cols;
+    for (u32 u = threadIdx.x; u < cols / 32; u += blockDim.x) {
+        float v[32];
+        dequant_unit<TY>(row, u, v);
+        for (int i = 0; i < 32; i++) o[u * 32 + i] = v[i] * scale;
+    }
+}
+
+#define X(name, ty)                                                                                  \
+    extern "C" __global__ void embed_##name(float* out, const u8* table, const u32* tokens, u32 cols, \
+                                            u32 row_bytes, float scale) {                            \
+        embed_impl<ty>(out, table, tokens, cols, row_bytes, scale);                                  \
+    }
+KOJO_WEIGHT_TYPES(X)
+#undef X
+
+// out[i] = x[rows[i]]. grid (n_out), block 128.
+extern "C" __global__ void gather_rows(float* __restrict__ out, const float* __restrict__ x,
+                                       const u32* __restrict__ rows, u32 cols) {
+    const float* src = x + (u64)rows[blockIdx.x] * cols;
+    float* dst = out + (u64)blockIdx.x * cols;
+    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) dst[i] = src[i];
+}
+
+// residual[i] += x[i]. grid (ceil(n / 256)), block 256.
+extern "C" __global__ void add_inplace(float* __restrict__ residual, const float* __restrict__ x, u32 n) {
+    u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) residual[i] += x[i];
+}
+
+// x[i] *= s. grid (ceil(n / 256)), block 256.
+extern "C" __global__ void scale_inplace(float* __restrict__ x, u32 n, float s) {
+    u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] *= s;
+}
+
+// out = act(gate) * up; act 0 = SiLU, 1 = GELU (tanh form). grid (ceil(n / 256)), block 256.
+extern "C" __global__ void glu(float* __restrict__ out, const float* __restrict__ gate,
+                               const float* __restrict__ up, u32 n, u32 act) {
+    u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float g = gate[i], a;
+    if (act == 0) {
+        a = g / (1.0f + expf(-g));
+    } else {
+        const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+        a = 0.5f * g * (1.0f + tanhf(k * (g + 0.044715f * g * g * g)));
+    }
+    out[i] = a * up[i];
+}
+
+// RMSNorm of each `seg`-wide segment of every row, times w[seg]. When `x` is given,
+// `residual += x` first (written back) and the sum is normalized. grid (rows * cols / seg),
+// block 128.
+extern "C" __global__ void rms_norm(float* __restrict__ out, float* __restrict__ residual,
+                                    const float* __restrict__ x, const float* __restrict__ w, u32 seg,
+                                    float eps) {
+    __shared__ float scratch[32];
+    u64 base = (u64)blockIdx.x * seg;
+    float* r = residual + base;
+    float ss = 0.0f;
+    for (u32 i = threadIdx.x; i < seg; i += blockDim.x) {
+        float v = r[i];
+        if (x) {
+            v += x[base + i];
+            r[i] = v;
+        }
+        ss += v * v;
+    }
+    ss = block_sum(ss, scratch);
+    float s = rsqrtf(ss / (float)seg + eps);
+    for (u32 i = threadIdx.x; i < seg; i += blockDim.x) out[base + i] = r[i] * s * w[i];
+}
+
+// The two dimensions of rotation pair i in a head, and their rotation.
+__device__ __forceinline__ void rope_pair(u32 i, u32 half, u32 interleaved, u32* a, u32* b) {
+    if (interleaved) {
+        *a = 2 * i;
+        *b = 2 * i + 1;
+    } else {
+        *a = i;
+        *b = i + half;
+    }
+}
+
+// Rotate every `hd`-wide head of each row in place by its token's angles:
+// cs[t * half + i] = (cos, sin) of pair i (computed by the host in f64, as the CPU backend).
+// grid (n_tokens), block 128.
+extern "C" __global__ void rope(float* __restrict__ x, const float* __restrict__ cs, u32 cols, u32 hd,
+                                u32 half, u32 interleaved) {
+    u32 t = blockIdx.x;
+    float* row = x + (u64)t * cols;
+    const float* c = cs + (u64)t * half * 2;
+    u32 pairs = (cols / hd) * half;
+    for (u32 p = threadIdx.x; p < pairs; p += blockDim.x) {
+        u32 head = p / half, i = p % half, a, b;
+        rope_pair(i, half, interleaved, &a, &b);
+        float* h = row + head * hd;
+        float x0 = h[a], x1 = h[b], cos_ = c[2 * i], sin_ = c[2 * i + 1];
+        h[a] = x0 * cos_ - x1 * sin_;
+        h[b] = x0 * sin_ + x1 * cos_;
+    }
+}
+
+// Store token t's K and V rows (`kv_cols` wide) at cache slot slots[t], as f16. When `cs` is
+// given, K is rotated first (RoPE fused into the write; `k` itself is left as it was).
+// Cache layout per layer: [num_blocks * block_size, kv_cols]. grid (n_tokens), block 128.
+extern "C" __global__ void write_kv(u16* __restrict__ kc, u16* __restrict__ vc, const float* __restrict__ k,
+                                   const float* __restrict__ v, const u32* __restrict__ slots,
+                                   const float* __restrict__ cs, u32 kv_cols, u32 hd, u32 half,
+                                   u32 interleaved) {
+    u32 t = blockIdx.x;
+    const float* kr = k + (u64)t * kv_cols;
+    const float* vr = v + (u64)t * kv_cols;
+    u64 dst = (u64)slots[t] * kv_cols;
+    const float* c = cs ? cs + (u64)t * half * 2 : 0;
+    for (u32 e = threadIdx.x; e < kv_cols; e += blockDim.x) {
+        float val = kr[e];
+        u32 d = e % hd;
+        if (c && d < 2 * half) {
+            // which pair d belongs to, and its partner
+            u32 i, a, b;
+            if (interleaved) {
+                i = d / 2;
+            } else {
+                i = d < half ? d : d - half;
+            }
+            rope_pair(i, half, interleaved, &a, &b);
+            const float* h = kr + (e - d);
+            float x0 = h[a], x1 = h[b], cos_ = c[2 * i], sin_ = c[2 * i + 1];
+            val = d == a ? x0 * cos_ - x1 * sin_ : x0 * sin_ + x1 * cos_;
+        }
+        kc[dst + e] = kojo_f2h(val);
+        vc[dst + e] = kojo_f2h(vr[e]);
+    }
+}

@@ -1,0 +1,951 @@
+//! The GPU backend: kojo's own kernels (`kernels/*.cu`) driven through a [`Device`].
+//!
+//! - [`GpuBackend`]: the [`Backend`] ops as kernel launches over device buffers; weights stay in
+//!   their GGUF blocks and are dequantized in registers; the KV cache is f16.
+//! - [`Device`]: memory, copies and launches by kernel name. [`cuda::CudaDevice`] is the real
+//!   GPU (cudarc, loaded at run time); the tests give the same backend a device whose "memory"
+//!   is host memory and whose launches run the kernels as C++ on the CPU (`crates/kexec`), so
+//!   every launch configuration and argument list is exercised without a GPU.
+//! - [`kernels`]: the embedded kernel sources, NVRTC compilation and its disk cache.
+//!
+//! Errors are sticky, as CUDA's are: the first failed allocation or launch is kept, later ops
+//! are skipped, and the next op that returns a `Result` (embedding, KV write, attention,
+//! download) returns it.
+
+pub mod cuda;
+pub mod kernels;
+
+use super::{AttnParams, Backend, BatchLayout, Glu, HostWeight, KvShape, Result, Rope, RopeLayout};
+use crate::formats::quant::dequantize_to_vec;
+use crate::formats::GgmlType;
+use anyhow::{anyhow, bail, Context};
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+/// One kernel argument, as the kernel declares it.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg {
+    /// A device pointer (0 for an absent optional one).
+    Ptr(u64),
+    U32(u32),
+    F32(f32),
+}
+
+impl Arg {
+    pub fn size(&self) -> usize {
+        match self {
+            Arg::Ptr(_) => 8,
+            Arg::U32(_) | Arg::F32(_) => 4,
+        }
+    }
+
+    /// Pointer to the value, for cuLaunchKernel's `kernelParams`.
+    pub fn as_param(&self) -> *mut c_void {
+        match self {
+            Arg::Ptr(p) => p as *const u64 as *mut c_void,
+            Arg::U32(v) => v as *const u32 as *mut c_void,
+            Arg::F32(v) => v as *const f32 as *mut c_void,
+        }
+    }
+}
+
+/// Launch geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grid {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+}
+
+impl Grid {
+    fn new(grid: [usize; 3], block: u32) -> Result<Grid> {
+        if grid[0] > u32::MAX as usize || grid[1] > 65535 || grid[2] > 65535 {
+            bail!("launch grid {grid:?} is beyond the GPU's limits");
+        }
+        Ok(Grid {
+            grid: [grid[0] as u32, grid[1] as u32, grid[2] as u32],
+            block: [block, 1, 1],
+        })
+    }
+}
+
+/// Memory, copies and kernel launches on one device, in order (one stream).
+pub trait Device: Send + Sync {
+    /// What the device is, for logs: name, memory, architecture.
+    fn describe(&self) -> String;
+    /// `bytes` of device memory (not zeroed); `bytes > 0`.
+    fn alloc(&self, bytes: usize) -> Result<u64>;
+    /// # Safety
+    /// `ptr` came from [`Device::alloc`] of this device and is not used afterwards.
+    unsafe fn free(&self, ptr: u64);
+    /// # Safety
+    /// `dst .. dst + src.len()` lies inside one allocation of this device.
+    unsafe fn upload(&self, dst: u64, src: &[u8]) -> Result<()>;
+    /// Waits for every earlier op.
+    ///
+    /// # Safety
+    /// `src .. src + dst.len()` lies inside one allocation of this device.
+    unsafe fn download(&self, src: u64, dst: &mut [u8]) -> Result<()>;
+    /// # Safety
+    /// `dst .. dst + bytes` lies inside one allocation of this device.
+    unsafe fn zero(&self, dst: u64, bytes: usize) -> Result<()>;
+    /// Launch kernel `name`.
+    ///
+    /// # Safety
+    /// `args` match the kernel's parameters, and every pointer among them covers what the
+    /// kernel reads and writes for this geometry.
+    unsafe fn launch(&self, name: &str, g: Grid, args: &[Arg]) -> Result<()>;
+}
+
+/// A device allocation, freed on drop.
+pub struct Buf {
+    ptr: u64,
+    bytes: usize,
+    dev: Arc<dyn Device>,
+}
+
+impl Buf {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            // SAFETY: allocated by this device; the buffer owns it
+            unsafe { self.dev.free(self.ptr) }
+        }
+    }
+}
+
+/// `[rows, cols]` f32 on the device.
+pub struct GpuTensor {
+    pub buf: Buf,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// A weight on the device: a matrix in its file's type, or a vector as f32.
+pub struct GpuWeight {
+    pub buf: Buf,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_bytes: usize,
+}
+
+/// The f16 KV cache: per layer K and V of `[num_blocks * block_size, n_kv_heads * head_dim]`.
+pub struct GpuKvCache {
+    pub shape: KvShape,
+    k: Vec<Buf>,
+    v: Vec<Buf>,
+}
+
+/// The kernels' name for a weight type, when they take it.
+pub fn kernel_type(ty: GgmlType) -> Option<&'static str> {
+    use GgmlType::*;
+    Some(match ty {
+        F32 => "f32",
+        F16 => "f16",
+        BF16 => "bf16",
+        Q4_0 => "q4_0",
+        Q4_1 => "q4_1",
+        Q5_0 => "q5_0",
+        Q5_1 => "q5_1",
+        Q8_0 => "q8_0",
+        Q4K => "q4_k",
+        Q5K => "q5_k",
+        Q6K => "q6_k",
+        _ => return None,
+    })
+}
+
+/// Attention positions per split of the context (see kernels/attention.cu).
+const ATTN_CHUNK: usize = 256;
+/// Query heads per attention block.
+const ATTN_MAXG: usize = 8;
+/// Tokens per matmul warp (MM_TOKENS in kernels/matmul.cu).
+const MM_TOKENS: usize = 4;
+
+/// A batch layout as the kernels read it, kept while the same layout comes back (every layer
+/// of a step).
+struct DeviceLayout {
+    key: (Vec<u32>, Vec<usize>, Vec<Vec<u32>>, Vec<u32>),
+    positions: Buf,
+    token_seq: Buf,
+    tables: Buf,
+    max_blocks: usize,
+    slots: Buf,
+}
+
+/// What a RoPE table on the device depends on.
+#[derive(PartialEq)]
+struct RopeKey {
+    positions: Vec<u32>,
+    base: u64,
+    freq_scale: u64,
+    n_rot: usize,
+    factors: Option<Vec<f32>>,
+}
+
+pub struct GpuBackend {
+    dev: Arc<dyn Device>,
+    error: Mutex<Option<String>>,
+    layout: Mutex<Option<DeviceLayout>>,
+    rope_tables: Mutex<Vec<(RopeKey, Buf)>>,
+}
+
+impl GpuBackend {
+    pub fn new(dev: Arc<dyn Device>) -> Self {
+        GpuBackend {
+            dev,
+            error: Mutex::new(None),
+            layout: Mutex::new(None),
+            rope_tables: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn device(&self) -> &Arc<dyn Device> {
+        &self.dev
+    }
+
+    /// The first error since the backend was made, if any.
+    pub fn check(&self) -> Result<()> {
+        match &*self.error.lock().unwrap() {
+            Some(e) => Err(anyhow!("GPU: {e}")),
+            None => Ok(()),
+        }
+    }
+
+    fn failed(&self) -> bool {
+        self.error.lock().unwrap().is_some()
+    }
+
+    fn fail(&self, e: anyhow::Error) {
+        let mut err = self.error.lock().unwrap();
+        if err.is_none() {
+            tracing::error!("GPU: {e:#}");
+            *err = Some(format!("{e:#}"));
+        }
+    }
+
+    fn try_alloc(&self, bytes: usize) -> Result<Buf> {
+        let ptr = if bytes == 0 { 0 } else { self.dev.alloc(bytes)? };
+        Ok(Buf {
+            ptr,
+            bytes,
+            dev: self.dev.clone(),
+        })
+    }
+
+    /// A buffer, or a null one after recording the error.
+    fn alloc(&self, bytes: usize) -> Buf {
+        if !self.failed() {
+            match self.try_alloc(bytes) {
+                Ok(b) => return b,
+                Err(e) => self.fail(e),
+            }
+        }
+        Buf {
+            ptr: 0,
+            bytes: 0,
+            dev: self.dev.clone(),
+        }
+    }
+
+    fn tensor(&self, rows: usize, cols: usize) -> GpuTensor {
+        GpuTensor {
+            buf: self.alloc(rows * cols * 4),
+            rows,
+            cols,
+        }
+    }
+
+    fn upload_bytes(&self, data: &[u8]) -> Result<Buf> {
+        let b = self.try_alloc(data.len())?;
+        if !data.is_empty() {
+            // SAFETY: `b` holds `data.len()` bytes
+            unsafe { self.dev.upload(b.ptr, data)? };
+        }
+        Ok(b)
+    }
+
+    fn upload_u32(&self, v: &[u32]) -> Result<Buf> {
+        self.upload_bytes(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+    }
+
+    fn upload_f32(&self, v: &[f32]) -> Result<Buf> {
+        self.upload_bytes(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+    }
+
+    /// Launch unless an error came before (recording this one if it fails). An empty grid is
+    /// nothing to do.
+    ///
+    /// # Safety
+    /// As [`Device::launch`].
+    unsafe fn launch(&self, name: &str, grid: [usize; 3], block: u32, args: &[Arg]) {
+        if self.failed() || grid.contains(&0) {
+            return;
+        }
+        let r = Grid::new(grid, block).and_then(|g| self.dev.launch(name, g, args));
+        if let Err(e) = r.with_context(|| format!("kernel {name}")) {
+            self.fail(e);
+        }
+    }
+
+    /// The device copy of `layout`, uploaded when it differs from the last one.
+    fn with_layout<T>(&self, layout: &BatchLayout, f: impl FnOnce(&DeviceLayout) -> T) -> Result<T> {
+        let key = (
+            layout.positions.to_vec(),
+            layout.seq_starts.to_vec(),
+            layout.block_tables.iter().map(|t| t.to_vec()).collect(),
+            layout.slots.to_vec(),
+        );
+        let mut cached = self.layout.lock().unwrap();
+        if cached.as_ref().map(|c| &c.key) != Some(&key) {
+            let n = layout.positions.len();
+            let num_seqs = layout.seq_starts.len().saturating_sub(1);
+            let mut token_seq = vec![0u32; n];
+            for s in 0..num_seqs {
+                let (a, b) = (layout.seq_starts[s], layout.seq_starts[s + 1]);
+                if a > b || b > n {
+                    bail!("batch layout: sequence {s} spans {a}..{b} of {n} tokens");
+                }
+                token_seq[a..b].iter_mut().for_each(|x| *x = s as u32);
+            }
+            let max_blocks = layout.block_tables.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
+            let mut tables = vec![0u32; num_seqs.max(1) * max_blocks];
+            for (s, t) in layout.block_tables.iter().enumerate() {
+                tables[s * max_blocks..s * max_blocks + t.len()].copy_from_slice(t);
+            }
+            *cached = Some(DeviceLayout {
+                positions: self.upload_u32(layout.positions)?,
+                token_seq: self.upload_u32(&token_seq)?,
+                tables: self.upload_u32(&tables)?,
+                max_blocks,
+                slots: self.upload_u32(layout.slots)?,
+                key,
+            });
+        }
+        Ok(f(cached.as_ref().unwrap()))
+    }
+
+    /// Device pointer of the `[n, n_rot / 2]` (cos, sin) table (kept for the last two).
+    fn rope_table(&self, positions: &[u32], rope: &Rope, factors: Option<&[f32]>) -> Result<u64> {
+        let key = RopeKey {
+            positions: positions.to_vec(),
+            base: rope.base.to_bits(),
+            freq_scale: rope.freq_scale.to_bits(),
+            n_rot: rope.n_rot,
+            factors: factors.map(|f| f.to_vec()),
+        };
+        let mut tables = self.rope_tables.lock().unwrap();
+        if let Some((_, b)) = tables.iter().find(|(k, _)| *k == key) {
+            return Ok(b.ptr);
+        }
+        let flat: Vec<f32> = super::rope_table(positions, rope, factors)
+            .into_iter()
+            .flat_map(|(c, s)| [c, s])
+            .collect();
+        let b = self.upload_f32(&flat)?;
+        let ptr = b.ptr;
+        if tables.len() == 2 {
+            tables.remove(0);
+        }
+        tables.push((key, b));
+        Ok(ptr)
+    }
+
+    fn check_kv_write(
+        cache: &GpuKvCache,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        layout: &BatchLayout,
+    ) -> Result<()> {
+        let w = cache.shape.n_kv_heads * cache.shape.head_dim;
+        if k.cols != w || v.cols != w || k.rows != layout.slots.len() || v.rows != k.rows {
+            bail!(
+                "write_kv: K {}x{} / V {}x{} for {} slots of width {w}",
+                k.rows,
+                k.cols,
+                v.rows,
+                v.cols,
+                layout.slots.len()
+            );
+        }
+        let capacity = cache.shape.num_blocks * cache.shape.block_size;
+        if let Some(&s) = layout.slots.iter().find(|&&s| s as usize >= capacity) {
+            bail!("write_kv: slot {s} beyond the cache's {capacity}");
+        }
+        Ok(())
+    }
+
+    /// Store K (rotated first when `cs` is a RoPE table) and V at the layout's slots.
+    #[allow(clippy::too_many_arguments)]
+    fn store_kv(
+        &self,
+        cache: &mut GpuKvCache,
+        layer: usize,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        layout: &BatchLayout,
+        cs: u64,
+        hd: usize,
+        rope: Option<&Rope>,
+    ) -> Result<()> {
+        self.check()?;
+        Self::check_kv_write(cache, k, v, layout)?;
+        let slots = self.with_layout(layout, |l| l.slots.ptr)?;
+        let (half, interleaved) = rope.map_or((0, 0), |r| {
+            (r.n_rot / 2, (r.layout == RopeLayout::Interleaved) as u32)
+        });
+        // SAFETY: shapes checked above; slots inside the cache
+        unsafe {
+            self.launch(
+                "write_kv",
+                [k.rows, 1, 1],
+                128,
+                &[
+                    Arg::Ptr(cache.k[layer].ptr),
+                    Arg::Ptr(cache.v[layer].ptr),
+                    Arg::Ptr(k.buf.ptr),
+                    Arg::Ptr(v.buf.ptr),
+                    Arg::Ptr(slots),
+                    Arg::Ptr(cs),
+                    Arg::U32(k.cols as u32),
+                    Arg::U32(hd as u32),
+                    Arg::U32(half as u32),
+                    Arg::U32(interleaved),
+                ],
+            )
+        };
+        self.check()
+    }
+
+    /// Token ids of each row's largest logit (lowest id among equals).
+    pub fn argmax(&self, logits: &GpuTensor) -> Result<Vec<u32>> {
+        let ids = self.alloc(logits.rows * 4);
+        // SAFETY: one id per row; rows of `cols` logits
+        unsafe {
+            self.launch(
+                "argmax_rows",
+                [logits.rows, 1, 1],
+                256,
+                &[
+                    Arg::Ptr(ids.ptr),
+                    Arg::Ptr(logits.buf.ptr),
+                    Arg::U32(logits.cols as u32),
+                ],
+            )
+        };
+        self.download_u32(&ids, logits.rows)
+    }
+
+    /// One token per row drawn from its `top_k` (1..=64) candidates at `temperature`, cut to
+    /// `top_p` and `min_p`, with `uniform[row]` in [0, 1) as the random draw: the CPU
+    /// sampler's rules.
+    pub fn sample_top_k(
+        &self,
+        logits: &GpuTensor,
+        top_k: usize,
+        temperature: f32,
+        top_p: f32,
+        min_p: f32,
+        uniform: &[f32],
+    ) -> Result<Vec<u32>> {
+        if !(1..=64).contains(&top_k) || !(temperature > 0.0) || uniform.len() != logits.rows {
+            bail!("sample_top_k: top_k {top_k} (1..=64), temperature {temperature} (> 0), {} draws for {} rows", uniform.len(), logits.rows);
+        }
+        let u = self.upload_f32(uniform)?;
+        let ids = self.alloc(logits.rows * 4);
+        // SAFETY: one id and one draw per row; rows of `cols` logits
+        unsafe {
+            self.launch(
+                "sample_top_k",
+                [logits.rows, 1, 1],
+                256,
+                &[
+                    Arg::Ptr(ids.ptr),
+                    Arg::Ptr(logits.buf.ptr),
+                    Arg::Ptr(u.ptr),
+                    Arg::U32(logits.cols as u32),
+                    Arg::U32(top_k as u32),
+                    Arg::F32(temperature),
+                    Arg::F32(top_p),
+                    Arg::F32(min_p),
+                ],
+            )
+        };
+        self.download_u32(&ids, logits.rows)
+    }
+
+    fn download_u32(&self, b: &Buf, n: usize) -> Result<Vec<u32>> {
+        self.check()?;
+        let mut bytes = vec![0u8; n * 4];
+        if n > 0 {
+            // SAFETY: `b` holds n u32
+            unsafe { self.dev.download(b.ptr, &mut bytes)? };
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+
+    fn elementwise(&self, name: &str, n: usize, args: &[Arg]) {
+        // SAFETY: callers pass n-element buffers
+        unsafe { self.launch(name, [n.div_ceil(256), 1, 1], 256, args) }
+    }
+}
+
+impl Backend for GpuBackend {
+    type Tensor = GpuTensor;
+    type Weight = GpuWeight;
+    type KvCache = GpuKvCache;
+
+    fn load_weight(&self, w: &HostWeight) -> Result<GpuWeight> {
+        let (rows, cols) = (w.rows(), w.cols());
+        if rows == 1 || w.dims.len() == 1 {
+            // vectors (norm weights, biases) are read element-wise: f32
+            let v = dequantize_to_vec(w.ty, &w.data, rows * cols)
+                .with_context(|| format!("tensor {}", w.name))?;
+            return Ok(GpuWeight {
+                buf: self.upload_f32(&v)?,
+                ty: GgmlType::F32,
+                rows,
+                cols,
+                row_bytes: cols * 4,
+            });
+        }
+        if kernel_type(w.ty).is_none() {
+            bail!(
+                "tensor {}: type {} is not supported on the GPU yet",
+                w.name,
+                w.ty.name()
+            );
+        }
+        if cols % 32 != 0 {
+            bail!("tensor {}: rows of {cols} are not a multiple of 32 (the GPU kernels read 32 at a time)", w.name);
+        }
+        let bs = w.ty.block_size().unwrap_or(1);
+        if cols % bs != 0 {
+            bail!("tensor {}: row of {cols} is not whole {} blocks", w.name, w.ty.name());
+        }
+        let row_bytes = cols / bs * w.ty.type_size().unwrap_or(0);
+        if w.data.len() != rows * row_bytes {
+            bail!(
+                "tensor {}: {} bytes for {rows} rows of {row_bytes}",
+                w.name,
+                w.data.len()
+            );
+        }
+        Ok(GpuWeight {
+            buf: self
+                .upload_bytes(&w.data)
+                .with_context(|| format!("uploading tensor {}", w.name))?,
+            ty: w.ty,
+            rows,
+            cols,
+            row_bytes,
+        })
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> GpuTensor {
+        let t = self.tensor(rows, cols);
+        if t.buf.ptr != 0 {
+            // SAFETY: the tensor's whole buffer
+            if let Err(e) = unsafe { self.dev.zero(t.buf.ptr, t.buf.bytes) } {
+                self.fail(e);
+            }
+        }
+        t
+    }
+
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> GpuTensor {
+        assert_eq!(data.len(), rows * cols);
+        match self.upload_f32(data) {
+            Ok(buf) => GpuTensor { buf, rows, cols },
+            Err(e) => {
+                self.fail(e);
+                self.tensor(rows, cols)
+            }
+        }
+    }
+
+    fn download(&self, t: &GpuTensor) -> Result<Vec<f32>> {
+        self.check()?;
+        let mut bytes = vec![0u8; t.rows * t.cols * 4];
+        if !bytes.is_empty() {
+            // SAFETY: the tensor's buffer holds rows * cols f32
+            unsafe { self.dev.download(t.buf.ptr, &mut bytes)? };
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+
+    fn shape(&self, t: &GpuTensor) -> (usize, usize) {
+        (t.rows, t.cols)
+    }
+
+    fn alloc_kv(&self, shape: KvShape) -> Result<GpuKvCache> {
+        if shape.head_dim % 32 != 0 || shape.head_dim > 256 {
+            bail!(
+                "head dimension {} is not supported on the GPU (a multiple of 32, at most 256)",
+                shape.head_dim
+            );
+        }
+        let bytes = shape
+            .num_blocks
+            .checked_mul(shape.block_size)
+            .and_then(|x| x.checked_mul(shape.n_kv_heads * shape.head_dim * 2))
+            .ok_or_else(|| anyhow!("KV cache shape {shape:?} overflows"))?;
+        let pools = || -> Result<Vec<Buf>> {
+            (0..shape.n_layers)
+                .map(|_| {
+                    let b = self.try_alloc(bytes)?;
+                    // SAFETY: the whole buffer
+                    unsafe { self.dev.zero(b.ptr, bytes)? };
+                    Ok(b)
+                })
+                .collect()
+        };
+        let k = pools().context("allocating the KV cache")?;
+        let v = pools().context("allocating the KV cache")?;
+        Ok(GpuKvCache { shape, k, v })
+    }
+
+    fn embed(&self, table: &GpuWeight, tokens: &[u32], scale: f32) -> Result<GpuTensor> {
+        self.check()?;
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= table.rows) {
+            bail!("token id {t} is outside the vocabulary of {}", table.rows);
+        }
+        let ids = self.upload_u32(tokens)?;
+        let out = self.tensor(tokens.len(), table.cols);
+        let name = format!("embed_{}", kernel_type(table.ty).unwrap());
+        // SAFETY: ids checked against the table; out holds tokens x cols
+        unsafe {
+            self.launch(
+                &name,
+                [tokens.len(), 1, 1],
+                128,
+                &[
+                    Arg::Ptr(out.buf.ptr),
+                    Arg::Ptr(table.buf.ptr),
+                    Arg::Ptr(ids.ptr),
+                    Arg::U32(table.cols as u32),
+                    Arg::U32(table.row_bytes as u32),
+                    Arg::F32(scale),
+                ],
+            )
+        };
+        self.check()?;
+        Ok(out)
+    }
+
+    fn gather_rows(&self, x: &GpuTensor, rows: &[usize]) -> GpuTensor {
+        assert!(rows.iter().all(|&r| r < x.rows), "gather_rows: a row outside the tensor");
+        let out = self.tensor(rows.len(), x.cols);
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        match self.upload_u32(&idx) {
+            // SAFETY: rows checked; out holds rows x cols
+            Ok(ib) => unsafe {
+                self.launch(
+                    "gather_rows",
+                    [rows.len(), 1, 1],
+                    128,
+                    &[
+                        Arg::Ptr(out.buf.ptr),
+                        Arg::Ptr(x.buf.ptr),
+                        Arg::Ptr(ib.ptr),
+                        Arg::U32(x.cols as u32),
+                    ],
+                )
+            },
+            Err(e) => self.fail(e),
+        }
+        out
+    }
+
+    fn rms_norm(&self, x: &GpuTensor, w: &GpuWeight, eps: f32) -> GpuTensor {
+        assert_eq!(x.cols % w.cols, 0, "rms_norm: {} columns in segments of {}", x.cols, w.cols);
+        let out = self.tensor(x.rows, x.cols);
+        // SAFETY: x and out hold rows x cols; w holds one segment
+        unsafe {
+            self.launch(
+                "rms_norm",
+                [x.rows * x.cols / w.cols, 1, 1],
+                128,
+                &[
+                    Arg::Ptr(out.buf.ptr),
+                    Arg::Ptr(x.buf.ptr),
+                    Arg::Ptr(0),
+                    Arg::Ptr(w.buf.ptr),
+                    Arg::U32(w.cols as u32),
+                    Arg::F32(eps),
+                ],
+            )
+        };
+        out
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut GpuTensor,
+        x: &GpuTensor,
+        w: &GpuWeight,
+        eps: f32,
+    ) -> GpuTensor {
+        assert_eq!((residual.rows, residual.cols), (x.rows, x.cols));
+        assert_eq!(x.cols % w.cols, 0, "rms_norm: {} columns in segments of {}", x.cols, w.cols);
+        let out = self.tensor(x.rows, x.cols);
+        // SAFETY: residual, x and out hold rows x cols; w one segment
+        unsafe {
+            self.launch(
+                "rms_norm",
+                [x.rows * x.cols / w.cols, 1, 1],
+                128,
+                &[
+                    Arg::Ptr(out.buf.ptr),
+                    Arg::Ptr(residual.buf.ptr),
+                    Arg::Ptr(x.buf.ptr),
+                    Arg::Ptr(w.buf.ptr),
+                    Arg::U32(w.cols as u32),
+                    Arg::F32(eps),
+                ],
+            )
+        };
+        out
+    }
+
+    fn add(&self, residual: &mut GpuTensor, x: &GpuTensor) {
+        assert_eq!((residual.rows, residual.cols), (x.rows, x.cols));
+        let n = x.rows * x.cols;
+        self.elementwise(
+            "add_inplace",
+            n,
+            &[Arg::Ptr(residual.buf.ptr), Arg::Ptr(x.buf.ptr), Arg::U32(n as u32)],
+        );
+    }
+
+    fn matmul(&self, x: &GpuTensor, w: &GpuWeight, bias: Option<&GpuWeight>) -> GpuTensor {
+        assert_eq!(
+            x.cols, w.cols,
+            "matmul: x has {} columns, weight {}",
+            x.cols, w.cols
+        );
+        if let Some(b) = bias {
+            assert_eq!(b.rows * b.cols, w.rows, "matmul: bias of {} for {} rows", b.cols, w.rows);
+        }
+        let out = self.tensor(x.rows, w.rows);
+        let name = format!("matmul_{}", kernel_type(w.ty).unwrap());
+        // SAFETY: x [n, k], w [m, k] of row_bytes, bias [m], out [n, m]
+        unsafe {
+            self.launch(
+                &name,
+                [w.rows.div_ceil(4), x.rows.div_ceil(MM_TOKENS), 1],
+                128,
+                &[
+                    Arg::Ptr(out.buf.ptr),
+                    Arg::Ptr(x.buf.ptr),
+                    Arg::Ptr(w.buf.ptr),
+                    Arg::Ptr(bias.map_or(0, |b| b.buf.ptr)),
+                    Arg::U32(x.rows as u32),
+                    Arg::U32(x.cols as u32),
+                    Arg::U32(w.rows as u32),
+                    Arg::U32(w.row_bytes as u32),
+                ],
+            )
+        };
+        out
+    }
+
+    fn rope(
+        &self,
+        x: &mut GpuTensor,
+        positions: &[u32],
+        head_dim: usize,
+        rope: &Rope,
+        factors: Option<&[f32]>,
+    ) {
+        assert_eq!(x.rows, positions.len());
+        assert!(x.cols % head_dim == 0 && rope.n_rot <= head_dim);
+        match self.rope_table(positions, rope, factors) {
+            // SAFETY: x [n, cols]; the table [n, n_rot / 2] pairs
+            Ok(cs) => unsafe {
+                self.launch(
+                    "rope",
+                    [x.rows, 1, 1],
+                    128,
+                    &[
+                        Arg::Ptr(x.buf.ptr),
+                        Arg::Ptr(cs),
+                        Arg::U32(x.cols as u32),
+                        Arg::U32(head_dim as u32),
+                        Arg::U32((rope.n_rot / 2) as u32),
+                        Arg::U32((rope.layout == RopeLayout::Interleaved) as u32),
+                    ],
+                )
+            },
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn scale(&self, x: &mut GpuTensor, s: f32) {
+        let n = x.rows * x.cols;
+        self.elementwise(
+            "scale_inplace",
+            n,
+            &[Arg::Ptr(x.buf.ptr), Arg::U32(n as u32), Arg::F32(s)],
+        );
+    }
+
+    fn write_kv(
+        &self,
+        cache: &mut GpuKvCache,
+        layer: usize,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        layout: &BatchLayout,
+    ) -> Result<()> {
+        let hd = cache.shape.head_dim;
+        self.store_kv(cache, layer, k, v, layout, 0, hd, None)
+    }
+
+    fn rope_write_kv(
+        &self,
+        cache: &mut GpuKvCache,
+        layer: usize,
+        k: &mut GpuTensor,
+        v: &GpuTensor,
+        layout: &BatchLayout,
+        head_dim: usize,
+        rope: &Rope,
+        factors: Option<&[f32]>,
+    ) -> Result<()> {
+        if head_dim != cache.shape.head_dim || rope.n_rot > head_dim {
+            bail!("rope_write_kv: head dimension {head_dim} for a cache of {}", cache.shape.head_dim);
+        }
+        let cs = self.rope_table(layout.positions, rope, factors)?;
+        self.store_kv(cache, layer, k, v, layout, cs, head_dim, Some(rope))
+    }
+
+    fn attention(
+        &self,
+        cache: &GpuKvCache,
+        layer: usize,
+        q: &GpuTensor,
+        layout: &BatchLayout,
+        p: &AttnParams,
+    ) -> Result<GpuTensor> {
+        self.check()?;
+        let hd = p.head_dim;
+        let n = layout.positions.len();
+        if q.rows != n || q.cols != p.n_heads * hd || hd != cache.shape.head_dim {
+            bail!(
+                "attention: q {}x{} for {n} tokens of {} heads x {hd}",
+                q.rows,
+                q.cols,
+                p.n_heads
+            );
+        }
+        if p.n_kv_heads != cache.shape.n_kv_heads || p.n_kv_heads == 0 || p.n_heads % p.n_kv_heads != 0 {
+            bail!("attention: {} query heads over {} KV heads", p.n_heads, p.n_kv_heads);
+        }
+        let num_seqs = layout.seq_starts.len().saturating_sub(1);
+        if layout.block_tables.len() != num_seqs || layout.seq_starts.last() != Some(&n) {
+            bail!("attention: batch layout does not cover {n} tokens");
+        }
+        let bs = cache.shape.block_size;
+        let mut longest = 0;
+        for s in 0..num_seqs {
+            for t in layout.seq_starts[s]..layout.seq_starts[s + 1] {
+                let pos = layout.positions[t] as usize;
+                let need = pos / bs + 1;
+                let table = layout.block_tables[s];
+                if table.len() < need {
+                    bail!("attention: position {pos} needs {need} blocks, table has fewer");
+                }
+                if table[..need].iter().any(|&b| b as usize >= cache.shape.num_blocks) {
+                    bail!("attention: block id beyond the cache's {}", cache.shape.num_blocks);
+                }
+                let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                longest = longest.max(pos + 1 - lo);
+            }
+        }
+        let out = self.tensor(n, q.cols);
+        let splits = longest.div_ceil(ATTN_CHUNK).max(1);
+        let group = p.n_heads / p.n_kv_heads;
+        let part_o = self.alloc(n * p.n_heads * splits * hd * 4);
+        let part_ml = self.alloc(n * p.n_heads * splits * 2 * 4);
+        self.with_layout(layout, |l| {
+            // SAFETY: every position read is inside the checked block tables and the cache;
+            // the partial buffers hold n x heads x splits
+            unsafe {
+                self.launch(
+                    "attn_split",
+                    [n * p.n_kv_heads, splits, group.div_ceil(ATTN_MAXG)],
+                    128,
+                    &[
+                        Arg::Ptr(part_o.ptr),
+                        Arg::Ptr(part_ml.ptr),
+                        Arg::Ptr(q.buf.ptr),
+                        Arg::Ptr(cache.k[layer].ptr),
+                        Arg::Ptr(cache.v[layer].ptr),
+                        Arg::Ptr(l.positions.ptr),
+                        Arg::Ptr(l.token_seq.ptr),
+                        Arg::Ptr(l.tables.ptr),
+                        Arg::U32(l.max_blocks as u32),
+                        Arg::U32(p.n_heads as u32),
+                        Arg::U32(p.n_kv_heads as u32),
+                        Arg::U32(hd as u32),
+                        Arg::U32(bs as u32),
+                        Arg::F32(p.scale),
+                        Arg::U32(p.window.map_or(0, |w| w.min(u32::MAX as usize)) as u32),
+                        Arg::U32(ATTN_CHUNK as u32),
+                    ],
+                );
+                self.launch(
+                    "attn_reduce",
+                    [n * p.n_heads, 1, 1],
+                    128,
+                    &[
+                        Arg::Ptr(out.buf.ptr),
+                        Arg::Ptr(part_o.ptr),
+                        Arg::Ptr(part_ml.ptr),
+                        Arg::U32(hd as u32),
+                        Arg::U32(splits as u32),
+                    ],
+                );
+            }
+        })?;
+        self.check()?;
+        Ok(out)
+    }
+
+    fn glu(&self, gate: &GpuTensor, up: &GpuTensor, act: Glu) -> GpuTensor {
+        assert_eq!((gate.rows, gate.cols), (up.rows, up.cols));
+        let n = gate.rows * gate.cols;
+        let out = self.tensor(gate.rows, gate.cols);
+        let act = match act {
+            Glu::Silu => 0,
+            Glu::GeluTanh => 1,
+        };
+        self.elementwise(
+            "glu",
+            n,
+            &[
+                Arg::Ptr(out.buf.ptr),
+                Arg::Ptr(gate.buf.ptr),
+                Arg::Ptr(up.buf.ptr),
+                Arg::U32(n as u32),
+                Arg::U32(act),
+            ],
+        );
+        out
+    }
+}
