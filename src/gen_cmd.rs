@@ -1,8 +1,11 @@
-//! `kojo generate` and `kojo perplexity`: one model on the CPU backend, one sequence.
+//! `kojo generate`, `kojo perplexity` and `kojo bench`: one model on one backend (the CPU, or
+//! a GPU with `--device cuda`), one sequence.
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kojo::backend::cpu::{CpuBackend, MatmulMode};
+use kojo::backend::gpu::GpuBackend;
+use kojo::backend::{Backend, Target};
 use kojo::model::generate::{generate, GenerateRequest};
 use kojo::model::perplexity::perplexity;
 use kojo::model::session::{Logits, Session};
@@ -37,6 +40,27 @@ impl CpuArgs {
     }
 }
 
+/// Which device runs the model.
+#[derive(Args)]
+pub struct DeviceArgs {
+    /// `cpu`, or `cuda[:N]` for GPU N (kojo's CUDA kernels, compiled at first use).
+    #[arg(long, default_value = "cpu")]
+    pub device: Target,
+    /// Compile the CUDA kernels from this folder of .cu/.cuh files instead of the built-in ones.
+    #[arg(long)]
+    pub kernel_dir: Option<PathBuf>,
+}
+
+impl DeviceArgs {
+    /// Fail early, in one sentence, when the device cannot be used at all.
+    pub fn probe(&self) -> Result<()> {
+        if let Target::Cuda(_) = self.device {
+            kojo::backend::gpu::cuda::probe()?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Args)]
 pub struct ModelArgs {
     /// A GGUF file or a Hugging Face folder.
@@ -47,6 +71,8 @@ pub struct ModelArgs {
     pub ctx_size: Option<usize>,
     #[command(flatten)]
     pub cpu: CpuArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Tokens per forward pass while reading a prompt.
     #[arg(long, default_value_t = 512)]
     pub batch: usize,
@@ -145,18 +171,16 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-struct Loaded {
-    backend: CpuBackend,
-    model: Transformer<CpuBackend>,
+struct Loaded<B: Backend> {
+    backend: B,
+    model: Transformer<B>,
     tok: Tokenizer,
     src: ModelSource,
 }
 
-fn load(a: &ModelArgs) -> Result<Loaded> {
-    a.cpu.init_threads()?;
+fn load<B: Backend>(a: &ModelArgs, backend: B) -> Result<Loaded<B>> {
     let src = ModelSource::open(&a.model)?;
     let tok = src.tokenizer()?;
-    let backend = CpuBackend::new(a.cpu.matmul);
     let model = Transformer::load(&backend, &src)
         .with_context(|| format!("loading {}", a.model.display()))?;
     if tok.vocab_size() > model.cfg.vocab_size {
@@ -175,13 +199,30 @@ fn load(a: &ModelArgs) -> Result<Loaded> {
     })
 }
 
+/// Load the model of `$m` (ModelArgs) onto the backend it names, as `$l`, and evaluate `$body`.
+macro_rules! on_backend {
+    ($m:expr, $l:ident => $body:expr) => {{
+        $m.cpu.init_threads()?;
+        match $m.device.device {
+            Target::Cpu => {
+                let $l = load(&$m, CpuBackend::new($m.cpu.matmul))?;
+                $body
+            }
+            Target::Cuda(n) => {
+                let $l = load(&$m, GpuBackend::cuda(n, $m.device.kernel_dir.as_deref())?)?;
+                $body
+            }
+        }
+    }};
+}
+
 fn ctx_size(a: &ModelArgs, model_ctx: usize, need: usize) -> usize {
     a.ctx_size.unwrap_or_else(|| model_ctx.min(4096).max(need))
 }
 
 /// The prompt's token ids: the chat template applied when asked, BOS added when the model adds
 /// it (and the text does not already start with it).
-fn prompt_ids(l: &Loaded, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+fn prompt_ids<B: Backend>(l: &Loaded<B>, prompt: &str, chat: bool) -> Result<Vec<u32>> {
     let text = if chat {
         let tmpl = l.src.chat_template(&l.tok)?;
         let msgs = serde_json::json!([{"role": "user", "content": prompt}]);
@@ -199,8 +240,11 @@ fn prompt_ids(l: &Loaded, prompt: &str, chat: bool) -> Result<Vec<u32>> {
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
-    let l = load(&a.model)?;
-    let ids = prompt_ids(&l, &a.prompt, a.chat)?;
+    on_backend!(a.model, l => generate_on(&l, &a))
+}
+
+fn generate_on<B: Backend>(l: &Loaded<B>, a: &GenerateArgs) -> Result<()> {
+    let ids = prompt_ids(l, &a.prompt, a.chat)?;
     let ctx = ctx_size(
         &a.model,
         l.model.cfg.context_length,
@@ -251,7 +295,10 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
 }
 
 pub fn run_perplexity(a: PerplexityArgs) -> Result<()> {
-    let l = load(&a.model)?;
+    on_backend!(a.model, l => perplexity_on(&l, &a))
+}
+
+fn perplexity_on<B: Backend>(l: &Loaded<B>, a: &PerplexityArgs) -> Result<()> {
     let text = read_text(&a.file)?;
     let tokens = l.tok.encode(&text, true, false)?;
     let bos = if l.tok.adds_bos() { l.tok.bos() } else { None };
@@ -298,7 +345,10 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
     if a.repetitions == 0 {
         bail!("--repetitions must be at least 1");
     }
-    let l = load(&a.model)?;
+    on_backend!(a.model, l => bench_on(&l, &a))
+}
+
+fn bench_on<B: Backend>(l: &Loaded<B>, a: &BenchArgs) -> Result<()> {
     let vocab = l.tok.vocab_size().min(l.model.cfg.vocab_size) as u64;
     let mut tests: Vec<(String, usize, usize)> = Vec::new();
     for &p in a.n_prompt.iter().filter(|&&p| p > 0) {
@@ -313,6 +363,10 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
     let mut random =
         |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect() };
     let threads = kojo::backend::cpu::pool::global().threads();
+    let backend = match a.model.device.device {
+        Target::Cpu => "CPU",
+        Target::Cuda(_) => "CUDA",
+    };
     let path = l.src.path();
     let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let params = l.src.n_params();
@@ -325,7 +379,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
     }
     for (test, p, n) in &tests {
-        let mut run = |session: &mut Session<CpuBackend>| -> Result<f64> {
+        let mut run = |session: &mut Session<B>| -> Result<f64> {
             session.reset();
             let toks = random(p + n);
             let t0 = std::time::Instant::now();
@@ -350,13 +404,13 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         };
         if a.json {
             rows.push(serde_json::json!({
-                "model": name, "size_bytes": size, "params": params, "backend": "CPU",
+                "model": name, "size_bytes": size, "params": params, "backend": backend,
                 "threads": threads, "test": test, "n_prompt": p, "n_gen": n,
                 "avg_ts": mean, "stddev_ts": sd, "samples_ts": samples,
             }));
         } else {
             println!(
-                "| {name} | {:.2} MiB | {:.2} M | CPU | {threads} | {test} | {mean:.2} ± {sd:.2} |",
+                "| {name} | {:.2} MiB | {:.2} M | {backend} | {threads} | {test} | {mean:.2} ± {sd:.2} |",
                 size as f64 / (1024.0 * 1024.0),
                 params as f64 / 1e6
             );

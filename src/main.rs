@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 mod bench_cmd;
 mod gen_cmd;
+mod kernels_cmd;
 mod serve_cmd;
 
 #[derive(Parser)]
@@ -77,6 +78,8 @@ enum Cmd {
     Perplexity(gen_cmd::PerplexityArgs),
     /// Time prompt processing and generation on the CPU, as llama-bench does (pp/tg tests).
     Bench(gen_cmd::BenchArgs),
+    /// The CUDA kernels: `kojo kernels check --arch sm_80,sm_90` compiles each with NVRTC.
+    Kernels(kernels_cmd::KernelsArgs),
     /// List tensors (name, type, shape); with --sha256, the hash of each tensor dequantized to
     /// little-endian f32.
     Tensors {
@@ -110,6 +113,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(a) => gen_cmd::run_generate(a),
         Cmd::Perplexity(a) => gen_cmd::run_perplexity(a),
         Cmd::Bench(a) => gen_cmd::run_bench(a),
+        Cmd::Kernels(a) => kernels_cmd::run(a),
         Cmd::Tokenize {
             model,
             special,

@@ -54,6 +54,8 @@ pub struct ServeArgs {
     pub shutdown_timeout: u64,
     #[command(flatten)]
     pub cpu: crate::gen_cmd::CpuArgs,
+    #[command(flatten)]
+    pub device: crate::gen_cmd::DeviceArgs,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -65,6 +67,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     a.cpu.init_threads()?;
+    // a machine without the device fails here, in one line, before listening
+    a.device.probe()?;
     let mut keys = a.api_key.clone();
     if let Some(f) = &a.api_key_file {
         let text =
@@ -111,6 +115,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_body_bytes: a.max_body_bytes,
         shutdown_timeout: Duration::from_secs(a.shutdown_timeout),
         matmul: a.cpu.matmul,
+        target: a.device.device,
+        kernel_dir: a.device.kernel_dir.clone(),
     };
     if !cfg.model.exists() {
         bail!("{}: no such file or folder", cfg.model.display());

@@ -6,6 +6,8 @@ use super::error::ApiError;
 use super::respond::{respond, Job, Kind};
 use super::wire::{ChatRequest, CompletionRequest, PromptInput};
 use crate::backend::cpu::{CpuBackend, MatmulMode};
+use crate::backend::gpu::GpuBackend;
+use crate::backend::{Backend, Target};
 use crate::engine::metrics::Metrics;
 use crate::engine::scheduler::SchedulerConfig;
 use crate::engine::EngineHandle;
@@ -46,6 +48,9 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     pub shutdown_timeout: Duration,
     pub matmul: MatmulMode,
+    pub target: Target,
+    /// Kernel sources to compile instead of the embedded ones (GPU only).
+    pub kernel_dir: Option<PathBuf>,
 }
 
 /// What exists once the model has loaded.
@@ -413,8 +418,29 @@ fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Ready> {
             None
         }
     };
-    let be = CpuBackend::new(cfg.matmul);
-    let model = Transformer::load(&be, &src)?;
+    match cfg.target {
+        Target::Cpu => start_engine(CpuBackend::new(cfg.matmul), cfg, &src, tok, template, metrics),
+        Target::Cuda(n) => {
+            let be = GpuBackend::cuda(n, cfg.kernel_dir.as_deref())?;
+            start_engine(be, cfg, &src, tok, template, metrics)
+        }
+    }
+}
+
+/// Load the weights onto `be` and start the engine over it.
+fn start_engine<B: Backend + Send + 'static>(
+    be: B,
+    cfg: &ServeConfig,
+    src: &ModelSource,
+    tok: Tokenizer,
+    template: Option<ChatTemplate>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Ready>
+where
+    B::KvCache: Send,
+    Transformer<B>: Send,
+{
+    let model = Transformer::load(&be, src)?;
     let max_model_len = cfg.max_model_len.min(model.cfg.context_length);
     let block_size = crate::model::session::BLOCK_SIZE;
     let sched = SchedulerConfig {

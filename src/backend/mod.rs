@@ -116,6 +116,38 @@ pub struct KvShape {
 
 pub type Result<T> = anyhow::Result<T>;
 
+/// Where a model runs: `cpu` (the default) or `cuda[:N]` (GPU N, default 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Target {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Target, String> {
+        match s {
+            "cpu" => Ok(Target::Cpu),
+            "cuda" => Ok(Target::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Target::Cuda)
+                .ok_or_else(|| format!("'{s}' is not a device: cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Cpu => write!(f, "cpu"),
+            Target::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
 /// The ops of a decoder-only transformer. Tensors are `[rows, cols]` f32 activations; a
 /// "segment" op (RMSNorm, RoPE) works on each `seg`-wide slice of a row, so per-head norms and
 /// per-head rotations need no reshape.

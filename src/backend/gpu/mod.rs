@@ -208,6 +208,13 @@ impl GpuBackend {
         }
     }
 
+    /// GPU `ordinal` through CUDA, its kernels compiled (or taken from the cache).
+    pub fn cuda(ordinal: usize, kernel_dir: Option<&std::path::Path>) -> Result<Self> {
+        let dev = cuda::CudaDevice::open(ordinal, kernel_dir)?;
+        tracing::info!("CUDA device {ordinal}: {}", dev.describe());
+        Ok(GpuBackend::new(Arc::new(dev)))
+    }
+
     pub fn device(&self) -> &Arc<dyn Device> {
         &self.dev
     }

@@ -1,0 +1,76 @@
+//! `kojo kernels`: the CUDA kernels' compilation, by hand.
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use kojo::backend::gpu::kernels::{self, Sources};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct KernelsArgs {
+    #[command(subcommand)]
+    cmd: KernelsCmd,
+}
+
+#[derive(Subcommand)]
+enum KernelsCmd {
+    /// Compile every kernel with NVRTC for each architecture and print registers, shared
+    /// memory, stack and spills per kernel; fails on a compile error or a register spill.
+    Check {
+        /// Comma-separated GPU architectures.
+        #[arg(long, default_value = "sm_80,sm_90")]
+        arch: String,
+        /// Kernel sources to use instead of the ones built in (a folder of .cu/.cuh).
+        #[arg(long)]
+        kernel_dir: Option<PathBuf>,
+    },
+}
+
+pub fn run(a: KernelsArgs) -> Result<()> {
+    match a.cmd {
+        KernelsCmd::Check { arch, kernel_dir } => check(&arch, kernel_dir),
+    }
+}
+
+fn check(archs: &str, dir: Option<PathBuf>) -> Result<()> {
+    let src = match &dir {
+        Some(d) => Sources::from_dir(d)?,
+        None => Sources::embedded(),
+    };
+    let (major, minor) = kernels::nvrtc_version()?;
+    let include = kernels::include_dir()?;
+    println!("NVRTC {major}.{minor}, headers from {}", include.display());
+    println!(
+        "{:<8} {:<16} {:<24} {:>5} {:>7} {:>6} {:>7}",
+        "arch", "unit", "kernel", "regs", "smem", "stack", "spills"
+    );
+    let mut spilled = Vec::new();
+    let mut count = 0;
+    for arch in archs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        if !arch.starts_with("sm_") || arch[3..].parse::<u32>().is_err() {
+            bail!("--arch: '{arch}' is not an architecture like sm_90");
+        }
+        for (unit, _) in src.units() {
+            let c = kernels::compile(&src, unit, arch, &include)?;
+            let stats = kernels::parse_ptxas_log(&c.log);
+            if stats.is_empty() {
+                bail!("{unit} for {arch}: NVRTC's log has no ptxas report:\n{}", c.log);
+            }
+            for s in stats {
+                let spills = s.spill_stores + s.spill_loads;
+                println!(
+                    "{arch:<8} {unit:<16} {:<24} {:>5} {:>7} {:>6} {:>7}",
+                    s.name, s.registers, s.shared_bytes, s.stack_bytes, spills
+                );
+                if spills > 0 {
+                    spilled.push(format!("{} ({arch})", s.name));
+                }
+                count += 1;
+            }
+        }
+    }
+    if !spilled.is_empty() {
+        bail!("register spills in {}", spilled.join(", "));
+    }
+    println!("{count} kernels compiled, no spills");
+    Ok(())
+}
