@@ -163,6 +163,12 @@ pub struct BenchArgs {
         default_value = "128"
     )]
     pub n_gen: Vec<usize>,
+    /// Sequences decoded together in the "tg" tests (one step feeds one token of each).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub parallel: Vec<usize>,
+    /// Tokens already in each sequence's cache when a "tg" test starts (read untimed).
+    #[arg(short = 'd', long, default_value_t = 0)]
+    pub depth: usize,
     /// Timed repetitions of each test (after one untimed warm-up).
     #[arg(short = 'r', long, default_value_t = 5)]
     pub repetitions: usize,
@@ -174,16 +180,28 @@ pub struct BenchArgs {
 struct Loaded<B: Backend> {
     backend: B,
     model: Transformer<B>,
-    tok: Tokenizer,
+    /// `None` for random-weight models
+    tok: Option<Tokenizer>,
     src: ModelSource,
+}
+
+impl<B: Backend> Loaded<B> {
+    fn tok(&self) -> Result<&Tokenizer> {
+        self.tok
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("{}: a random-weight model has no tokenizer", self.src.path().display()))
+    }
 }
 
 fn load<B: Backend>(a: &ModelArgs, backend: B) -> Result<Loaded<B>> {
     let src = ModelSource::open(&a.model)?;
-    let tok = src.tokenizer()?;
+    let tok = match &src {
+        ModelSource::Random(..) => None,
+        _ => Some(src.tokenizer()?),
+    };
     let model = Transformer::load(&backend, &src)
         .with_context(|| format!("loading {}", a.model.display()))?;
-    if tok.vocab_size() > model.cfg.vocab_size {
+    if let Some(tok) = tok.as_ref().filter(|t| t.vocab_size() > model.cfg.vocab_size) {
         bail!(
             "{}: the tokenizer has {} tokens but the output layer only {}",
             a.model.display(),
@@ -224,14 +242,15 @@ fn ctx_size(a: &ModelArgs, model_ctx: usize, need: usize) -> usize {
 /// it (and the text does not already start with it).
 fn prompt_ids<B: Backend>(l: &Loaded<B>, prompt: &str, chat: bool) -> Result<Vec<u32>> {
     let text = if chat {
-        let tmpl = l.src.chat_template(&l.tok)?;
+        let tmpl = l.src.chat_template(l.tok()?)?;
         let msgs = serde_json::json!([{"role": "user", "content": prompt}]);
         tmpl.render(&msgs, true, None)?
     } else {
         prompt.to_string()
     };
-    let mut ids = l.tok.encode(&text, false, true)?;
-    if let (true, Some(bos)) = (l.tok.adds_bos(), l.tok.bos()) {
+    let tok = l.tok()?;
+    let mut ids = tok.encode(&text, false, true)?;
+    if let (true, Some(bos)) = (tok.adds_bos(), tok.bos()) {
         if ids.first() != Some(&bos) {
             ids.insert(0, bos);
         }
@@ -270,7 +289,7 @@ fn generate_on<B: Backend>(l: &Loaded<B>, a: &GenerateArgs) -> Result<()> {
     };
     let stdout = std::io::stdout();
     let streaming = !a.json;
-    let out = generate(&mut session, &l.tok, &req, |text| {
+    let out = generate(&mut session, l.tok()?, &req, |text| {
         if streaming {
             let mut o = stdout.lock();
             let _ = o.write_all(text.as_bytes());
@@ -300,8 +319,9 @@ pub fn run_perplexity(a: PerplexityArgs) -> Result<()> {
 
 fn perplexity_on<B: Backend>(l: &Loaded<B>, a: &PerplexityArgs) -> Result<()> {
     let text = read_text(&a.file)?;
-    let tokens = l.tok.encode(&text, true, false)?;
-    let bos = if l.tok.adds_bos() { l.tok.bos() } else { None };
+    let tok = l.tok()?;
+    let tokens = tok.encode(&text, true, false)?;
+    let bos = if tok.adds_bos() { tok.bos() } else { None };
     let mut session = Session::new(&l.backend, &l.model, a.ctx, a.model.batch)?;
     if !a.json {
         eprintln!(
@@ -338,26 +358,107 @@ fn read_text(p: &Path) -> Result<String> {
     })
 }
 
-/// llama-bench's method: random token ids; a `pp` test reads the prompt as one batch (logits
-/// for its last token), a `tg` test feeds one token at a time from an empty cache (logits for
-/// every token); each repetition starts from an empty cache, after one untimed warm-up.
+/// llama-bench's method: random token ids; a `pp` test reads the prompt in batches of
+/// `--batch` (logits for its last token); a `tg` test decodes `--parallel` sequences one token
+/// each per step after `--depth` tokens already in their caches (logits for every sequence,
+/// copied back each step); each repetition starts from an empty cache, after one untimed
+/// warm-up.
 pub fn run_bench(a: BenchArgs) -> Result<()> {
     if a.repetitions == 0 {
         bail!("--repetitions must be at least 1");
     }
+    if a.parallel.contains(&0) {
+        bail!("--parallel must be at least 1");
+    }
     on_backend!(a.model, l => bench_on(&l, &a))
 }
 
+/// Tokens per second of `p` sequences decoding `n` tokens each from `depth` cached ones.
+fn decode_rate<B: Backend>(
+    l: &Loaded<B>,
+    p: usize,
+    depth: usize,
+    n: usize,
+    chunk: usize,
+    random: &mut dyn FnMut(usize) -> Vec<u32>,
+) -> Result<f64> {
+    use kojo::backend::BatchLayout;
+    use kojo::model::session::BLOCK_SIZE as BS;
+    use kojo::model::transformer::Step;
+    let per = (depth + n).div_ceil(BS).max(1);
+    let mut kv = l.backend.alloc_kv(l.model.kv_shape(p * per, BS))?;
+    let tables: Vec<Vec<u32>> = (0..p)
+        .map(|s| ((s * per) as u32..((s + 1) * per) as u32).collect())
+        .collect();
+    let slot = |s: usize, pos: usize| tables[s][pos / BS] * BS as u32 + (pos % BS) as u32;
+    // the cached context, untimed, one sequence and one chunk at a time
+    for (s, table) in tables.iter().enumerate() {
+        let toks = random(depth);
+        for start in (0..depth).step_by(chunk.max(1)) {
+            let end = (start + chunk).min(depth);
+            let positions: Vec<u32> = (start as u32..end as u32).collect();
+            let slots: Vec<u32> = (start..end).map(|pos| slot(s, pos)).collect();
+            let step = Step {
+                tokens: &toks[start..end],
+                layout: BatchLayout {
+                    positions: &positions,
+                    seq_starts: &[0, end - start],
+                    block_tables: &[table],
+                    slots: &slots,
+                },
+                logit_rows: &[end - start - 1],
+            };
+            l.model.forward(&l.backend, &mut kv, &step)?;
+        }
+    }
+    let refs: Vec<&[u32]> = tables.iter().map(|t| &t[..]).collect();
+    let starts: Vec<usize> = (0..=p).collect();
+    let rows: Vec<usize> = (0..p).collect();
+    let t0 = std::time::Instant::now();
+    for i in 0..n {
+        let pos = depth + i;
+        let toks = random(p);
+        let positions = vec![pos as u32; p];
+        let slots: Vec<u32> = (0..p).map(|s| slot(s, pos)).collect();
+        let step = Step {
+            tokens: &toks,
+            layout: BatchLayout {
+                positions: &positions,
+                seq_starts: &starts,
+                block_tables: &refs,
+                slots: &slots,
+            },
+            logit_rows: &rows,
+        };
+        let logits = l.model.forward(&l.backend, &mut kv, &step)?;
+        l.backend.download(&logits)?;
+    }
+    Ok((p * n) as f64 / t0.elapsed().as_secs_f64())
+}
+
 fn bench_on<B: Backend>(l: &Loaded<B>, a: &BenchArgs) -> Result<()> {
-    let vocab = l.tok.vocab_size().min(l.model.cfg.vocab_size) as u64;
-    let mut tests: Vec<(String, usize, usize)> = Vec::new();
+    let vocab = match &l.tok {
+        Some(t) => t.vocab_size().min(l.model.cfg.vocab_size),
+        None => l.model.cfg.vocab_size,
+    } as u64;
+    // (name, prompt tokens, generated tokens, parallel sequences)
+    let mut tests: Vec<(String, usize, usize, usize)> = Vec::new();
     for &p in a.n_prompt.iter().filter(|&&p| p > 0) {
-        tests.push((format!("pp{p}"), p, 0));
+        tests.push((format!("pp{p}"), p, 0, 1));
     }
     for &n in a.n_gen.iter().filter(|&&n| n > 0) {
-        tests.push((format!("tg{n}"), 0, n));
+        for &par in &a.parallel {
+            let mut name = format!("tg{n}");
+            if par > 1 {
+                name += &format!(" x{par}");
+            }
+            if a.depth > 0 {
+                name += &format!(" @ d{}", a.depth);
+            }
+            tests.push((name, 0, n, par));
+        }
     }
-    let need = tests.iter().map(|t| t.1 + t.2).max().unwrap_or(1);
+    let need = tests.iter().map(|t| t.1).max().unwrap_or(1);
     let mut session = Session::new(&l.backend, &l.model, need.max(1), a.model.batch)?;
     let mut rng = kojo::sampling::Rng::new(1234);
     let mut random =
@@ -378,23 +479,19 @@ fn bench_on<B: Backend>(l: &Loaded<B>, a: &BenchArgs) -> Result<()> {
         println!("| model | size | params | backend | threads | test | t/s |");
         println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
     }
-    for (test, p, n) in &tests {
-        let mut run = |session: &mut Session<B>| -> Result<f64> {
+    for (test, p, n, par) in &tests {
+        let mut run = || -> Result<f64> {
+            if *n > 0 {
+                return decode_rate(l, *par, a.depth, *n, a.model.batch, &mut random);
+            }
             session.reset();
-            let toks = random(p + n);
+            let toks = random(*p);
             let t0 = std::time::Instant::now();
-            if *p > 0 {
-                session.feed(&toks[..*p], Logits::Last)?;
-            }
-            for &t in &toks[*p..] {
-                session.feed(&[t], Logits::Last)?;
-            }
-            Ok((p + n) as f64 / t0.elapsed().as_secs_f64())
+            session.feed(&toks, Logits::Last)?;
+            Ok(*p as f64 / t0.elapsed().as_secs_f64())
         };
-        run(&mut session)?;
-        let samples: Vec<f64> = (0..a.repetitions)
-            .map(|_| run(&mut session))
-            .collect::<Result<_>>()?;
+        run()?;
+        let samples: Vec<f64> = (0..a.repetitions).map(|_| run()).collect::<Result<_>>()?;
         let mean = samples.iter().sum::<f64>() / samples.len() as f64;
         let sd = if samples.len() > 1 {
             (samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (samples.len() - 1) as f64)
@@ -406,6 +503,7 @@ fn bench_on<B: Backend>(l: &Loaded<B>, a: &BenchArgs) -> Result<()> {
             rows.push(serde_json::json!({
                 "model": name, "size_bytes": size, "params": params, "backend": backend,
                 "threads": threads, "test": test, "n_prompt": p, "n_gen": n,
+                "parallel": par, "depth": if *n > 0 { a.depth } else { 0 },
                 "avg_ts": mean, "stddev_ts": sd, "samples_ts": samples,
             }));
         } else {

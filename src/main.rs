@@ -223,6 +223,14 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
             }
             (weights.tensors.len(), "safetensors".to_string())
         }
+        ModelSource::Random(m, _) => {
+            let t = m.tensors();
+            for (_, d) in &t {
+                let ty = if d.len() == 1 { "F32".to_string() } else { m.ty.name() };
+                *types.entry(ty).or_default() += 1;
+            }
+            (t.len(), "random weights".to_string())
+        }
     };
     let tok = src.tokenizer();
     let template = src.chat_template_source()?;
@@ -316,6 +324,17 @@ fn tensors(path: &Path, sha256: bool, filter: Option<&str>) -> Result<()> {
                 let mut row = serde_json::json!({"name": name, "type": format!("{:?}", t.dtype), "shape": t.shape});
                 if sha256 {
                     row["sha256"] = hash(&weights.tensor_f32(name)?).into();
+                }
+                rows.push(row);
+            }
+        }
+        ModelSource::Random(m, _) => {
+            for (name, dims) in m.tensors().into_iter().filter(|(n, _)| keep(n)) {
+                let (ty, _, data) = m.tensor(&name)?;
+                let mut row = serde_json::json!({"name": name, "type": ty.name(), "shape": dims});
+                if sha256 {
+                    let n = dims.iter().product();
+                    row["sha256"] = hash(&kojo::formats::quant::dequantize_to_vec(ty, &data, n)?).into();
                 }
                 rows.push(row);
             }

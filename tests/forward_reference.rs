@@ -103,7 +103,7 @@ fn assert_close(what: &str, ours: &serde_json::Value, reference: &[Vec<(u64, f64
 }
 
 fn check_tiny(t: Tiny) {
-    let mut r = Rnd::new();
+    let mut r = test_rnd();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(format!("tiny-{}.gguf", t.arch));
     write_tiny(&t, &mut r, &path);

@@ -12,6 +12,7 @@
 pub mod config;
 pub mod generate;
 pub mod perplexity;
+pub mod random;
 pub mod session;
 pub mod source;
 pub mod transformer;

@@ -2,6 +2,7 @@
 //! `*.safetensors`, `tokenizer.json`, `tokenizer_config.json`).
 
 use super::config::ModelConfig;
+use super::random::RandomModel;
 use crate::formats::safetensors::SafetensorsModel;
 use crate::formats::GgufFile;
 use crate::tokenizer::{ChatTemplate, Tokenizer};
@@ -15,10 +16,17 @@ pub enum ModelSource {
         weights: SafetensorsModel,
         config: ModelConfig,
     },
+    /// `random:<shape>[:<type>[:<seed>]]`: weights generated when asked for, no file.
+    Random(RandomModel, PathBuf),
 }
 
 impl ModelSource {
     pub fn open(path: &Path) -> Result<Self> {
+        if let Some(spec) = path.to_str().filter(|s| s.starts_with("random:")) {
+            if !path.exists() {
+                return Ok(ModelSource::Random(RandomModel::parse(spec)?, path.to_path_buf()));
+            }
+        }
         if !path.exists() {
             bail!("{}: no such file or folder", path.display());
         }
@@ -38,6 +46,7 @@ impl ModelSource {
         match self {
             ModelSource::Gguf(g) => Ok(ModelConfig::from_gguf(g)?),
             ModelSource::Hf { config, .. } => Ok(config.clone()),
+            ModelSource::Random(m, _) => Ok(m.cfg.clone()),
         }
     }
 
@@ -49,6 +58,7 @@ impl ModelSource {
                 Ok(Tokenizer::from_tokenizer_json(&p)
                     .with_context(|| format!("loading {}", p.display()))?)
             }
+            ModelSource::Random(m, _) => bail!("{}: a random-weight model has no tokenizer", m.spec),
         }
     }
 
@@ -56,6 +66,7 @@ impl ModelSource {
     pub fn chat_template_source(&self) -> Result<Option<String>> {
         match self {
             ModelSource::Gguf(g) => Ok(g.get_str("tokenizer.chat_template").map(str::to_string)),
+            ModelSource::Random(..) => Ok(None),
             ModelSource::Hf { dir, .. } => {
                 let jinja = dir.join("chat_template.jinja");
                 if jinja.exists() {
@@ -109,6 +120,7 @@ impl ModelSource {
                 .values()
                 .map(|t| t.shape.iter().product::<usize>() as u64)
                 .sum(),
+            ModelSource::Random(m, _) => m.n_params(),
         }
     }
 
@@ -116,6 +128,7 @@ impl ModelSource {
         match self {
             ModelSource::Gguf(g) => &g.path,
             ModelSource::Hf { dir, .. } => dir,
+            ModelSource::Random(_, p) => p,
         }
     }
 }

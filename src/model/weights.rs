@@ -16,18 +16,19 @@ impl ModelSource {
             ModelSource::Hf { weights, .. } => {
                 hf_name(name).is_some_and(|n| weights.tensor(&n).is_some())
             }
+            ModelSource::Random(m, _) => m.tensors().iter().any(|(n, _)| n == name),
         }
     }
 
     /// The tensor of this GGUF name, checked to have the expected GGUF dims `[cols, rows]`.
     pub fn weight(&self, name: &str, dims: &[usize]) -> Result<HostWeight<'_>> {
-        let (ty, got, data): (GgmlType, Vec<usize>, &[u8]) = match self {
+        let (ty, got, data): (GgmlType, Vec<usize>, Cow<[u8]>) = match self {
             ModelSource::Gguf(g) => {
                 let (info, data) = g.tensor_data(name)?;
                 (
                     info.ty,
                     info.dims.iter().map(|&d| d as usize).collect(),
-                    data,
+                    Cow::Borrowed(data),
                 )
             }
             ModelSource::Hf { weights, .. } => {
@@ -42,7 +43,11 @@ impl ModelSource {
                     other => bail!("tensor {hf}: dtype {other:?} is not supported"),
                 };
                 // safetensors shapes are [rows, cols]; GGUF's are [cols, rows]
-                (ty, t.shape.iter().rev().copied().collect(), data)
+                (ty, t.shape.iter().rev().copied().collect(), Cow::Borrowed(data))
+            }
+            ModelSource::Random(m, _) => {
+                let (ty, dims, data) = m.tensor(name)?;
+                (ty, dims, Cow::Owned(data))
             }
         };
         // trailing 1s are the same shape
@@ -63,13 +68,13 @@ impl ModelSource {
             name: name.to_string(),
             ty,
             dims: dims.to_vec(),
-            data: Cow::Borrowed(data),
+            data,
         })
     }
 }
 
 /// GGUF tensor name → Hugging Face (llama family) name.
-fn hf_name(gguf: &str) -> Option<String> {
+pub(crate) fn hf_name(gguf: &str) -> Option<String> {
     let top = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),

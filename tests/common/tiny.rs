@@ -1,75 +1,26 @@
 //! Tiny random-weight models of each architecture, written as GGUF.
 
 use super::smollm2;
-use half::{bf16, f16};
 use kojo::formats::gguf_write::GgufWriter;
 use kojo::formats::{GgmlType, GgufFile, Value};
 use std::path::Path;
 
-/// xorshift64*, seeded from the clock; the seed is printed so a failure can be replayed.
-pub struct Rnd(pub u64);
-impl Rnd {
-    pub fn new() -> Self {
-        let seed = std::env::var("KOJO_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-                    | 1
-            });
-        eprintln!("KOJO_TEST_SEED={seed}");
-        Rnd(seed)
-    }
-    pub fn u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in [-1, 1).
-    pub fn f(&mut self) -> f32 {
-        (self.u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
+pub use kojo::model::random::{random_tensor, Rnd};
 
-/// Random valid blocks of `ty` for `n` weights whose magnitudes stay around `amp`.
-pub fn random_tensor(r: &mut Rnd, ty: GgmlType, n: usize, amp: f32) -> Vec<u8> {
-    let le16 = |v: f32| f16::from_f32(v).to_bits().to_le_bytes();
-    match ty {
-        GgmlType::F32 => (0..n).flat_map(|_| (r.f() * amp).to_le_bytes()).collect(),
-        GgmlType::F16 => (0..n).flat_map(|_| le16(r.f() * amp)).collect(),
-        GgmlType::BF16 => (0..n)
-            .flat_map(|_| bf16::from_f32(r.f() * amp).to_bits().to_le_bytes())
-            .collect(),
-        _ => {
-            let (bs, ts) = (ty.block_size().unwrap(), ty.type_size().unwrap());
-            let mut data: Vec<u8> = (0..n / bs * ts).map(|_| r.u64() as u8).collect();
-            // (offset of f16 scale, largest |q * sub-scale|), (offset of f16 min, largest m)
-            let (d, dmin): ((usize, f32), Option<(usize, f32)>) = match ty {
-                GgmlType::Q4_0 => ((0, 8.0), None),
-                GgmlType::Q4_1 => ((0, 15.0), Some((2, 1.0))),
-                GgmlType::Q5_0 => ((0, 16.0), None),
-                GgmlType::Q5_1 => ((0, 31.0), Some((2, 1.0))),
-                GgmlType::Q8_0 => ((0, 127.0), None),
-                GgmlType::Q2K => ((80, 45.0), Some((82, 15.0))),
-                GgmlType::Q3K => ((108, 128.0), None),
-                GgmlType::Q4K => ((0, 945.0), Some((2, 63.0))),
-                GgmlType::Q5K => ((0, 1953.0), Some((2, 63.0))),
-                GgmlType::Q6K => ((208, 4096.0), None),
-                _ => unreachable!(),
-            };
-            for blk in data.chunks_exact_mut(ts) {
-                blk[d.0..d.0 + 2].copy_from_slice(&le16(amp / d.1 * (0.5 + 0.5 * r.f().abs())));
-                if let Some((o, m)) = dmin {
-                    blk[o..o + 2].copy_from_slice(&le16(amp / m * 0.5 * r.f().abs()));
-                }
-            }
-            data
-        }
-    }
+/// A generator seeded from the clock, or from KOJO_TEST_SEED; the seed is printed so a
+/// failure can be replayed.
+pub fn test_rnd() -> Rnd {
+    let seed = std::env::var("KOJO_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("KOJO_TEST_SEED={seed}");
+    Rnd::new(seed)
 }
 
 #[derive(Clone, Copy)]

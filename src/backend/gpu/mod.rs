@@ -14,6 +14,7 @@
 
 pub mod cuda;
 pub mod kernels;
+pub mod selftest;
 
 use super::{AttnParams, Backend, BatchLayout, Glu, HostWeight, KvShape, Result, Rope, RopeLayout};
 use crate::formats::quant::dequantize_to_vec;
