@@ -187,9 +187,12 @@ struct Loaded<B: Backend> {
 
 impl<B: Backend> Loaded<B> {
     fn tok(&self) -> Result<&Tokenizer> {
-        self.tok
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("{}: a random-weight model has no tokenizer", self.src.path().display()))
+        self.tok.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: a random-weight model has no tokenizer",
+                self.src.path().display()
+            )
+        })
     }
 }
 
@@ -201,7 +204,10 @@ fn load<B: Backend>(a: &ModelArgs, backend: B) -> Result<Loaded<B>> {
     };
     let model = Transformer::load(&backend, &src)
         .with_context(|| format!("loading {}", a.model.display()))?;
-    if let Some(tok) = tok.as_ref().filter(|t| t.vocab_size() > model.cfg.vocab_size) {
+    if let Some(tok) = tok
+        .as_ref()
+        .filter(|t| t.vocab_size() > model.cfg.vocab_size)
+    {
         bail!(
             "{}: the tokenizer has {} tokens but the output layer only {}",
             a.model.display(),
@@ -469,7 +475,10 @@ fn bench_on<B: Backend>(l: &Loaded<B>, a: &BenchArgs) -> Result<()> {
         Target::Cuda(_) => "CUDA",
     };
     let path = l.src.path();
-    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let size = match &l.src {
+        ModelSource::Random(m, _) => m.weight_bytes(),
+        _ => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+    };
     let params = l.src.n_params();
     let name = path
         .file_name()

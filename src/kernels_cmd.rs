@@ -53,7 +53,10 @@ fn check(archs: &str, dir: Option<PathBuf>) -> Result<()> {
             let c = kernels::compile(&src, unit, arch, &include)?;
             let stats = kernels::parse_ptxas_log(&c.log);
             if stats.is_empty() {
-                bail!("{unit} for {arch}: NVRTC's log has no ptxas report:\n{}", c.log);
+                bail!(
+                    "{unit} for {arch}: NVRTC's log has no ptxas report:\n{}",
+                    c.log
+                );
             }
             for s in stats {
                 let spills = s.spill_stores + s.spill_loads;

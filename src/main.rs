@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 mod bench_cmd;
 mod gen_cmd;
+mod gpu_check_cmd;
 mod kernels_cmd;
 mod serve_cmd;
 
@@ -78,6 +79,9 @@ enum Cmd {
     Perplexity(gen_cmd::PerplexityArgs),
     /// Time prompt processing and generation on the CPU, as llama-bench does (pp/tg tests).
     Bench(gen_cmd::BenchArgs),
+    /// Check the GPU backend against the CPU backend on a GPU: every kernel, and a random
+    /// SmolLM2-shaped model end to end (see scripts/gpu-check.sh).
+    GpuCheck(gpu_check_cmd::GpuCheckArgs),
     /// The CUDA kernels: `kojo kernels check --arch sm_80,sm_90` compiles each with NVRTC.
     Kernels(kernels_cmd::KernelsArgs),
     /// List tensors (name, type, shape); with --sha256, the hash of each tensor dequantized to
@@ -114,6 +118,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Perplexity(a) => gen_cmd::run_perplexity(a),
         Cmd::Bench(a) => gen_cmd::run_bench(a),
         Cmd::Kernels(a) => kernels_cmd::run(a),
+        Cmd::GpuCheck(a) => gpu_check_cmd::run(a),
         Cmd::Tokenize {
             model,
             special,
@@ -226,7 +231,11 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
         ModelSource::Random(m, _) => {
             let t = m.tensors();
             for (_, d) in &t {
-                let ty = if d.len() == 1 { "F32".to_string() } else { m.ty.name() };
+                let ty = if d.len() == 1 {
+                    "F32".to_string()
+                } else {
+                    m.ty.name()
+                };
                 *types.entry(ty).or_default() += 1;
             }
             (t.len(), "random weights".to_string())
@@ -334,7 +343,8 @@ fn tensors(path: &Path, sha256: bool, filter: Option<&str>) -> Result<()> {
                 let mut row = serde_json::json!({"name": name, "type": ty.name(), "shape": dims});
                 if sha256 {
                     let n = dims.iter().product();
-                    row["sha256"] = hash(&kojo::formats::quant::dequantize_to_vec(ty, &data, n)?).into();
+                    row["sha256"] =
+                        hash(&kojo::formats::quant::dequantize_to_vec(ty, &data, n)?).into();
                 }
                 rows.push(row);
             }

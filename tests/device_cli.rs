@@ -24,7 +24,10 @@ fn run_with_deadline(args: &[&str]) -> (Option<i32>, String) {
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             let out = child.wait_with_output().unwrap();
-            return (status.code(), String::from_utf8_lossy(&out.stderr).into_owned());
+            return (
+                status.code(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            );
         }
         if t0.elapsed() > Duration::from_secs(60) {
             let _ = child.kill();
@@ -38,7 +41,11 @@ fn assert_one_line_error(args: &[&str]) {
     let (code, err) = run_with_deadline(args);
     assert_eq!(code, Some(1), "kojo {args:?}: {err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "kojo {args:?}: expected one line, got:\n{err}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "kojo {args:?}: expected one line, got:\n{err}"
+    );
     assert!(lines[0].starts_with("error: "), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
@@ -53,8 +60,11 @@ fn serve_on_cuda_without_a_gpu_is_a_one_line_error() {
     let m = model.to_str().unwrap();
     assert_one_line_error(&["serve", "-m", m, "--device", "cuda", "--port", "0"]);
     assert_one_line_error(&["serve", "-m", m, "--device", "cuda:3", "--port", "0"]);
-    assert_one_line_error(&["generate", "-m", m, "--device", "cuda", "-p", "hi", "-n", "2"]);
+    assert_one_line_error(&[
+        "generate", "-m", m, "--device", "cuda", "-p", "hi", "-n", "2",
+    ]);
     assert_one_line_error(&["bench", "-m", m, "--device", "cuda", "-p", "8", "-n", "0"]);
+    assert_one_line_error(&["gpu-check"]);
 }
 
 #[test]
@@ -62,5 +72,8 @@ fn an_unknown_device_is_a_usage_error() {
     let out = kojo(&["serve", "-m", "x.gguf", "--device", "tpu"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("'tpu' is not a device: cpu, cuda or cuda:N"), "{err}");
+    assert!(
+        err.contains("'tpu' is not a device: cpu, cuda or cuda:N"),
+        "{err}"
+    );
 }

@@ -194,3 +194,60 @@ fn perplexity_refuses_text_shorter_than_a_window() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not UTF-8"));
 }
+
+/// `kojo bench`: llama-bench's tests as JSON, on the real model and on a random-weight model
+/// (no file, no tokenizer) with batched decoding over a cached context.
+#[test]
+fn bench_reports_each_test() {
+    let real = smollm2();
+    let out = kojo_ok(&[
+        "bench",
+        "-m",
+        real.to_str().unwrap(),
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tests: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["test"].as_str().unwrap())
+        .collect();
+    assert_eq!(tests, ["pp16", "tg4"]);
+    let out = kojo_ok(&[
+        "bench",
+        "-m",
+        "random:tiny:q4_k:5",
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "--parallel",
+        "1,3",
+        "-d",
+        "20",
+        "-r",
+        "2",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = v.as_array().unwrap();
+    let tests: Vec<&str> = rows.iter().map(|r| r["test"].as_str().unwrap()).collect();
+    assert_eq!(tests, ["pp16", "tg4 @ d20", "tg4 x3 @ d20"]);
+    for r in rows {
+        assert!(r["avg_ts"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["samples_ts"].as_array().unwrap().len(), 2);
+    }
+    assert_eq!(rows[2]["parallel"], 3);
+    assert_eq!(rows[2]["depth"], 20);
+    // a random model has no tokenizer to generate text with
+    let out = kojo(&["generate", "-m", "random:tiny", "-p", "hi"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no tokenizer"));
+}

@@ -46,7 +46,10 @@ impl HostDevice {
             .range(..=ptr)
             .next_back()
             .is_some_and(|(&p, &n)| ptr + len as u64 <= p + n as u64);
-        assert!(ok, "host copy of {len} bytes at {ptr:#x} outside any allocation");
+        assert!(
+            ok,
+            "host copy of {len} bytes at {ptr:#x} outside any allocation"
+        );
     }
 }
 
@@ -69,7 +72,12 @@ impl Device for HostDevice {
     }
 
     unsafe fn free(&self, ptr: u64) {
-        let bytes = self.live.lock().unwrap().remove(&ptr).expect("free of an unknown pointer");
+        let bytes = self
+            .live
+            .lock()
+            .unwrap()
+            .remove(&ptr)
+            .expect("free of an unknown pointer");
         let p = ptr as *mut u8;
         let guard = std::slice::from_raw_parts(p.add(bytes), GUARD);
         if guard.iter().any(|&b| b != GUARD_BYTE) {
@@ -116,7 +124,10 @@ fn run(f: impl FnOnce(&mut SelfTest) -> anyhow::Result<()>) -> BTreeSet<String> 
     let mut st = SelfTest::new(&gpu, seed);
     f(&mut st).unwrap();
     for c in &st.checks {
-        eprintln!("{:<60} max {:.2e} (tol {:.0e}), L2 {:.2e}", c.name, c.max_rel, c.tol, c.rel_l2);
+        eprintln!(
+            "{:<60} max {:.2e} (tol {:.0e}), L2 {:.2e}",
+            c.name, c.max_rel, c.tol, c.rel_l2
+        );
     }
     let failed: Vec<String> = st.failures().iter().map(|c| format!("{c:?}")).collect();
     assert!(failed.is_empty(), "failed checks:\n{}", failed.join("\n"));
@@ -168,7 +179,10 @@ fn every_kernel_is_tested() {
     let launched = run(|st| st.all());
     let all: BTreeSet<String> = kexec::kernel_names().into_iter().collect();
     let untested: Vec<_> = all.difference(&launched).collect();
-    assert!(untested.is_empty(), "kernels no check launches: {untested:?}");
+    assert!(
+        untested.is_empty(),
+        "kernels no check launches: {untested:?}"
+    );
 }
 
 /// A tiny random model on both backends: logits of a prompt and of greedy decoding.

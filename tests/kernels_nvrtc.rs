@@ -15,7 +15,9 @@ fn check(args: &[&str]) -> Option<std::process::Output> {
     all.extend_from_slice(args);
     let out = kojo(&all);
     let err = String::from_utf8_lossy(&out.stderr);
-    if err.contains("NVRTC (libnvrtc.so) was not found") || err.contains("cuda_fp16.h was not found") {
+    if err.contains("NVRTC (libnvrtc.so) was not found")
+        || err.contains("cuda_fp16.h was not found")
+    {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
             "CI=true but NVRTC or the CUDA headers are missing: {err}"
@@ -33,12 +35,17 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
     };
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{text}");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // every kernel the CPU executor knows appears for both architectures
     for name in kexec::kernel_names() {
         for arch in ["sm_80", "sm_90"] {
             assert!(
-                text.lines().any(|l| l.starts_with(arch) && l.split_whitespace().nth(2) == Some(&name)),
+                text.lines()
+                    .any(|l| l.starts_with(arch) && l.split_whitespace().nth(2) == Some(&name)),
                 "{name} missing for {arch}"
             );
         }
@@ -63,13 +70,17 @@ fn dir_arg(d: &Path) -> String {
 
 #[test]
 fn a_compile_error_fails_the_check() {
-    let dir = kernel_copy("\nextern \"C\" __global__ void broken(float* o) { o[0] = undeclared; }\n");
+    let dir =
+        kernel_copy("\nextern \"C\" __global__ void broken(float* o) { o[0] = undeclared; }\n");
     let Some(out) = check(&["--arch", "sm_90", "--kernel-dir", &dir_arg(dir.path())]) else {
         return;
     };
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("matmul.cu") && err.contains("undeclared"), "{err}");
+    assert!(
+        err.contains("matmul.cu") && err.contains("undeclared"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 
 fn main() {
     let here = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
-    let kernels = here.join("../../kernels").canonicalize().expect("kernels/ beside crates/");
+    let kernels = here
+        .join("../../kernels")
+        .canonicalize()
+        .expect("kernels/ beside crates/");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed={}", kernels.display());
     for f in ["kexec.h", "kexec.cpp", "registry.h"] {
@@ -61,7 +64,12 @@ fn main() {
     let decls: String = units
         .iter()
         .map(|p| {
-            let stem = p.file_stem().unwrap().to_str().unwrap().trim_end_matches("_unit");
+            let stem = p
+                .file_stem()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .trim_end_matches("_unit");
             format!("extern \"C\" void kexec_register_{stem}();\n")
         })
         .collect();

@@ -419,7 +419,14 @@ fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Ready> {
         }
     };
     match cfg.target {
-        Target::Cpu => start_engine(CpuBackend::new(cfg.matmul), cfg, &src, tok, template, metrics),
+        Target::Cpu => start_engine(
+            CpuBackend::new(cfg.matmul),
+            cfg,
+            &src,
+            tok,
+            template,
+            metrics,
+        ),
         Target::Cuda(n) => {
             let be = GpuBackend::cuda(n, cfg.kernel_dir.as_deref())?;
             start_engine(be, cfg, &src, tok, template, metrics)

@@ -225,9 +225,9 @@ impl RandomModel {
             .map(|(_, d)| d)
             .ok_or_else(|| anyhow!("{}: no tensor {name}", self.spec))?;
         // a stream per tensor: FNV-1a of the name, mixed with the seed
-        let h = name
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
         let seed = h ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         if dims.len() == 1 {
             let mut r = Rnd::new(seed);
@@ -242,7 +242,33 @@ impl RandomModel {
         } else {
             1.7 / (cols as f32).sqrt()
         };
-        Ok((self.ty, dims, random_matrix(self.ty, rows, cols, amp, seed)))
+        let ty = self.matrix_type(cols);
+        Ok((ty, dims, random_matrix(ty, rows, cols, amp, seed)))
+    }
+
+    /// The model's type for rows of `cols`, unless they are not whole blocks of it: then
+    /// Q8_0, else F16 (as llama.cpp's quantizer falls back).
+    fn matrix_type(&self, cols: usize) -> GgmlType {
+        let fits = |t: GgmlType| t.block_size().is_some_and(|b| cols % b == 0);
+        [self.ty, GgmlType::Q8_0, GgmlType::F16]
+            .into_iter()
+            .find(|&t| fits(t))
+            .unwrap_or(GgmlType::F32)
+    }
+
+    /// Bytes of all weights, as they would be stored.
+    pub fn weight_bytes(&self) -> u64 {
+        self.tensors()
+            .iter()
+            .map(|(_, d)| match d[..] {
+                [n] => 4 * n as u64,
+                [cols, rows] => {
+                    let t = self.matrix_type(cols);
+                    (rows * cols / t.block_size().unwrap_or(1) * t.type_size().unwrap_or(4)) as u64
+                }
+                _ => 0,
+            })
+            .sum()
     }
 }
 
@@ -252,7 +278,10 @@ pub fn write_hf_folder(m: &RandomModel, dir: &Path) -> Result<()> {
     use safetensors::tensor::{Dtype, TensorView};
     let c = &m.cfg;
     if c.arch != "llama" {
-        bail!("{}: only llama shapes are written as Hugging Face folders", m.spec);
+        bail!(
+            "{}: only llama shapes are written as Hugging Face folders",
+            m.spec
+        );
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let config = serde_json::json!({
@@ -274,7 +303,10 @@ pub fn write_hf_folder(m: &RandomModel, dir: &Path) -> Result<()> {
         "mlp_bias": false,
         "torch_dtype": "bfloat16",
     });
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
     let mut tensors = Vec::new();
     for (name, _) in m.tensors() {
         let (ty, dims, data) = m.tensor(&name)?;
@@ -295,4 +327,64 @@ pub fn write_hf_folder(m: &RandomModel, dir: &Path) -> Result<()> {
         .collect::<Result<_>>()?;
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::{CpuBackend, MatmulMode};
+    use crate::model::session::{Logits, Session};
+    use crate::model::{ModelSource, Transformer};
+
+    #[test]
+    fn specs_parse_and_reject() {
+        let m = RandomModel::parse("random:llama3-8b:q4_k:7").unwrap();
+        assert_eq!(
+            (m.cfg.hidden, m.cfg.n_layers, m.ty, m.seed),
+            (4096, 32, GgmlType::Q4K, 7)
+        );
+        assert_eq!(m.n_params(), 8_030_261_248);
+        assert!(RandomModel::parse("random:gpt5").is_err());
+        assert!(RandomModel::parse("random:tiny:q9").is_err());
+        assert!(RandomModel::parse("random:tiny:bf16:x").is_err());
+    }
+
+    #[test]
+    fn tensors_are_deterministic_and_seeded() {
+        let a = RandomModel::parse("random:tiny:q8_0:1").unwrap();
+        let b = RandomModel::parse("random:tiny:q8_0:2").unwrap();
+        let t = "blk.1.ffn_up.weight";
+        assert_eq!(a.tensor(t).unwrap().2, a.tensor(t).unwrap().2);
+        assert_ne!(a.tensor(t).unwrap().2, b.tensor(t).unwrap().2);
+        assert_ne!(
+            a.tensor(t).unwrap().2,
+            a.tensor("blk.0.ffn_up.weight").unwrap().2
+        );
+    }
+
+    /// The Hugging Face folder loads (as kojo reads such folders) with the same config and
+    /// gives finite logits; the random source itself loads too.
+    #[test]
+    fn hf_folder_and_random_source_load() {
+        let m = RandomModel::parse("random:tiny:bf16:3").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        write_hf_folder(&m, dir.path()).unwrap();
+        let cpu = CpuBackend::new(MatmulMode::Exact);
+        for src in [
+            ModelSource::open(dir.path()).unwrap(),
+            ModelSource::open(std::path::Path::new("random:tiny:bf16:3")).unwrap(),
+        ] {
+            let cfg = src.config().unwrap();
+            assert_eq!(
+                (cfg.hidden, cfg.ffn, cfg.n_kv_heads, cfg.vocab_size),
+                (128, 256, 2, 512)
+            );
+            let model = Transformer::load(&cpu, &src).unwrap();
+            let mut s = Session::new(&cpu, &model, 32, 8).unwrap();
+            let logits = s.feed(&[1, 2, 3, 4, 5], Logits::Last).unwrap();
+            assert_eq!(logits.len(), 512);
+            assert!(logits.iter().all(|v| v.is_finite()));
+            assert!(logits.iter().any(|&v| v != logits[0]));
+        }
+    }
 }

@@ -24,7 +24,10 @@ impl ModelSource {
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(spec) = path.to_str().filter(|s| s.starts_with("random:")) {
             if !path.exists() {
-                return Ok(ModelSource::Random(RandomModel::parse(spec)?, path.to_path_buf()));
+                return Ok(ModelSource::Random(
+                    RandomModel::parse(spec)?,
+                    path.to_path_buf(),
+                ));
             }
         }
         if !path.exists() {
@@ -58,7 +61,9 @@ impl ModelSource {
                 Ok(Tokenizer::from_tokenizer_json(&p)
                     .with_context(|| format!("loading {}", p.display()))?)
             }
-            ModelSource::Random(m, _) => bail!("{}: a random-weight model has no tokenizer", m.spec),
+            ModelSource::Random(m, _) => {
+                bail!("{}: a random-weight model has no tokenizer", m.spec)
+            }
         }
     }
 

@@ -43,7 +43,11 @@ impl ModelSource {
                     other => bail!("tensor {hf}: dtype {other:?} is not supported"),
                 };
                 // safetensors shapes are [rows, cols]; GGUF's are [cols, rows]
-                (ty, t.shape.iter().rev().copied().collect(), Cow::Borrowed(data))
+                (
+                    ty,
+                    t.shape.iter().rev().copied().collect(),
+                    Cow::Borrowed(data),
+                )
             }
             ModelSource::Random(m, _) => {
                 let (ty, dims, data) = m.tensor(name)?;

@@ -187,4 +187,3 @@ pub fn write_tiny(t: &Tiny, r: &mut Rnd, path: &Path) {
     }
     std::fs::write(path, w.to_bytes()).unwrap();
 }
-

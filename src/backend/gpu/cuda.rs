@@ -50,7 +50,10 @@ impl CudaDevice {
     pub fn open(ordinal: usize, kernel_dir: Option<&Path>) -> Result<CudaDevice> {
         let count = probe()?;
         if ordinal >= count {
-            bail!("no CUDA device {ordinal}: this machine has {count} (0..{})", count - 1);
+            bail!(
+                "no CUDA device {ordinal}: this machine has {count} (0..{})",
+                count - 1
+            );
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("CUDA device {ordinal}: {e:?}"))?;
         let (major, minor) = ctx
@@ -77,8 +80,14 @@ impl CudaDevice {
         let mut modules = Vec::new();
         for c in compiled {
             // SAFETY: a cubin NVRTC made for this architecture
-            let m = unsafe { cu::module::load_data(c.cubin.as_ptr() as *const _) }
-                .map_err(|e| anyhow!("loading {} for {arch}: {e:?} (clear the kernel cache {:?} if it persists)", c.unit, kernels::cache_dir()))?;
+            let m =
+                unsafe { cu::module::load_data(c.cubin.as_ptr() as *const _) }.map_err(|e| {
+                    anyhow!(
+                        "loading {} for {arch}: {e:?} (clear the kernel cache {:?} if it persists)",
+                        c.unit,
+                        kernels::cache_dir()
+                    )
+                })?;
             modules.push((c.unit, m));
         }
         let stream = ctx.default_stream();
@@ -95,7 +104,9 @@ impl CudaDevice {
     }
 
     fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| anyhow!("CUDA: {e:?}"))
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| anyhow!("CUDA: {e:?}"))
     }
 
     fn function(&self, name: &str) -> Result<sys::CUfunction> {

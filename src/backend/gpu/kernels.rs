@@ -12,9 +12,15 @@ use std::path::{Path, PathBuf};
 pub const EMBEDDED: &[(&str, &str)] = &[
     ("common.cuh", include_str!("../../../kernels/common.cuh")),
     ("quant.cuh", include_str!("../../../kernels/quant.cuh")),
-    ("elementwise.cu", include_str!("../../../kernels/elementwise.cu")),
+    (
+        "elementwise.cu",
+        include_str!("../../../kernels/elementwise.cu"),
+    ),
     ("matmul.cu", include_str!("../../../kernels/matmul.cu")),
-    ("attention.cu", include_str!("../../../kernels/attention.cu")),
+    (
+        "attention.cu",
+        include_str!("../../../kernels/attention.cu"),
+    ),
     ("sampling.cu", include_str!("../../../kernels/sampling.cu")),
 ];
 
@@ -91,7 +97,12 @@ pub fn preload_libraries() {
                 let mut libs: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
                 libs.sort();
                 // the builtins first: libnvrtc opens them by name when it compiles
-                for prefix in ["libnvrtc-builtins.so", "libnvrtc.so", "libcublasLt.so", "libcublas.so"] {
+                for prefix in [
+                    "libnvrtc-builtins.so",
+                    "libnvrtc.so",
+                    "libcublasLt.so",
+                    "libcublas.so",
+                ] {
                     for p in &libs {
                         let name = p.file_name().unwrap().to_string_lossy();
                         if name.starts_with(prefix) && name.len() > prefix.len() {
@@ -362,7 +373,10 @@ ptxas info    : Used 12 registers, 380 bytes cmem[0]\n";
                 spill_loads: 12
             }
         );
-        assert_eq!((s[1].registers, s[1].shared_bytes, s[1].spill_stores), (12, 0, 0));
+        assert_eq!(
+            (s[1].registers, s[1].shared_bytes, s[1].spill_stores),
+            (12, 0, 0)
+        );
     }
 
     #[test]

@@ -241,7 +241,11 @@ impl GpuBackend {
     }
 
     fn try_alloc(&self, bytes: usize) -> Result<Buf> {
-        let ptr = if bytes == 0 { 0 } else { self.dev.alloc(bytes)? };
+        let ptr = if bytes == 0 {
+            0
+        } else {
+            self.dev.alloc(bytes)?
+        };
         Ok(Buf {
             ptr,
             bytes,
@@ -305,7 +309,11 @@ impl GpuBackend {
     }
 
     /// The device copy of `layout`, uploaded when it differs from the last one.
-    fn with_layout<T>(&self, layout: &BatchLayout, f: impl FnOnce(&DeviceLayout) -> T) -> Result<T> {
+    fn with_layout<T>(
+        &self,
+        layout: &BatchLayout,
+        f: impl FnOnce(&DeviceLayout) -> T,
+    ) -> Result<T> {
         let key = (
             layout.positions.to_vec(),
             layout.seq_starts.to_vec(),
@@ -324,7 +332,13 @@ impl GpuBackend {
                 }
                 token_seq[a..b].iter_mut().for_each(|x| *x = s as u32);
             }
-            let max_blocks = layout.block_tables.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
+            let max_blocks = layout
+                .block_tables
+                .iter()
+                .map(|t| t.len())
+                .max()
+                .unwrap_or(0)
+                .max(1);
             let mut tables = vec![0u32; num_seqs.max(1) * max_blocks];
             for (s, t) in layout.block_tables.iter().enumerate() {
                 tables[s * max_blocks..s * max_blocks + t.len()].copy_from_slice(t);
@@ -540,7 +554,11 @@ impl Backend for GpuBackend {
         }
         let bs = w.ty.block_size().unwrap_or(1);
         if cols % bs != 0 {
-            bail!("tensor {}: row of {cols} is not whole {} blocks", w.name, w.ty.name());
+            bail!(
+                "tensor {}: row of {cols} is not whole {} blocks",
+                w.name,
+                w.ty.name()
+            );
         }
         let row_bytes = cols / bs * w.ty.type_size().unwrap_or(0);
         if w.data.len() != rows * row_bytes {
@@ -656,7 +674,10 @@ impl Backend for GpuBackend {
     }
 
     fn gather_rows(&self, x: &GpuTensor, rows: &[usize]) -> GpuTensor {
-        assert!(rows.iter().all(|&r| r < x.rows), "gather_rows: a row outside the tensor");
+        assert!(
+            rows.iter().all(|&r| r < x.rows),
+            "gather_rows: a row outside the tensor"
+        );
         let out = self.tensor(rows.len(), x.cols);
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         match self.upload_u32(&idx) {
@@ -680,7 +701,13 @@ impl Backend for GpuBackend {
     }
 
     fn rms_norm(&self, x: &GpuTensor, w: &GpuWeight, eps: f32) -> GpuTensor {
-        assert_eq!(x.cols % w.cols, 0, "rms_norm: {} columns in segments of {}", x.cols, w.cols);
+        assert_eq!(
+            x.cols % w.cols,
+            0,
+            "rms_norm: {} columns in segments of {}",
+            x.cols,
+            w.cols
+        );
         let out = self.tensor(x.rows, x.cols);
         // SAFETY: x and out hold rows x cols; w holds one segment
         unsafe {
@@ -709,7 +736,13 @@ impl Backend for GpuBackend {
         eps: f32,
     ) -> GpuTensor {
         assert_eq!((residual.rows, residual.cols), (x.rows, x.cols));
-        assert_eq!(x.cols % w.cols, 0, "rms_norm: {} columns in segments of {}", x.cols, w.cols);
+        assert_eq!(
+            x.cols % w.cols,
+            0,
+            "rms_norm: {} columns in segments of {}",
+            x.cols,
+            w.cols
+        );
         let out = self.tensor(x.rows, x.cols);
         // SAFETY: residual, x and out hold rows x cols; w one segment
         unsafe {
@@ -736,7 +769,11 @@ impl Backend for GpuBackend {
         self.elementwise(
             "add_inplace",
             n,
-            &[Arg::Ptr(residual.buf.ptr), Arg::Ptr(x.buf.ptr), Arg::U32(n as u32)],
+            &[
+                Arg::Ptr(residual.buf.ptr),
+                Arg::Ptr(x.buf.ptr),
+                Arg::U32(n as u32),
+            ],
         );
     }
 
@@ -747,7 +784,13 @@ impl Backend for GpuBackend {
             x.cols, w.cols
         );
         if let Some(b) = bias {
-            assert_eq!(b.rows * b.cols, w.rows, "matmul: bias of {} for {} rows", b.cols, w.rows);
+            assert_eq!(
+                b.rows * b.cols,
+                w.rows,
+                "matmul: bias of {} for {} rows",
+                b.cols,
+                w.rows
+            );
         }
         let out = self.tensor(x.rows, w.rows);
         let name = format!("matmul_{}", kernel_type(w.ty).unwrap());
@@ -836,7 +879,10 @@ impl Backend for GpuBackend {
         factors: Option<&[f32]>,
     ) -> Result<()> {
         if head_dim != cache.shape.head_dim || rope.n_rot > head_dim {
-            bail!("rope_write_kv: head dimension {head_dim} for a cache of {}", cache.shape.head_dim);
+            bail!(
+                "rope_write_kv: head dimension {head_dim} for a cache of {}",
+                cache.shape.head_dim
+            );
         }
         let cs = self.rope_table(layout.positions, rope, factors)?;
         self.store_kv(cache, layer, k, v, layout, cs, head_dim, Some(rope))
@@ -861,8 +907,15 @@ impl Backend for GpuBackend {
                 p.n_heads
             );
         }
-        if p.n_kv_heads != cache.shape.n_kv_heads || p.n_kv_heads == 0 || p.n_heads % p.n_kv_heads != 0 {
-            bail!("attention: {} query heads over {} KV heads", p.n_heads, p.n_kv_heads);
+        if p.n_kv_heads != cache.shape.n_kv_heads
+            || p.n_kv_heads == 0
+            || p.n_heads % p.n_kv_heads != 0
+        {
+            bail!(
+                "attention: {} query heads over {} KV heads",
+                p.n_heads,
+                p.n_kv_heads
+            );
         }
         let num_seqs = layout.seq_starts.len().saturating_sub(1);
         if layout.block_tables.len() != num_seqs || layout.seq_starts.last() != Some(&n) {
@@ -878,8 +931,14 @@ impl Backend for GpuBackend {
                 if table.len() < need {
                     bail!("attention: position {pos} needs {need} blocks, table has fewer");
                 }
-                if table[..need].iter().any(|&b| b as usize >= cache.shape.num_blocks) {
-                    bail!("attention: block id beyond the cache's {}", cache.shape.num_blocks);
+                if table[..need]
+                    .iter()
+                    .any(|&b| b as usize >= cache.shape.num_blocks)
+                {
+                    bail!(
+                        "attention: block id beyond the cache's {}",
+                        cache.shape.num_blocks
+                    );
                 }
                 let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
                 longest = longest.max(pos + 1 - lo);

@@ -6,7 +6,9 @@
 
 use super::{GpuBackend, GpuTensor, GpuWeight};
 use crate::backend::cpu::{CpuBackend, CpuTensor, CpuWeight, MatmulMode};
-use crate::backend::{AttnParams, Backend, BatchLayout, Glu, HostWeight, KvShape, Rope, RopeLayout};
+use crate::backend::{
+    AttnParams, Backend, BatchLayout, Glu, HostWeight, KvShape, Rope, RopeLayout,
+};
 use crate::formats::GgmlType;
 use crate::model::random::{random_tensor, Rnd};
 use anyhow::Result;
@@ -98,7 +100,10 @@ impl<'a> SelfTest<'a> {
     }
 
     fn both(&self, data: &[f32], rows: usize, cols: usize) -> (CpuTensor, GpuTensor) {
-        (self.cpu.upload(data, rows, cols), self.gpu.upload(data, rows, cols))
+        (
+            self.cpu.upload(data, rows, cols),
+            self.gpu.upload(data, rows, cols),
+        )
     }
 
     fn weight(
@@ -109,7 +114,11 @@ impl<'a> SelfTest<'a> {
         cols: usize,
         data: Vec<u8>,
     ) -> Result<(CpuWeight, GpuWeight)> {
-        let dims = if rows == 1 { vec![cols] } else { vec![cols, rows] };
+        let dims = if rows == 1 {
+            vec![cols]
+        } else {
+            vec![cols, rows]
+        };
         let w = HostWeight {
             name: name.into(),
             ty,
@@ -119,7 +128,13 @@ impl<'a> SelfTest<'a> {
         Ok((self.cpu.load_weight(&w)?, self.gpu.load_weight(&w)?))
     }
 
-    fn vector(&mut self, name: &str, n: usize, around: f32, amp: f32) -> Result<(CpuWeight, GpuWeight)> {
+    fn vector(
+        &mut self,
+        name: &str,
+        n: usize,
+        around: f32,
+        amp: f32,
+    ) -> Result<(CpuWeight, GpuWeight)> {
         let v: Vec<u8> = (0..n)
             .flat_map(|_| (around + amp * self.r.f()).to_le_bytes())
             .collect();
@@ -138,7 +153,11 @@ impl<'a> SelfTest<'a> {
     pub fn compare(&mut self, what: &str, got: &[f32], want: &[f32], tol: f64) {
         let (mut d2, mut w2, mut dmax, mut wmax) = (0f64, 0f64, 0f64, 1e-6f64);
         for (&g, &w) in got.iter().zip(want) {
-            let d = if g.is_finite() { (g as f64 - w as f64).abs() } else { f64::INFINITY };
+            let d = if g.is_finite() {
+                (g as f64 - w as f64).abs()
+            } else {
+                f64::INFINITY
+            };
             d2 += d * d;
             w2 += (w as f64) * (w as f64);
             dmax = dmax.max(d);
@@ -149,7 +168,11 @@ impl<'a> SelfTest<'a> {
         }
         self.checks.push(Check {
             name: what.to_string(),
-            rel_l2: if w2 > 0.0 { (d2 / w2).sqrt() } else { d2.sqrt() },
+            rel_l2: if w2 > 0.0 {
+                (d2 / w2).sqrt()
+            } else {
+                d2.sqrt()
+            },
             max_rel: dmax / wmax,
             tol,
         });
@@ -165,7 +188,6 @@ impl<'a> SelfTest<'a> {
             tol: 0.0,
         });
     }
-
 
     pub fn matmul(&mut self) -> Result<()> {
         let (k, m) = (512, 37);
@@ -199,7 +221,10 @@ impl<'a> SelfTest<'a> {
                 let g = self.gpu.embed(&gw, &ids, scale)?;
                 self.close(&format!("embed {}", ty.name()), &c, &g, 1e-6)?;
             }
-            self.expect("embed rejects a token id past the table", self.gpu.embed(&gw, &[40], 1.0).is_err());
+            self.expect(
+                "embed rejects a token id past the table",
+                self.gpu.embed(&gw, &[40], 1.0).is_err(),
+            );
         }
         Ok(())
     }
@@ -265,7 +290,13 @@ impl<'a> SelfTest<'a> {
     /// A ragged batch over a paged cache: a decode token past the first split, a prefill from 0,
     /// and a chunk continuing a sequence; K/V of the earlier positions written first (unfused),
     /// the batch's own with RoPE fused into the write.
-    pub fn attention(&mut self, n_heads: usize, n_kv: usize, hd: usize, window: Option<usize>) -> Result<()> {
+    pub fn attention(
+        &mut self,
+        n_heads: usize,
+        n_kv: usize,
+        hd: usize,
+        window: Option<usize>,
+    ) -> Result<()> {
         let bs = 16;
         let shape = KvShape {
             n_layers: 2,
@@ -296,7 +327,11 @@ impl<'a> SelfTest<'a> {
         for phase in 0..2 {
             let (mut positions, mut starts, mut slots) = (Vec::new(), vec![0], Vec::new());
             for (s, &(before, now)) in seqs.iter().enumerate() {
-                let range = if phase == 0 { 0..before } else { before..before + now };
+                let range = if phase == 0 {
+                    0..before
+                } else {
+                    before..before + now
+                };
                 for p in range {
                     positions.push(p as u32);
                     slots.push(tables[s][p / bs] * bs as u32 + (p % bs) as u32);
@@ -320,11 +355,9 @@ impl<'a> SelfTest<'a> {
                 continue;
             }
             self.cpu
-                .rope_write_kv(&mut ck, layer, &mut c_k, &c_v, &lay, hd, &rope, None)
-                ?;
+                .rope_write_kv(&mut ck, layer, &mut c_k, &c_v, &lay, hd, &rope, None)?;
             self.gpu
-                .rope_write_kv(&mut gk, layer, &mut g_k, &g_v, &lay, hd, &rope, None)
-                ?;
+                .rope_write_kv(&mut gk, layer, &mut g_k, &g_v, &lay, hd, &rope, None)?;
             let q = self.vec(n * n_heads * hd, 2.0);
             let (cq, gq) = self.both(&q, n, n_heads * hd);
             let p = AttnParams {
@@ -348,7 +381,10 @@ impl<'a> SelfTest<'a> {
                 block_tables: &short,
                 ..lay
             };
-            self.expect("attention rejects a position past its block table", self.gpu.attention(&gk, layer, &gq, &bad, &p).is_err());
+            self.expect(
+                "attention rejects a position past its block table",
+                self.gpu.attention(&gk, layer, &gq, &bad, &p).is_err(),
+            );
         }
         Ok(())
     }
@@ -363,7 +399,10 @@ impl<'a> SelfTest<'a> {
         let g = self.gpu.upload(&logits, rows, vocab);
         let want: Vec<u32> = logits.chunks(vocab).map(argmax).collect();
         let got = self.gpu.argmax(&g)?;
-        self.expect("argmax_rows: ids, lowest id among equal maxima", got == want && got[1] == 10);
+        self.expect(
+            "argmax_rows: ids, lowest id among equal maxima",
+            got == want && got[1] == 10,
+        );
         for seed in 0..6u64 {
             let params = SamplingParams {
                 temperature: 0.7,
@@ -374,13 +413,23 @@ impl<'a> SelfTest<'a> {
                 ..Default::default()
             };
             let u = Rng::new(params.seed).next_f64() as f32;
-            let got = self
-                .gpu
-                .sample_top_k(&g, params.top_k, params.temperature, params.top_p, params.min_p, &[u; 3])
-                ?;
+            let got = self.gpu.sample_top_k(
+                &g,
+                params.top_k,
+                params.temperature,
+                params.top_p,
+                params.min_p,
+                &[u; 3],
+            )?;
             for (r, row) in logits.chunks(vocab).enumerate() {
                 let want = Sampler::new(params.clone()).sample(row);
-                self.expect(&format!("sample_top_k row {r}, top_k {} top_p {} min_p {}", params.top_k, params.top_p, params.min_p), got[r] == want);
+                self.expect(
+                    &format!(
+                        "sample_top_k row {r}, top_k {} top_p {} min_p {}",
+                        params.top_k, params.top_p, params.min_p
+                    ),
+                    got[r] == want,
+                );
             }
         }
         Ok(())
