@@ -22,6 +22,9 @@ fn main() {
         .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("cu" | "cuh")))
         .collect();
     files.sort();
+    // the executor's own test kernels (kernel names start with probe_)
+    files.push(here.join("probe.cu"));
+    println!("cargo:rerun-if-changed={}", here.join("probe.cu").display());
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -48,8 +48,17 @@ pub unsafe fn launch(
     }
 }
 
-/// Every kernel built into this library.
+/// Every kernel of kojo's `kernels/` built into this library (the executor's own `probe_`
+/// kernels left out).
 pub fn kernel_names() -> Vec<String> {
+    all_kernel_names()
+        .into_iter()
+        .filter(|n| !n.starts_with("probe_"))
+        .collect()
+}
+
+/// Every kernel built into this library.
+pub fn all_kernel_names() -> Vec<String> {
     // SAFETY: the first call asks for the size; the second writes at most `cap` bytes
     unsafe {
         let n = kexec_kernel_names(std::ptr::null_mut(), 0);
