@@ -1,5 +1,6 @@
-// Causal attention over the paged f16 KV cache for a ragged batch (decode and chunked prefill
-// alike: every token attends to its own sequence's positions lo..=pos).
+// Causal attention over the paged f16 KV cache for a ragged batch: every token attends to its
+// own sequence's positions lo..=pos. Decode tokens (one per sequence) take attn_split +
+// attn_reduce; the tokens of prefill chunks take attn_prefill (at the end).
 //
 // attn_split: one block per (token, KV head, split of the context, group of up to ATT_MAXG
 // query heads sharing that KV head). Its 4 warps take every 4th position of the split; a warp
@@ -15,21 +16,23 @@
 #define ATT_MAXG 8
 #define ATT_MAXD 8
 
-// grid (n_tokens * n_kv, n_splits, ceil(group / ATT_MAXG)), block 128.
-// part_o [n_tokens, n_heads, n_splits, hd]; part_ml [n_tokens, n_heads, n_splits, 2].
+// `tokens` lists the n_sel batch rows this launch handles (the others go to attn_prefill).
+// grid (n_sel * n_kv, n_splits, ceil(group / ATT_MAXG)), block 128.
+// part_o [n_sel, n_heads, n_splits, hd]; part_ml [n_sel, n_heads, n_splits, 2].
 // Cache per layer: [num_blocks * block_size, n_kv * hd]; block_tables [num_seqs, max_blocks].
 extern "C" __global__ void attn_split(float* __restrict__ part_o, float* __restrict__ part_ml,
                                       const float* __restrict__ q, const u16* __restrict__ kc,
                                       const u16* __restrict__ vc, const u32* __restrict__ positions,
                                       const u32* __restrict__ token_seq, const u32* __restrict__ block_tables,
-                                      u32 max_blocks, u32 n_heads, u32 n_kv, u32 hd, u32 block_size,
-                                      float scale, u32 window, u32 chunk) {
+                                      const u32* __restrict__ tokens, u32 max_blocks, u32 n_heads, u32 n_kv,
+                                      u32 hd, u32 block_size, float scale, u32 window, u32 chunk) {
     __shared__ float s_q[ATT_MAXG * 32 * ATT_MAXD];
     __shared__ float s_m[ATT_WARPS][ATT_MAXG];
     __shared__ float s_l[ATT_WARPS][ATT_MAXG];
     __shared__ float s_o[ATT_WARPS][ATT_MAXG * 32 * ATT_MAXD];
 
-    const u32 t = blockIdx.x / n_kv, g = blockIdx.x % n_kv, split = blockIdx.y, n_splits = gridDim.y;
+    const u32 sel = blockIdx.x / n_kv, t = tokens[sel], g = blockIdx.x % n_kv;
+    const u32 split = blockIdx.y, n_splits = gridDim.y;
     const u32 group = n_heads / n_kv;
     const u32 h0 = blockIdx.z * ATT_MAXG;  // first head of this block within the group
     const u32 G = group - h0 < ATT_MAXG ? group - h0 : ATT_MAXG;
@@ -110,7 +113,7 @@ extern "C" __global__ void attn_split(float* __restrict__ part_o, float* __restr
                 O += s_o[w][e] * f;
             }
         }
-        u64 at = ((u64)t * n_heads + head0 + h) * n_splits + split;
+        u64 at = ((u64)sel * n_heads + head0 + h) * n_splits + split;
         part_o[at * hd + d] = O;
         if (d == 0) {
             part_ml[at * 2] = M;
@@ -119,10 +122,12 @@ extern "C" __global__ void attn_split(float* __restrict__ part_o, float* __restr
     }
 }
 
-// out[t, head * hd + d] = the merged splits. grid (n_tokens * n_heads), block 128.
+// out[tokens[sel], head * hd + d] = the merged splits. grid (n_sel * n_heads), block 128.
 extern "C" __global__ void attn_reduce(float* __restrict__ out, const float* __restrict__ part_o,
-                                       const float* __restrict__ part_ml, u32 hd, u32 n_splits) {
-    u64 th = blockIdx.x;  // token * n_heads + head
+                                       const float* __restrict__ part_ml, const u32* __restrict__ tokens,
+                                       u32 n_heads, u32 hd, u32 n_splits) {
+    u64 th = blockIdx.x;  // sel * n_heads + head
+    u64 row = (u64)tokens[th / n_heads] * n_heads + th % n_heads;
     const float* ml = part_ml + th * n_splits * 2;
     float M = -KOJO_INF;
     for (u32 s = 0; s < n_splits; s++) M = fmaxf(M, ml[2 * s]);
@@ -134,6 +139,106 @@ extern "C" __global__ void attn_reduce(float* __restrict__ out, const float* __r
             L += ml[2 * s + 1] * f;
             O += part_o[(th * n_splits + s) * hd + d] * f;
         }
-        out[th * hd + d] = L > 0.0f ? O / L : 0.0f;
+        out[row * hd + d] = L > 0.0f ? O / L : 0.0f;
+    }
+}
+
+// Tiled attention for prefill chunks (a sequence with several tokens in the batch, prefix
+// cached or not): one block per (tile of up to `tile_tokens` consecutive batch tokens of one
+// sequence, KV head, group of `tile_heads` query heads). K and V are read through the block
+// table PF_KV positions at a time into shared memory, once for every query row of the tile;
+// each warp keeps an online softmax for its rows (row r = token r / heads, head r % heads),
+// masked per query (causal, sliding window). Rows per block: at most 32 and 4096 / hd.
+// grid (n_tiles, n_kv, ceil(group / tile_heads)), block 128.
+#define PF_KV 16
+#define PF_ROWS 32
+
+extern "C" __global__ void attn_prefill(float* __restrict__ out, const float* __restrict__ q,
+                                        const u16* __restrict__ kc, const u16* __restrict__ vc,
+                                        const u32* __restrict__ positions, const u32* __restrict__ token_seq,
+                                        const u32* __restrict__ block_tables, const u32* __restrict__ tile_start,
+                                        const u32* __restrict__ tile_len, u32 max_blocks, u32 n_heads, u32 n_kv,
+                                        u32 hd, u32 block_size, float scale, u32 window, u32 tile_heads) {
+    __shared__ float s_q[4096];
+    __shared__ u16 s_k[PF_KV * 32 * ATT_MAXD];
+    __shared__ u16 s_v[PF_KV * 32 * ATT_MAXD];
+
+    const u32 t0 = tile_start[blockIdx.x], nt = tile_len[blockIdx.x], g = blockIdx.y;
+    const u32 group = n_heads / n_kv;
+    const u32 h0 = blockIdx.z * tile_heads;
+    const u32 gb = group - h0 < tile_heads ? group - h0 : tile_heads;  // heads in this block
+    const u32 rows = nt * gb;
+    const u32 D = hd / 32;
+    const u32 lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const u32* table = block_tables + (u64)token_seq[t0] * max_blocks;
+    const u32 kv_cols = n_kv * hd;
+
+    for (u32 e = threadIdx.x; e < rows * hd; e += blockDim.x) {
+        u32 r = e / hd, d = e % hd;
+        u32 head = g * group + h0 + r % gb;
+        s_q[e] = kojo_h2f(kojo_f2h(q[((u64)(t0 + r / gb) * n_heads + head) * hd + d]));
+    }
+    // the positions any query of the tile sees
+    u32 first = 0xffffffffu, last = 0;
+    for (u32 i = 0; i < nt; i++) {
+        u32 pos = positions[t0 + i];
+        u32 lo = (window != 0 && pos + 1 > window) ? pos + 1 - window : 0;
+        first = lo < first ? lo : first;
+        last = pos > last ? pos : last;
+    }
+
+    float m[ATT_MAXG], l[ATT_MAXG], acc[ATT_MAXG][ATT_MAXD];
+#pragma unroll
+    for (int k = 0; k < ATT_MAXG; k++) {
+        m[k] = -KOJO_INF;
+        l[k] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < ATT_MAXD; i++) acc[k][i] = 0.0f;
+    }
+    for (u32 j0 = first; j0 <= last; j0 += PF_KV) {
+        __syncthreads();  // the previous tile is no longer read
+        for (u32 e = threadIdx.x; e < PF_KV * hd; e += blockDim.x) {
+            u32 jj = e / hd, d = e % hd, j = j0 + jj;
+            if (j <= last) {
+                u64 slot = (u64)table[j / block_size] * block_size + j % block_size;
+                s_k[e] = kc[slot * kv_cols + (u64)g * hd + d];
+                s_v[e] = vc[slot * kv_cols + (u64)g * hd + d];
+            }
+        }
+        __syncthreads();
+        // rows warp, warp + 4, ...: at most ATT_MAXG of them (PF_ROWS / ATT_WARPS)
+#pragma unroll
+        for (int k = 0; k < ATT_MAXG; k++) {
+            u32 r = warp + ATT_WARPS * k;
+            if (r >= rows) break;
+            u32 pos = positions[t0 + r / gb];
+            u32 lo = (window != 0 && pos + 1 > window) ? pos + 1 - window : 0;
+            for (u32 jj = 0; jj < PF_KV; jj++) {
+                u32 j = j0 + jj;
+                if (j < lo || j > pos) continue;
+                float d = 0.0f;
+#pragma unroll
+                for (int i = 0; i < ATT_MAXD; i++)
+                    if (i < (int)D) d += s_q[r * hd + i * 32 + lane] * kojo_h2f(s_k[jj * hd + i * 32 + lane]);
+                float sc = warp_sum(d) * scale;
+                float mn = fmaxf(m[k], sc);
+                float c = expf(m[k] - mn), p = expf(sc - mn);
+                l[k] = l[k] * c + p;
+#pragma unroll
+                for (int i = 0; i < ATT_MAXD; i++)
+                    if (i < (int)D) acc[k][i] = acc[k][i] * c + p * kojo_h2f(s_v[jj * hd + i * 32 + lane]);
+                m[k] = mn;
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < ATT_MAXG; k++) {
+        u32 r = warp + ATT_WARPS * k;
+        if (r >= rows) break;
+        u32 head = g * group + h0 + r % gb;
+        float* o = out + ((u64)(t0 + r / gb) * n_heads + head) * hd;
+#pragma unroll
+        for (int i = 0; i < ATT_MAXD; i++)
+            if (i < (int)D) o[i * 32 + lane] = l[k] > 0.0f ? acc[k][i] / l[k] : 0.0f;
     }
 }

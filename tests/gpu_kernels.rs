@@ -163,7 +163,9 @@ fn paged_attention_ragged_batch() {
     run(|st| {
         st.attention(6, 2, 64, None)?;
         // a query group wider than one block (10 heads on one KV head), a sliding window
-        st.attention(10, 1, 32, Some(20))
+        st.attention(10, 1, 32, Some(20))?;
+        // prefill tiles of one token when 20 heads of 256 share a KV head
+        st.attention(20, 1, 256, Some(40))
     });
 }
 

@@ -180,6 +180,19 @@ struct DeviceLayout {
     tables: Buf,
     max_blocks: usize,
     slots: Buf,
+    /// How attention splits this batch, for one tile size.
+    attn: Option<AttnLists>,
+}
+
+/// The batch's rows for the two attention kernels: decode tokens (the only token of their
+/// sequence in the batch) for attn_split, tiles of consecutive prefill tokens for attn_prefill.
+struct AttnLists {
+    tile_tokens: usize,
+    decode: Buf,
+    n_decode: usize,
+    tile_start: Buf,
+    tile_len: Buf,
+    n_tiles: usize,
 }
 
 /// What a RoPE table on the device depends on.
@@ -312,7 +325,7 @@ impl GpuBackend {
     fn with_layout<T>(
         &self,
         layout: &BatchLayout,
-        f: impl FnOnce(&DeviceLayout) -> T,
+        f: impl FnOnce(&mut DeviceLayout) -> Result<T>,
     ) -> Result<T> {
         let key = (
             layout.positions.to_vec(),
@@ -349,10 +362,11 @@ impl GpuBackend {
                 tables: self.upload_u32(&tables)?,
                 max_blocks,
                 slots: self.upload_u32(layout.slots)?,
+                attn: None,
                 key,
             });
         }
-        Ok(f(cached.as_ref().unwrap()))
+        f(cached.as_mut().unwrap())
     }
 
     /// Device pointer of the `[n, n_rot / 2]` (cos, sin) table (kept for the last two).
@@ -420,7 +434,7 @@ impl GpuBackend {
     ) -> Result<()> {
         self.check()?;
         Self::check_kv_write(cache, k, v, layout)?;
-        let slots = self.with_layout(layout, |l| l.slots.ptr)?;
+        let slots = self.with_layout(layout, |l| Ok(l.slots.ptr))?;
         let (half, interleaved) = rope.map_or((0, 0), |r| {
             (r.n_rot / 2, (r.layout == RopeLayout::Interleaved) as u32)
         });
@@ -940,22 +954,55 @@ impl Backend for GpuBackend {
                         cache.shape.num_blocks
                     );
                 }
-                let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                longest = longest.max(pos + 1 - lo);
+                if layout.seq_starts[s + 1] - layout.seq_starts[s] == 1 {
+                    // a decode token: its context sets the splits
+                    let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    longest = longest.max(pos + 1 - lo);
+                }
             }
         }
         let out = self.tensor(n, q.cols);
-        let splits = longest.div_ceil(ATTN_CHUNK).max(1);
         let group = p.n_heads / p.n_kv_heads;
-        let part_o = self.alloc(n * p.n_heads * splits * hd * 4);
-        let part_ml = self.alloc(n * p.n_heads * splits * 2 * 4);
+        // rows of a prefill block: at most 32 and 4096 / hd (its shared memory)
+        let rows_cap = (4096 / hd).min(32);
+        let tile_heads = group.min(rows_cap);
+        let tile_tokens = rows_cap / tile_heads;
+        let window = p.window.map_or(0, |w| w.min(u32::MAX as usize)) as u32;
         self.with_layout(layout, |l| {
+            if l.attn.as_ref().map(|a| a.tile_tokens) != Some(tile_tokens) {
+                let (mut decode, mut starts, mut lens) = (Vec::new(), Vec::new(), Vec::new());
+                for s in 0..num_seqs {
+                    let (a, b) = (layout.seq_starts[s], layout.seq_starts[s + 1]);
+                    if b - a == 1 {
+                        decode.push(a as u32);
+                        continue;
+                    }
+                    for t in (a..b).step_by(tile_tokens) {
+                        starts.push(t as u32);
+                        lens.push((b - t).min(tile_tokens) as u32);
+                    }
+                }
+                l.attn = Some(AttnLists {
+                    tile_tokens,
+                    n_decode: decode.len(),
+                    decode: self.upload_u32(&decode)?,
+                    n_tiles: starts.len(),
+                    tile_start: self.upload_u32(&starts)?,
+                    tile_len: self.upload_u32(&lens)?,
+                });
+            }
+            let lists = l.attn.as_ref().unwrap();
+            let nd = lists.n_decode;
+            let splits = longest.div_ceil(ATTN_CHUNK).max(1);
+            let part_o = self.alloc(nd * p.n_heads * splits * hd * 4);
+            let part_ml = self.alloc(nd * p.n_heads * splits * 2 * 4);
             // SAFETY: every position read is inside the checked block tables and the cache;
-            // the partial buffers hold n x heads x splits
+            // the partial buffers hold n_decode x heads x splits; decode rows and prefill
+            // tiles cover disjoint rows of `out`
             unsafe {
                 self.launch(
                     "attn_split",
-                    [n * p.n_kv_heads, splits, group.div_ceil(ATTN_MAXG)],
+                    [nd * p.n_kv_heads, splits, group.div_ceil(ATTN_MAXG)],
                     128,
                     &[
                         Arg::Ptr(part_o.ptr),
@@ -966,29 +1013,57 @@ impl Backend for GpuBackend {
                         Arg::Ptr(l.positions.ptr),
                         Arg::Ptr(l.token_seq.ptr),
                         Arg::Ptr(l.tables.ptr),
+                        Arg::Ptr(lists.decode.ptr),
                         Arg::U32(l.max_blocks as u32),
                         Arg::U32(p.n_heads as u32),
                         Arg::U32(p.n_kv_heads as u32),
                         Arg::U32(hd as u32),
                         Arg::U32(bs as u32),
                         Arg::F32(p.scale),
-                        Arg::U32(p.window.map_or(0, |w| w.min(u32::MAX as usize)) as u32),
+                        Arg::U32(window),
                         Arg::U32(ATTN_CHUNK as u32),
                     ],
                 );
                 self.launch(
                     "attn_reduce",
-                    [n * p.n_heads, 1, 1],
+                    [nd * p.n_heads, 1, 1],
                     128,
                     &[
                         Arg::Ptr(out.buf.ptr),
                         Arg::Ptr(part_o.ptr),
                         Arg::Ptr(part_ml.ptr),
+                        Arg::Ptr(lists.decode.ptr),
+                        Arg::U32(p.n_heads as u32),
                         Arg::U32(hd as u32),
                         Arg::U32(splits as u32),
                     ],
                 );
+                self.launch(
+                    "attn_prefill",
+                    [lists.n_tiles, p.n_kv_heads, group.div_ceil(tile_heads)],
+                    128,
+                    &[
+                        Arg::Ptr(out.buf.ptr),
+                        Arg::Ptr(q.buf.ptr),
+                        Arg::Ptr(cache.k[layer].ptr),
+                        Arg::Ptr(cache.v[layer].ptr),
+                        Arg::Ptr(l.positions.ptr),
+                        Arg::Ptr(l.token_seq.ptr),
+                        Arg::Ptr(l.tables.ptr),
+                        Arg::Ptr(lists.tile_start.ptr),
+                        Arg::Ptr(lists.tile_len.ptr),
+                        Arg::U32(l.max_blocks as u32),
+                        Arg::U32(p.n_heads as u32),
+                        Arg::U32(p.n_kv_heads as u32),
+                        Arg::U32(hd as u32),
+                        Arg::U32(bs as u32),
+                        Arg::F32(p.scale),
+                        Arg::U32(window),
+                        Arg::U32(tile_heads as u32),
+                    ],
+                );
             }
+            Ok(())
         })?;
         self.check()?;
         Ok(out)

@@ -87,6 +87,7 @@ impl<'a> SelfTest<'a> {
         self.attention(6, 2, 64, None)?;
         self.attention(10, 1, 32, Some(20))?;
         self.attention(32, 8, 128, None)?;
+        self.attention(20, 1, 256, Some(40))?;
         self.sampling()
     }
 
