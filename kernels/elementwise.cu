@@ -145,3 +145,22 @@ extern "C" __global__ void write_kv(u16* __restrict__ kc, u16* __restrict__ vc, 
         vc[dst + e] = kojo_f2h(vr[e]);
     }
 }
+
+// out[i] = x[i] as bf16 (bf16 != 0) or f16, rounded to nearest even: the activations of a
+// matrix-library GEMM against bf16/f16 weights. grid (ceil(n / 256)), block 256.
+extern "C" __global__ void to_half(u16* __restrict__ out, const float* __restrict__ x, u32 n, u32 bf16) {
+    u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    if (bf16) {
+        u32 u = __float_as_uint(x[i]);
+        out[i] = (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    } else {
+        out[i] = kojo_f2h(x[i]);
+    }
+}
+
+// out[i] += bias[i % m] over n elements. grid (ceil(n / 256)), block 256.
+extern "C" __global__ void add_bias(float* __restrict__ out, const float* __restrict__ bias, u32 n, u32 m) {
+    u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] += bias[i % m];
+}

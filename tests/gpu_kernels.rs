@@ -14,7 +14,7 @@ mod common;
 use common::tiny::*;
 use kojo::backend::cpu::{CpuBackend, MatmulMode};
 use kojo::backend::gpu::selftest::SelfTest;
-use kojo::backend::gpu::{Arg, Device, GpuBackend, Grid};
+use kojo::backend::gpu::{Arg, Device, GemmType, GpuBackend, Grid};
 use kojo::formats::GgmlType;
 use kojo::model::session::{Logits, Session};
 use kojo::model::{ModelSource, Transformer};
@@ -105,6 +105,39 @@ impl Device for HostDevice {
         self.check_range(dst, bytes);
         std::ptr::write_bytes(dst as *mut u8, 0, bytes);
         Ok(())
+    }
+
+    /// The matrix library's twin: plain loops, f64 sums of the rounded operands.
+    unsafe fn gemm(
+        &self,
+        ty: GemmType,
+        n: usize,
+        k: usize,
+        m: usize,
+        a: u64,
+        b: u64,
+        c: u64,
+    ) -> anyhow::Result<bool> {
+        self.launched.lock().unwrap().insert("(gemm)".into());
+        self.check_range(a, n * k * 2);
+        self.check_range(b, m * k * 2);
+        self.check_range(c, n * m * 4);
+        let widen = |bits: u16| match ty {
+            GemmType::Bf16 => half::bf16::from_bits(bits).to_f64(),
+            GemmType::F16 => half::f16::from_bits(bits).to_f64(),
+        };
+        let (a, b) = (
+            std::slice::from_raw_parts(a as *const u16, n * k),
+            std::slice::from_raw_parts(b as *const u16, m * k),
+        );
+        let c = std::slice::from_raw_parts_mut(c as *mut f32, n * m);
+        for i in 0..n {
+            for j in 0..m {
+                let s: f64 = (0..k).map(|x| widen(a[i * k + x]) * widen(b[j * k + x])).sum();
+                c[i * m + j] = s as f32;
+            }
+        }
+        Ok(true)
     }
 
     unsafe fn launch(&self, name: &str, g: Grid, args: &[Arg]) -> anyhow::Result<()> {

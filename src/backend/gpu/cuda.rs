@@ -9,7 +9,8 @@
 //! allocator.
 
 use super::kernels::{self, Sources};
-use super::{Arg, Device, Grid};
+use super::{Arg, Device, GemmType, Grid};
+use cudarc::cublas::sys as blas;
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{result as cu, sys, CudaContext, CudaStream};
 use std::collections::HashMap;
@@ -23,6 +24,8 @@ pub struct CudaDevice {
     modules: Vec<(String, sys::CUmodule)>,
     functions: Mutex<HashMap<String, usize>>,
     describe: String,
+    /// cuBLAS, when the library is there
+    blas: Option<blas::cublasHandle_t>,
 }
 
 // SAFETY: CUmodule and CUfunction handles are plain driver handles, usable from any thread
@@ -91,7 +94,24 @@ impl CudaDevice {
             modules.push((c.unit, m));
         }
         let stream = ctx.default_stream();
+        // SAFETY: only tries to open the library
+        let blas = if unsafe { blas::is_culib_present() } {
+            let mut h: blas::cublasHandle_t = std::ptr::null_mut();
+            // SAFETY: the context is bound; the handle is used on our stream only
+            unsafe {
+                blas_check(blas::cublasCreate_v2(&mut h), "cublasCreate")?;
+                blas_check(
+                    blas::cublasSetStream_v2(h, stream.cu_stream() as blas::cudaStream_t),
+                    "cublasSetStream",
+                )?;
+            }
+            Some(h)
+        } else {
+            tracing::warn!("cuBLAS (libcublas.so) was not found: bf16/f16 weights use kojo's own kernel at every batch size");
+            None
+        };
         Ok(CudaDevice {
+            blas,
             describe: format!(
                 "{name}, {:.1} GiB, compute capability {major}.{minor}",
                 mem as f64 / (1u64 << 30) as f64
@@ -182,5 +202,61 @@ impl Device for CudaDevice {
             &mut params,
         )
         .map_err(|e| anyhow!("launch: {e:?}"))
+    }
+
+    unsafe fn gemm(
+        &self,
+        ty: GemmType,
+        n: usize,
+        k: usize,
+        m: usize,
+        a: u64,
+        b: u64,
+        c: u64,
+    ) -> Result<bool> {
+        let Some(h) = self.blas else {
+            return Ok(false);
+        };
+        self.bind()?;
+        let dt = match ty {
+            GemmType::Bf16 => blas::cudaDataType::CUDA_R_16BF,
+            GemmType::F16 => blas::cudaDataType::CUDA_R_16F,
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // row-major c[n, m] = a[n, k] b[m, k]^T is column-major c^T (m x n) = b^T' a':
+        // the weights as the transposed first operand, the activations as the second
+        blas_check(
+            blas::cublasGemmEx(
+                h,
+                blas::cublasOperation_t::CUBLAS_OP_T,
+                blas::cublasOperation_t::CUBLAS_OP_N,
+                m as i32,
+                n as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                b as *const _,
+                dt,
+                k as i32,
+                a as *const _,
+                dt,
+                k as i32,
+                &beta as *const f32 as *const _,
+                c as *mut _,
+                blas::cudaDataType::CUDA_R_32F,
+                m as i32,
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            ),
+            "cublasGemmEx",
+        )?;
+        Ok(true)
+    }
+}
+
+fn blas_check(s: blas::cublasStatus_t, what: &str) -> Result<()> {
+    if s == blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(anyhow!("{what}: {s:?}"))
     }
 }

@@ -69,6 +69,13 @@ impl Grid {
     }
 }
 
+/// Element types a device's matrix library multiplies ([`Device::gemm`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmType {
+    Bf16,
+    F16,
+}
+
 /// Memory, copies and kernel launches on one device, in order (one stream).
 pub trait Device: Send + Sync {
     /// What the device is, for logs: name, memory, architecture.
@@ -95,6 +102,22 @@ pub trait Device: Send + Sync {
     /// `args` match the kernel's parameters, and every pointer among them covers what the
     /// kernel reads and writes for this geometry.
     unsafe fn launch(&self, name: &str, g: Grid, args: &[Arg]) -> Result<()>;
+    /// `c[n, m] = a[n, k] . b[m, k]^T`, `a` and `b` of `ty`, `c` f32, accumulated in f32, by the
+    /// device's matrix library (cuBLAS); `Ok(false)` when it has none.
+    ///
+    /// # Safety
+    /// `a`, `b` and `c` hold `n x k`, `m x k` and `n x m` elements.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm(
+        &self,
+        ty: GemmType,
+        n: usize,
+        k: usize,
+        m: usize,
+        a: u64,
+        b: u64,
+        c: u64,
+    ) -> Result<bool>;
 }
 
 /// A device allocation, freed on drop.
@@ -170,6 +193,9 @@ const ATTN_CHUNK: usize = 256;
 const ATTN_MAXG: usize = 8;
 /// Tokens per matmul warp (MM_TOKENS in kernels/matmul.cu).
 const MM_TOKENS: usize = 4;
+/// From this many tokens, bf16/f16 weights go to the device's matrix library (activations
+/// rounded to the weights' type); below, to kojo's kernel in f32.
+pub const GEMM_MIN_TOKENS: usize = 16;
 
 /// A batch layout as the kernels read it, kept while the same layout comes back (every layer
 /// of a step).
@@ -531,6 +557,56 @@ impl GpuBackend {
             .collect())
     }
 
+    /// `out = x @ w^T (+ bias)` through the device's matrix library; false when it has none
+    /// (nothing was done).
+    fn library_gemm(
+        &self,
+        gt: GemmType,
+        x: &GpuTensor,
+        w: &GpuWeight,
+        bias: Option<&GpuWeight>,
+        out: &GpuTensor,
+    ) -> bool {
+        let (n, k, m) = (x.rows, x.cols, w.rows);
+        let a = self.alloc(n * k * 2);
+        self.elementwise(
+            "to_half",
+            n * k,
+            &[
+                Arg::Ptr(a.ptr),
+                Arg::Ptr(x.buf.ptr),
+                Arg::U32((n * k) as u32),
+                Arg::U32((gt == GemmType::Bf16) as u32),
+            ],
+        );
+        if self.failed() {
+            return true;
+        }
+        // SAFETY: a [n, k] and w [m, k] of the type, out [n, m] f32
+        match unsafe { self.dev.gemm(gt, n, k, m, a.ptr, w.buf.ptr, out.buf.ptr) } {
+            Ok(false) => false,
+            Ok(true) => {
+                if let Some(b) = bias {
+                    self.elementwise(
+                        "add_bias",
+                        n * m,
+                        &[
+                            Arg::Ptr(out.buf.ptr),
+                            Arg::Ptr(b.buf.ptr),
+                            Arg::U32((n * m) as u32),
+                            Arg::U32(m as u32),
+                        ],
+                    );
+                }
+                true
+            }
+            Err(e) => {
+                self.fail(e.context("GEMM"));
+                true
+            }
+        }
+    }
+
     fn elementwise(&self, name: &str, n: usize, args: &[Arg]) {
         // SAFETY: callers pass n-element buffers
         unsafe { self.launch(name, [n.div_ceil(256), 1, 1], 256, args) }
@@ -807,6 +883,16 @@ impl Backend for GpuBackend {
             );
         }
         let out = self.tensor(x.rows, w.rows);
+        let gemm = match w.ty {
+            GgmlType::BF16 => Some(GemmType::Bf16),
+            GgmlType::F16 => Some(GemmType::F16),
+            _ => None,
+        };
+        if let Some(gt) = gemm.filter(|_| x.rows >= GEMM_MIN_TOKENS && !self.failed()) {
+            if self.library_gemm(gt, x, w, bias, &out) {
+                return out;
+            }
+        }
         let name = format!("matmul_{}", kernel_type(w.ty).unwrap());
         // SAFETY: x [n, k], w [m, k] of row_bytes, bias [m], out [n, m]
         unsafe {
