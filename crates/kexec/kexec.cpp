@@ -185,13 +185,18 @@ void add_entry(const char* name, std::vector<size_t> sizes, std::function<void(v
 
 extern "C" void kexec_register_all();
 
+// Every kernel registered, exactly once, before the registry is read (from any thread).
+static void ensure_registered() {
+    static bool once = (kexec_register_all(), true);
+    (void)once;
+}
+
 // Launch kernel `name` with cuLaunchKernel's argument convention: `params[i]` points at argument
 // i, whose size must be `sizes[i]`. Returns 0, or 1 for an unknown kernel, 2 for an argument
 // list that does not match the kernel's parameters (a message goes to stderr).
 extern "C" int kexec_launch(const char* name, const unsigned* grid, const unsigned* block, size_t dyn_bytes,
                             void** params, const size_t* sizes, size_t n_params) {
-    static bool once = (kexec_register_all(), true);
-    (void)once;
+    ensure_registered();
     auto it = kexec::registry().find(name);
     if (it == kexec::registry().end()) {
         std::fprintf(stderr, "kexec: no kernel named %s\n", name);
@@ -215,8 +220,7 @@ extern "C" int kexec_launch(const char* name, const unsigned* grid, const unsign
 
 // The kernels this library holds, one name per line.
 extern "C" size_t kexec_kernel_names(char* buf, size_t cap) {
-    static bool once = (kexec_register_all(), true);
-    (void)once;
+    ensure_registered();
     std::string all;
     for (auto& kv : kexec::registry()) all += kv.first + "\n";
     if (buf && cap > 0) {
