@@ -238,4 +238,13 @@ pub trait Backend {
     ) -> Result<Self::Tensor>;
     /// `act(gate) * up`.
     fn glu(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Glu) -> Self::Tensor;
+    /// The id of each row's largest value, the lowest among equals (greedy decoding without
+    /// copying the logits back).
+    fn argmax_rows(&self, logits: &Self::Tensor) -> Result<Vec<u32>> {
+        let (rows, cols) = self.shape(logits);
+        let v = self.download(logits)?;
+        Ok((0..rows)
+            .map(|r| crate::sampling::argmax(&v[r * cols..(r + 1) * cols]))
+            .collect())
+    }
 }

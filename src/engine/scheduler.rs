@@ -54,6 +54,26 @@ impl Seq {
     fn known(&self) -> usize {
         self.tokens.len()
     }
+
+    /// The next token is the argmax of the raw logits: temperature 0 with nothing that
+    /// reads or changes them (log-probabilities, bias, penalties, end-of-generation mask).
+    fn plain_greedy(&self) -> bool {
+        let p = &self.sampler.params;
+        p.temperature == 0.0
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+            && self.req.logprobs.is_none()
+            && self.req.logit_bias.is_empty()
+            && self.generated >= self.req.min_tokens
+    }
+}
+
+/// What a step gives back: the logits of the rows that sample, or (when every one of them is
+/// plain greedy) their argmax ids alone.
+enum StepOutput {
+    Logits(Vec<f32>),
+    Ids(Vec<u32>),
 }
 
 pub struct Scheduler {
@@ -121,7 +141,7 @@ impl Scheduler {
                 continue;
             }
             match self.execute(be, model, &mut kv, &plan) {
-                Ok(logits) => self.update(&plan, &logits),
+                Ok(out) => self.update(&plan, &out),
                 Err(e) => {
                     let msg = format!("forward pass failed: {e:#}");
                     let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
@@ -311,12 +331,13 @@ impl Scheduler {
         model: &Transformer<B>,
         kv: &mut B::KvCache,
         plan: &Plan,
-    ) -> anyhow::Result<Vec<f32>> {
+    ) -> anyhow::Result<StepOutput> {
         let bs = self.cfg.block_size;
         let (mut tokens, mut positions, mut slots) = (Vec::new(), Vec::new(), Vec::new());
         let mut seq_starts = vec![0usize];
         let mut tables: Vec<&[u32]> = Vec::with_capacity(plan.len());
         let mut rows = Vec::new();
+        let mut all_greedy = true;
         for &(i, n) in plan {
             let s = &self.running[i];
             for p in s.computed..s.computed + n {
@@ -328,6 +349,7 @@ impl Scheduler {
             tables.push(&s.blocks);
             if s.computed + n == s.known() {
                 rows.push(tokens.len() - 1);
+                all_greedy &= s.plain_greedy();
             }
         }
         let step = Step {
@@ -341,15 +363,23 @@ impl Scheduler {
             logit_rows: &rows,
         };
         let logits = model.forward(be, kv, &step)?;
-        be.download(&logits)
+        if all_greedy {
+            // the backend picks the ids: the logits stay where they are
+            return Ok(StepOutput::Ids(be.argmax_rows(&logits)?));
+        }
+        Ok(StepOutput::Logits(be.download(&logits)?))
     }
 
-    fn update(&mut self, plan: &Plan, logits: &[f32]) {
+    fn update(&mut self, plan: &Plan, out: &StepOutput) {
         let bs = self.cfg.block_size;
         let rows = plan
             .iter()
             .filter(|&&(i, n)| self.running[i].computed + n == self.running[i].known())
             .count();
+        let (logits, ids): (&[f32], &[u32]) = match out {
+            StepOutput::Logits(l) => (l, &[]),
+            StepOutput::Ids(i) => (&[], i),
+        };
         let vocab = if rows > 0 { logits.len() / rows } else { 0 };
         let mut row = 0;
         let mut done: Vec<usize> = Vec::new();
@@ -373,25 +403,39 @@ impl Scheduler {
             if !samples {
                 continue;
             }
-            let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
-            row += 1;
-            let logprob_of = s.req.logprobs.map(|_| log_softmax(&l));
-            for &(t, b) in &s.req.logit_bias {
-                if let Some(x) = l.get_mut(t as usize) {
-                    *x += b;
-                }
-            }
-            let eos_allowed = !s.req.ignore_eos && s.generated >= s.req.min_tokens;
-            if !eos_allowed && s.generated < s.req.min_tokens {
-                for &e in &self.eog {
-                    if let Some(x) = l.get_mut(e as usize) {
-                        *x = f32::NEG_INFINITY;
+            let (id, logprob) = match out {
+                // plain greedy (checked when the step was built): the backend's argmax
+                StepOutput::Ids(_) => (ids[row], None),
+                StepOutput::Logits(_) => {
+                    let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
+                    let logprob_of = s.req.logprobs.map(|_| log_softmax(&l));
+                    for &(t, b) in &s.req.logit_bias {
+                        if let Some(x) = l.get_mut(t as usize) {
+                            *x += b;
+                        }
                     }
+                    if s.generated < s.req.min_tokens {
+                        for &e in &self.eog {
+                            if let Some(x) = l.get_mut(e as usize) {
+                                *x = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                    s.sampler
+                        .penalize(&mut l, &s.tokens[..s.prompt_len], &s.tokens[s.prompt_len..]);
+                    let id = s.sampler.sample(&l);
+                    let logprob = match (s.req.logprobs, &logprob_of) {
+                        (Some(k), Some(lp)) => Some(TokenLogprob {
+                            logprob: lp[id as usize],
+                            top: crate::sampling::top_of(lp, k),
+                        }),
+                        _ => None,
+                    };
+                    (id, logprob)
                 }
-            }
-            s.sampler
-                .penalize(&mut l, &s.tokens[..s.prompt_len], &s.tokens[s.prompt_len..]);
-            let id = s.sampler.sample(&l);
+            };
+            row += 1;
+            let eos_allowed = !s.req.ignore_eos && s.generated >= s.req.min_tokens;
             if eos_allowed && self.eog.contains(&id) {
                 let _ = s.req.events.send(Event::Done {
                     finish: Finish::Eos,
@@ -401,13 +445,6 @@ impl Scheduler {
                 done.push(i);
                 continue;
             }
-            let logprob = match (s.req.logprobs, &logprob_of) {
-                (Some(k), Some(lp)) => Some(TokenLogprob {
-                    logprob: lp[id as usize],
-                    top: crate::sampling::top_of(lp, k),
-                }),
-                _ => None,
-            };
             s.tokens.push(id);
             s.generated += 1;
             self.metrics.generation_tokens.add(1);

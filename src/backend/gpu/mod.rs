@@ -489,6 +489,10 @@ impl GpuBackend {
 
     /// Token ids of each row's largest logit (lowest id among equals).
     pub fn argmax(&self, logits: &GpuTensor) -> Result<Vec<u32>> {
+        self.argmax_rows(logits)
+    }
+
+    fn argmax_kernel(&self, logits: &GpuTensor) -> Result<Vec<u32>> {
         let ids = self.alloc(logits.rows * 4);
         // SAFETY: one id per row; rows of `cols` logits
         unsafe {
@@ -1153,6 +1157,10 @@ impl Backend for GpuBackend {
         })?;
         self.check()?;
         Ok(out)
+    }
+
+    fn argmax_rows(&self, logits: &GpuTensor) -> Result<Vec<u32>> {
+        self.argmax_kernel(logits)
     }
 
     fn glu(&self, gate: &GpuTensor, up: &GpuTensor, act: Glu) -> GpuTensor {
