@@ -7,6 +7,7 @@
 //! - ragged batches and odd sizes (rows not a multiple of a block's, contexts over one split,
 //!   query groups over one block);
 //! - then whole tiny random models, CPU against GPU backend, logits and greedy tokens.
+//!
 //! `every_kernel_is_tested` checks that the tests launched every kernel the sources define.
 
 mod common;
@@ -133,7 +134,9 @@ impl Device for HostDevice {
         let c = std::slice::from_raw_parts_mut(c as *mut f32, n * m);
         for i in 0..n {
             for j in 0..m {
-                let s: f64 = (0..k).map(|x| widen(a[i * k + x]) * widen(b[j * k + x])).sum();
+                let s: f64 = (0..k)
+                    .map(|x| widen(a[i * k + x]) * widen(b[j * k + x]))
+                    .sum();
                 c[i * m + j] = s as f32;
             }
         }

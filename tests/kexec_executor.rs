@@ -5,9 +5,18 @@
 use std::ffi::c_void;
 
 /// Launch with pointer arguments only.
-fn launch(name: &str, grid: [u32; 3], block: [u32; 3], smem: usize, ptrs: &[*mut c_void]) -> Result<(), String> {
+fn launch(
+    name: &str,
+    grid: [u32; 3],
+    block: [u32; 3],
+    smem: usize,
+    ptrs: &[*mut c_void],
+) -> Result<(), String> {
     let mut vals: Vec<u64> = ptrs.iter().map(|p| *p as u64).collect();
-    let mut params: Vec<*mut c_void> = vals.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
+    let mut params: Vec<*mut c_void> = vals
+        .iter_mut()
+        .map(|v| v as *mut u64 as *mut c_void)
+        .collect();
     let sizes = vec![8; params.len()];
     // SAFETY: each test passes buffers sized for its geometry
     unsafe { kexec::launch(name, grid, block, smem, &mut params, &sizes) }
@@ -16,12 +25,23 @@ fn launch(name: &str, grid: [u32; 3], block: [u32; 3], smem: usize, ptrs: &[*mut
 #[test]
 fn shuffles_follow_cuda_semantics() {
     let mut out = vec![-1i32; 64 * 4];
-    launch("probe_shuffles", [1, 1, 1], [64, 1, 1], 0, &[out.as_mut_ptr() as _]).unwrap();
+    launch(
+        "probe_shuffles",
+        [1, 1, 1],
+        [64, 1, 1],
+        0,
+        &[out.as_mut_ptr() as _],
+    )
+    .unwrap();
     for t in 0..64i32 {
         let (warp, lane) = (t / 32 * 32, t % 32);
         let o = &out[4 * t as usize..][..4];
         assert_eq!(o[0], warp + (lane ^ 5), "xor, thread {t}");
-        assert_eq!(o[1], if lane + 3 < 32 { t + 3 } else { t }, "down, thread {t}");
+        assert_eq!(
+            o[1],
+            if lane + 3 < 32 { t + 3 } else { t },
+            "down, thread {t}"
+        );
         assert_eq!(o[2], warp + 7, "idx, thread {t}");
         assert_eq!(o[3], if lane >= 2 { t - 2 } else { t }, "up, thread {t}");
     }
@@ -31,7 +51,14 @@ fn shuffles_follow_cuda_semantics() {
 fn block_reduction_shared_and_dynamic_memory() {
     let x: Vec<f32> = (0..3 * 96).map(|i| (i % 17) as f32 - 8.0).collect();
     let mut out = vec![f32::NAN; 3];
-    launch("probe_block_sum", [3, 1, 1], [96, 1, 1], 0, &[out.as_mut_ptr() as _, x.as_ptr() as _]).unwrap();
+    launch(
+        "probe_block_sum",
+        [3, 1, 1],
+        [96, 1, 1],
+        0,
+        &[out.as_mut_ptr() as _, x.as_ptr() as _],
+    )
+    .unwrap();
     for b in 0..3 {
         assert_eq!(out[b], x[b * 96..(b + 1) * 96].iter().sum::<f32>());
     }
@@ -40,10 +67,23 @@ fn block_reduction_shared_and_dynamic_memory() {
     let mut out = vec![f32::NAN; n];
     let mut nv = n as u32;
     let mut vals = [out.as_mut_ptr() as u64, x.as_ptr() as u64];
-    let mut params: Vec<*mut c_void> = vals.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
+    let mut params: Vec<*mut c_void> = vals
+        .iter_mut()
+        .map(|v| v as *mut u64 as *mut c_void)
+        .collect();
     params.push(&mut nv as *mut u32 as *mut c_void);
     // SAFETY: n floats each, n * 4 bytes of dynamic shared memory
-    unsafe { kexec::launch("probe_dyn_smem", [1, 1, 1], [n as u32, 1, 1], n * 4, &mut params, &[8, 8, 4]) }.unwrap();
+    unsafe {
+        kexec::launch(
+            "probe_dyn_smem",
+            [1, 1, 1],
+            [n as u32, 1, 1],
+            n * 4,
+            &mut params,
+            &[8, 8, 4],
+        )
+    }
+    .unwrap();
     assert_eq!(out, x.iter().rev().copied().collect::<Vec<_>>());
 }
 
@@ -51,7 +91,14 @@ fn block_reduction_shared_and_dynamic_memory() {
 fn two_dimensional_geometry() {
     let (gx, gy, bx, by) = (3u32, 2u32, 8u32, 4u32);
     let mut out = vec![u32::MAX; (gx * gy * bx * by) as usize];
-    launch("probe_2d", [gx, gy, 1], [bx, by, 1], 0, &[out.as_mut_ptr() as _]).unwrap();
+    launch(
+        "probe_2d",
+        [gx, gy, 1],
+        [bx, by, 1],
+        0,
+        &[out.as_mut_ptr() as _],
+    )
+    .unwrap();
     for y in 0..gy {
         for x in 0..gx {
             for ty in 0..by {
@@ -67,15 +114,29 @@ fn two_dimensional_geometry() {
 #[test]
 fn arguments_are_checked_against_the_kernel() {
     let mut out = vec![0f32; 32];
-    let err = launch("probe_2d", [1, 1, 1], [32, 1, 1], 0, &[out.as_mut_ptr() as _, out.as_mut_ptr() as _]);
+    let err = launch(
+        "probe_2d",
+        [1, 1, 1],
+        [32, 1, 1],
+        0,
+        &[out.as_mut_ptr() as _, out.as_mut_ptr() as _],
+    );
     assert!(err.unwrap_err().contains("do not match"));
-    assert!(launch("no_such_kernel", [1, 1, 1], [32, 1, 1], 0, &[]).unwrap_err().contains("no kernel"));
+    assert!(launch("no_such_kernel", [1, 1, 1], [32, 1, 1], 0, &[])
+        .unwrap_err()
+        .contains("no kernel"));
 }
 
 /// Run `kernel` in a child process (the executor aborts the process) and return its stderr.
 fn aborts(kernel: &str) -> String {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "misuse_child", "--nocapture", "--test-threads", "1"])
+        .args([
+            "--exact",
+            "misuse_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env("KEXEC_MISUSE", kernel)
         .output()
         .unwrap();
@@ -95,11 +156,17 @@ fn misuse_child() {
 #[test]
 fn a_barrier_not_reached_by_every_thread_aborts() {
     let err = aborts("probe_divergent_barrier");
-    assert!(err.contains("__syncthreads was not reached by every thread of the block"), "{err}");
+    assert!(
+        err.contains("__syncthreads was not reached by every thread of the block"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_shuffle_not_reached_by_every_lane_aborts() {
     let err = aborts("probe_divergent_shuffle");
-    assert!(err.contains("a warp collective was not reached by every lane"), "{err}");
+    assert!(
+        err.contains("a warp collective was not reached by every lane"),
+        "{err}"
+    );
 }

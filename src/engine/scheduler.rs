@@ -421,8 +421,11 @@ impl Scheduler {
                             }
                         }
                     }
-                    s.sampler
-                        .penalize(&mut l, &s.tokens[..s.prompt_len], &s.tokens[s.prompt_len..]);
+                    s.sampler.penalize(
+                        &mut l,
+                        &s.tokens[..s.prompt_len],
+                        &s.tokens[s.prompt_len..],
+                    );
                     let id = s.sampler.sample(&l);
                     let logprob = match (s.req.logprobs, &logprob_of) {
                         (Some(k), Some(lp)) => Some(TokenLogprob {

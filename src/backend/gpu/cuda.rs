@@ -10,8 +10,8 @@
 
 use super::kernels::{self, Sources};
 use super::{Arg, Device, GemmType, Grid};
-use cudarc::cublas::sys as blas;
 use anyhow::{anyhow, bail, Context, Result};
+use cudarc::cublas::sys as blas;
 use cudarc::driver::{result as cu, sys, CudaContext, CudaStream};
 use std::collections::HashMap;
 use std::ffi::CString;
