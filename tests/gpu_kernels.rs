@@ -295,3 +295,119 @@ fn tiny_gemma3_cpu_and_gpu_agree() {
         vocab: Some(96),
     });
 }
+
+/// The serving engine on the GPU backend (over the executor) against the CPU backend: several
+/// requests batched together, prompts longer than a step (chunked prefill), a prompt that
+/// shares a cached prefix with another, greedy requests (ids from the backend's argmax) and
+/// requests that need the logits (log-probabilities, temperature sampling).
+#[test]
+fn engine_batches_on_gpu_match_cpu() {
+    use kojo::engine::metrics::Metrics;
+    use kojo::engine::scheduler::SchedulerConfig;
+    use kojo::engine::{EngineRequest, Event};
+    use kojo::sampling::SamplingParams;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    let mut r = test_rnd();
+    use GgmlType::*;
+    let t = Tiny {
+        arch: "llama",
+        types: [Q8_0, Q4K, Q6K, Q4_0, Q8_0, F16, Q5K, Q8_0],
+        output: None,
+        layers: 2,
+        rope_freqs: false,
+        vocab: Some(96),
+    };
+    write_tiny(&t, &mut r, &path);
+    let mut prompts: Vec<Vec<u32>> = [37usize, 5, 20]
+        .iter()
+        .map(|&n| (0..n).map(|_| (r.u64() % 96) as u32).collect())
+        .collect();
+    // shares its first two blocks with the first prompt
+    let mut shared = prompts[0][..32].to_vec();
+    shared.extend((0..7).map(|_| (r.u64() % 96) as u32));
+    prompts.push(shared);
+    // (prompt, temperature, logprobs)
+    let reqs: Vec<(usize, f32, Option<usize>)> =
+        vec![(0, 0.0, None), (1, 0.0, None), (2, 0.0, Some(3)), (3, 0.0, None), (1, 0.9, None)];
+
+    fn serve<B: kojo::backend::Backend + Send + 'static>(
+        be: B,
+        path: &std::path::Path,
+        prompts: &[Vec<u32>],
+        reqs: &[(usize, f32, Option<usize>)],
+    ) -> Vec<(Vec<u32>, Vec<f32>)>
+    where
+        B::KvCache: Send,
+        Transformer<B>: Send,
+    {
+        let src = ModelSource::open(path).unwrap();
+        let model = Transformer::load(&be, &src).unwrap();
+        let cfg = SchedulerConfig {
+            num_blocks: 64,
+            block_size: 16,
+            max_num_seqs: 8,
+            max_batch_tokens: 24,
+            max_model_len: 128,
+        };
+        let metrics = Arc::new(Metrics::new("tiny"));
+        let (engine, _join) = kojo::engine::start(be, model, cfg, vec![], metrics).unwrap();
+        let mut rxs = Vec::new();
+        for &(p, temperature, logprobs) in reqs {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            engine
+                .submit(EngineRequest {
+                    prompt: prompts[p].clone(),
+                    params: SamplingParams {
+                        temperature,
+                        seed: 7,
+                        ..Default::default()
+                    },
+                    max_tokens: 6,
+                    min_tokens: 0,
+                    ignore_eos: true,
+                    logit_bias: vec![],
+                    logprobs,
+                    cache_salt: 0,
+                    events: tx,
+                    arrived: std::time::Instant::now(),
+                })
+                .unwrap();
+            rxs.push(rx);
+        }
+        rxs.into_iter()
+            .map(|mut rx| {
+                let (mut ids, mut lps) = (Vec::new(), Vec::new());
+                while let Some(ev) = rx.blocking_recv() {
+                    match ev {
+                        Event::Token { id, logprob } => {
+                            ids.push(id);
+                            lps.extend(logprob.map(|l| l.logprob));
+                        }
+                        Event::Done { .. } => break,
+                        Event::Error(e) => panic!("{e}"),
+                        Event::Scheduled { .. } => {}
+                    }
+                }
+                (ids, lps)
+            })
+            .collect()
+    }
+
+    let want = serve(CpuBackend::new(MatmulMode::Exact), &path, &prompts, &reqs);
+    let dev = Arc::new(HostDevice::default());
+    let got = serve(GpuBackend::new(dev.clone()), &path, &prompts, &reqs);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.0.len(), 6, "request {i}");
+        assert_eq!(g.0, w.0, "request {i}: tokens");
+        assert_eq!(g.1.len(), w.1.len());
+        for (a, b) in g.1.iter().zip(&w.1) {
+            assert!((a - b).abs() < 1e-3, "request {i}: logprob {a} vs {b}");
+        }
+    }
+    let launched = dev.launched.lock().unwrap();
+    for k in ["attn_prefill", "attn_split", "argmax_rows"] {
+        assert!(launched.contains(k), "{k} was not used");
+    }
+}
