@@ -62,16 +62,20 @@ extern "C" __global__ void argmax_rows(u32* __restrict__ ids, const float* __res
     if (threadIdx.x == 0) ids[blockIdx.x] = i;
 }
 
-// ids[r] = a token drawn from row r's top_k (1..=64) candidates; uniform[r] in [0, 1).
-// grid (rows), block 256.
-extern "C" __global__ void sample_top_k(u32* __restrict__ ids, const float* __restrict__ logits,
-                                        const float* __restrict__ uniform, u32 vocab, u32 top_k,
-                                        float temperature, float top_p, float min_p) {
+// ids[r] = a token drawn from row r's top_k[r] (1..=64) candidates with its temperature,
+// top_p and min_p; uniform[r] in [0, 1). grid (rows), block 256.
+extern "C" __global__ void sample_top_k(u32* __restrict__ ids, const float* __restrict__ logits, u32 vocab,
+                                        const u32* __restrict__ top_ks, const float* __restrict__ temperatures,
+                                        const float* __restrict__ top_ps, const float* __restrict__ min_ps,
+                                        const float* __restrict__ uniform) {
     __shared__ float sv[32];
     __shared__ u32 si[32];
     __shared__ float cand_v[SAMPLE_MAX_K];
     __shared__ u32 cand_i[SAMPLE_MAX_K];
     const float* row = logits + (u64)blockIdx.x * vocab;
+    const u32 top_k = top_ks[blockIdx.x];
+    const float temperature = temperatures[blockIdx.x], top_p = top_ps[blockIdx.x];
+    const float min_p = min_ps[blockIdx.x];
     u32 k = top_k < vocab ? top_k : vocab;
     float pv = KOJO_INF;
     u32 pi = 0;

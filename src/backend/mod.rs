@@ -238,13 +238,23 @@ pub trait Backend {
     ) -> Result<Self::Tensor>;
     /// `act(gate) * up`.
     fn glu(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Glu) -> Self::Tensor;
-    /// The id of each row's largest value, the lowest among equals (greedy decoding without
-    /// copying the logits back).
-    fn argmax_rows(&self, logits: &Self::Tensor) -> Result<Vec<u32>> {
+    /// One token per row of logits, drawn as `picks[row]` says ([`crate::sampling::pick`]),
+    /// where the logits are: only the ids come back. Default: copy the logits back and pick on
+    /// the host.
+    fn pick_rows(
+        &self,
+        logits: &Self::Tensor,
+        picks: &[crate::sampling::Pick],
+    ) -> Result<Vec<u32>> {
         let (rows, cols) = self.shape(logits);
+        if picks.len() != rows {
+            anyhow::bail!("pick_rows: {} picks for {rows} rows", picks.len());
+        }
         let v = self.download(logits)?;
-        Ok((0..rows)
-            .map(|r| crate::sampling::argmax(&v[r * cols..(r + 1) * cols]))
+        Ok(picks
+            .iter()
+            .enumerate()
+            .map(|(r, p)| crate::sampling::pick(&v[r * cols..(r + 1) * cols], p))
             .collect())
     }
 }

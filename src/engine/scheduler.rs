@@ -18,6 +18,7 @@ use super::{EngineRequest, Event, Finish, TokenLogprob};
 use crate::backend::{Backend, BatchLayout};
 use crate::kv::{hash_block, BlockHash, BlockPool};
 use crate::model::transformer::{Step, Transformer};
+use crate::sampling::Pick;
 use crate::sampling::{log_softmax, Sampler};
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -55,11 +56,12 @@ impl Seq {
         self.tokens.len()
     }
 
-    /// The next token is the argmax of the raw logits: temperature 0 with nothing that
-    /// reads or changes them (log-probabilities, bias, penalties, end-of-generation mask).
-    fn plain_greedy(&self) -> bool {
+    /// The next token depends on the raw logits alone (at most 64 candidates, or greedy):
+    /// nothing reads or changes them (log-probabilities, bias, penalties, end-of-generation
+    /// mask), so the backend can draw it where the logits are.
+    fn plain(&self) -> bool {
         let p = &self.sampler.params;
-        p.temperature == 0.0
+        (p.temperature == 0.0 || (1..=SAMPLE_MAX_K).contains(&p.top_k))
             && p.repetition_penalty == 1.0
             && p.presence_penalty == 0.0
             && p.frequency_penalty == 0.0
@@ -69,8 +71,11 @@ impl Seq {
     }
 }
 
+/// The most candidates a backend's own top-k draw takes (kernels/sampling.cu).
+const SAMPLE_MAX_K: usize = 64;
+
 /// What a step gives back: the logits of the rows that sample, or (when every one of them is
-/// plain greedy) their argmax ids alone.
+/// plain) the ids the backend drew.
 enum StepOutput {
     Logits(Vec<f32>),
     Ids(Vec<u32>),
@@ -326,7 +331,7 @@ impl Scheduler {
     }
 
     fn execute<B: Backend>(
-        &self,
+        &mut self,
         be: &B,
         model: &Transformer<B>,
         kv: &mut B::KvCache,
@@ -337,7 +342,7 @@ impl Scheduler {
         let mut seq_starts = vec![0usize];
         let mut tables: Vec<&[u32]> = Vec::with_capacity(plan.len());
         let mut rows = Vec::new();
-        let mut all_greedy = true;
+        let mut all_plain = true;
         for &(i, n) in plan {
             let s = &self.running[i];
             for p in s.computed..s.computed + n {
@@ -349,7 +354,7 @@ impl Scheduler {
             tables.push(&s.blocks);
             if s.computed + n == s.known() {
                 rows.push(tokens.len() - 1);
-                all_greedy &= s.plain_greedy();
+                all_plain &= s.plain();
             }
         }
         let step = Step {
@@ -363,9 +368,16 @@ impl Scheduler {
             logit_rows: &rows,
         };
         let logits = model.forward(be, kv, &step)?;
-        if all_greedy {
-            // the backend picks the ids: the logits stay where they are
-            return Ok(StepOutput::Ids(be.argmax_rows(&logits)?));
+        if all_plain {
+            // the backend draws the ids: the logits stay where they are
+            let mut picks: Vec<Pick> = Vec::with_capacity(rows.len());
+            for &(i, n) in plan {
+                let s = &mut self.running[i];
+                if s.computed + n == s.known() {
+                    picks.push(s.sampler.next_pick());
+                }
+            }
+            return Ok(StepOutput::Ids(be.pick_rows(&logits, &picks)?));
         }
         Ok(StepOutput::Logits(be.download(&logits)?))
     }
@@ -404,7 +416,7 @@ impl Scheduler {
                 continue;
             }
             let (id, logprob) = match out {
-                // plain greedy (checked when the step was built): the backend's argmax
+                // plain (checked when the step was built): the backend's draw
                 StepOutput::Ids(_) => (ids[row], None),
                 StepOutput::Logits(_) => {
                     let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();

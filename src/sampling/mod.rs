@@ -185,52 +185,98 @@ impl Sampler {
 
     /// Choose a token from logits that were already penalized.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        pick(logits, &self.next_pick())
+    }
+
+    /// The next draw as a [`Pick`]: what [`Sampler::sample`] does with the logits, for a
+    /// backend to do where they are (advances the RNG as `sample` would).
+    pub fn next_pick(&mut self) -> Pick {
         let p = &self.params;
         if p.temperature == 0.0 {
-            return argmax(logits);
+            return Pick::GREEDY;
         }
-        // candidates sorted by logit, best first
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, l / p.temperature))
-            .collect();
-        if p.top_k > 0 && p.top_k < cand.len() {
-            cand.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
-            cand.truncate(p.top_k);
+        Pick {
+            top_k: p.top_k,
+            temperature: p.temperature,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            u: self.rng.next_f64(),
         }
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let max = cand[0].1;
-        let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= total);
-        if p.top_p < 1.0 {
-            let mut cum = 0.0;
-            let mut keep = probs.len();
-            for (i, &q) in probs.iter().enumerate() {
-                cum += q;
-                if cum >= p.top_p as f64 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
-        }
-        if p.min_p > 0.0 {
-            let floor = probs[0] * p.min_p as f64;
-            let keep = probs.iter().take_while(|&&q| q >= floor).count().max(1);
-            probs.truncate(keep);
-        }
-        let total: f64 = probs.iter().sum();
-        let mut r = self.rng.next_f64() * total;
-        for (i, &q) in probs.iter().enumerate() {
-            if r < q {
-                return cand[i].0;
-            }
-            r -= q;
-        }
-        cand[probs.len() - 1].0
     }
+}
+
+/// One token's draw from logits: keep the `top_k` best (0 = all; ties by lower id), scale by
+/// 1/`temperature`, softmax, cut to `top_p` then `min_p`, and take the candidate where `u`
+/// (uniform in [0, 1)) falls. `temperature` 0 is the argmax.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pick {
+    pub top_k: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub u: f64,
+}
+
+impl Pick {
+    pub const GREEDY: Pick = Pick {
+        top_k: 1,
+        temperature: 0.0,
+        top_p: 1.0,
+        min_p: 0.0,
+        u: 0.0,
+    };
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+}
+
+/// The token `p` draws from `logits`.
+pub fn pick(logits: &[f32], p: &Pick) -> u32 {
+    if p.is_greedy() {
+        return argmax(logits);
+    }
+    // candidates sorted by logit, best first
+    let mut cand: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l / p.temperature))
+        .collect();
+    if p.top_k > 0 && p.top_k < cand.len() {
+        cand.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
+        cand.truncate(p.top_k);
+    }
+    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let max = cand[0].1;
+    let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|x| *x /= total);
+    if p.top_p < 1.0 {
+        let mut cum = 0.0;
+        let mut keep = probs.len();
+        for (i, &q) in probs.iter().enumerate() {
+            cum += q;
+            if cum >= p.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+    }
+    if p.min_p > 0.0 {
+        let floor = probs[0] * p.min_p as f64;
+        let keep = probs.iter().take_while(|&&q| q >= floor).count().max(1);
+        probs.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut r = p.u * total;
+    for (i, &q) in probs.iter().enumerate() {
+        if r < q {
+            return cand[i].0;
+        }
+        r -= q;
+    }
+    cand[probs.len() - 1].0
 }
 
 /// Index of the largest logit; the lowest index among equals.

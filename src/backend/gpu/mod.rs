@@ -19,6 +19,7 @@ pub mod selftest;
 use super::{AttnParams, Backend, BatchLayout, Glu, HostWeight, KvShape, Result, Rope, RopeLayout};
 use crate::formats::quant::dequantize_to_vec;
 use crate::formats::GgmlType;
+use crate::sampling::Pick;
 use anyhow::{anyhow, bail, Context};
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
@@ -488,10 +489,6 @@ impl GpuBackend {
     }
 
     /// Token ids of each row's largest logit (lowest id among equals).
-    pub fn argmax(&self, logits: &GpuTensor) -> Result<Vec<u32>> {
-        self.argmax_rows(logits)
-    }
-
     fn argmax_kernel(&self, logits: &GpuTensor) -> Result<Vec<u32>> {
         let ids = self.alloc(logits.rows * 4);
         // SAFETY: one id per row; rows of `cols` logits
@@ -510,24 +507,22 @@ impl GpuBackend {
         self.download_u32(&ids, logits.rows)
     }
 
-    /// One token per row drawn from its `top_k` (1..=64) candidates at `temperature`, cut to
-    /// `top_p` and `min_p`, with `uniform[row]` in [0, 1) as the random draw: the CPU
-    /// sampler's rules.
-    pub fn sample_top_k(
-        &self,
-        logits: &GpuTensor,
-        top_k: usize,
-        temperature: f32,
-        top_p: f32,
-        min_p: f32,
-        uniform: &[f32],
-    ) -> Result<Vec<u32>> {
-        if !(1..=64).contains(&top_k) || !(temperature > 0.0) || uniform.len() != logits.rows {
-            bail!("sample_top_k: top_k {top_k} (1..=64), temperature {temperature} (> 0), {} draws for {} rows", uniform.len(), logits.rows);
-        }
-        let u = self.upload_f32(uniform)?;
+    /// One token per row from its top k (1..=64) candidates (greedy rows as k = 1).
+    fn top_k_kernel(&self, logits: &GpuTensor, picks: &[Pick]) -> Result<Vec<u32>> {
+        let f = |g: fn(&Pick) -> f32| -> Result<Buf> {
+            self.upload_f32(&picks.iter().map(g).collect::<Vec<f32>>())
+        };
+        let ks: Vec<u32> = picks
+            .iter()
+            .map(|p| if p.is_greedy() { 1 } else { p.top_k as u32 })
+            .collect();
+        let ks = self.upload_u32(&ks)?;
+        let temps = f(|p| if p.is_greedy() { 1.0 } else { p.temperature })?;
+        let top_ps = f(|p| p.top_p)?;
+        let min_ps = f(|p| p.min_p)?;
+        let us = f(|p| p.u as f32)?;
         let ids = self.alloc(logits.rows * 4);
-        // SAFETY: one id and one draw per row; rows of `cols` logits
+        // SAFETY: one id and one of each parameter per row; rows of `cols` logits
         unsafe {
             self.launch(
                 "sample_top_k",
@@ -536,12 +531,12 @@ impl GpuBackend {
                 &[
                     Arg::Ptr(ids.ptr),
                     Arg::Ptr(logits.buf.ptr),
-                    Arg::Ptr(u.ptr),
                     Arg::U32(logits.cols as u32),
-                    Arg::U32(top_k as u32),
-                    Arg::F32(temperature),
-                    Arg::F32(top_p),
-                    Arg::F32(min_p),
+                    Arg::Ptr(ks.ptr),
+                    Arg::Ptr(temps.ptr),
+                    Arg::Ptr(top_ps.ptr),
+                    Arg::Ptr(min_ps.ptr),
+                    Arg::Ptr(us.ptr),
                 ],
             )
         };
@@ -1159,8 +1154,27 @@ impl Backend for GpuBackend {
         Ok(out)
     }
 
-    fn argmax_rows(&self, logits: &GpuTensor) -> Result<Vec<u32>> {
-        self.argmax_kernel(logits)
+    fn pick_rows(&self, logits: &GpuTensor, picks: &[Pick]) -> Result<Vec<u32>> {
+        if picks.len() != logits.rows {
+            bail!("pick_rows: {} picks for {} rows", picks.len(), logits.rows);
+        }
+        if picks.iter().all(Pick::is_greedy) {
+            return self.argmax_kernel(logits);
+        }
+        if picks
+            .iter()
+            .all(|p| p.is_greedy() || ((1..=64).contains(&p.top_k) && p.temperature > 0.0))
+        {
+            return self.top_k_kernel(logits, picks);
+        }
+        // more candidates than the kernel keeps: on the host
+        let v = self.download(logits)?;
+        let cols = logits.cols;
+        Ok(picks
+            .iter()
+            .enumerate()
+            .map(|(r, p)| crate::sampling::pick(&v[r * cols..(r + 1) * cols], p))
+            .collect())
     }
 
     fn glu(&self, gate: &GpuTensor, up: &GpuTensor, act: Glu) -> GpuTensor {

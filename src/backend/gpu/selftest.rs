@@ -398,43 +398,44 @@ impl<'a> SelfTest<'a> {
     }
 
     pub fn sampling(&mut self) -> Result<()> {
-        use crate::sampling::{argmax, Rng, Sampler, SamplingParams};
-        let (rows, vocab) = (3, 500);
+        use crate::sampling::{argmax, pick, Pick};
+        let (rows, vocab) = (6, 500);
         let mut logits = self.vec(rows * vocab, 4.0);
         // an exact tie for the largest logit in row 1: the lower id wins
         logits[vocab + 10] = 9.0;
         logits[vocab + 20] = 9.0;
         let g = self.gpu.upload(&logits, rows, vocab);
-        let want: Vec<u32> = logits.chunks(vocab).map(argmax).collect();
-        let got = self.gpu.argmax(&g)?;
+        let row = |r: usize| &logits[r * vocab..(r + 1) * vocab];
+        let greedy = vec![Pick::GREEDY; rows];
+        let got = self.gpu.pick_rows(&g, &greedy)?;
+        let want: Vec<u32> = (0..rows).map(|r| argmax(row(r))).collect();
         self.expect(
             "argmax_rows: ids, lowest id among equal maxima",
             got == want && got[1] == 10,
         );
-        for seed in 0..6u64 {
-            let params = SamplingParams {
-                temperature: 0.7,
-                top_k: [40, 1, 64, 5, 17, 64][seed as usize],
-                top_p: [0.9, 1.0, 0.5, 1.0, 0.95, 1.0][seed as usize],
-                min_p: [0.02, 0.0, 0.0, 0.1, 0.0, 0.0][seed as usize],
-                seed: seed + self.r.u64() % 1000,
-                ..Default::default()
-            };
-            let u = Rng::new(params.seed).next_f64() as f32;
-            let got = self.gpu.sample_top_k(
-                &g,
-                params.top_k,
-                params.temperature,
-                params.top_p,
-                params.min_p,
-                &[u; 3],
-            )?;
-            for (r, row) in logits.chunks(vocab).enumerate() {
-                let want = Sampler::new(params.clone()).sample(row);
+        // one launch, different settings per row (a greedy row among them)
+        for round in 0..4 {
+            let picks: Vec<Pick> = (0..rows)
+                .map(|r| {
+                    if r == (round + 2) % rows {
+                        return Pick::GREEDY;
+                    }
+                    Pick {
+                        top_k: [40, 1, 64, 5, 17, 64][(r + round) % 6],
+                        temperature: [0.7, 1.0, 1.3][(r + round) % 3],
+                        top_p: [0.9, 1.0, 0.5, 1.0, 0.95, 1.0][r],
+                        min_p: [0.02, 0.0, 0.0, 0.1, 0.0, 0.0][(r + round) % 6],
+                        u: (self.r.u64() >> 11) as f64 / (1u64 << 53) as f64,
+                    }
+                })
+                .collect();
+            let got = self.gpu.pick_rows(&g, &picks)?;
+            for (r, p) in picks.iter().enumerate() {
+                let want = pick(row(r), p);
                 self.expect(
                     &format!(
-                        "sample_top_k row {r}, top_k {} top_p {} min_p {}",
-                        params.top_k, params.top_p, params.min_p
+                        "sample_top_k row {r}: top_k {} temperature {} top_p {} min_p {}",
+                        p.top_k, p.temperature, p.top_p, p.min_p
                     ),
                     got[r] == want,
                 );
