@@ -50,6 +50,7 @@ export RUST_LOG=${RUST_LOG:-info}
 step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader | tee "$OUT/gpu.txt"
 git rev-parse --short HEAD 2>/dev/null > "$OUT/commit.txt" || echo unknown > "$OUT/commit.txt"
+date -u +%Y-%m-%dT%H:%MZ > "$OUT/date.txt"
 "$KOJO" --version | tee "$OUT/version.txt"
 
 step "1. kernels compile for sm_80 and sm_90 without spills"

@@ -104,8 +104,11 @@ def table(out):
         except (OSError, ValueError):
             return None
 
-    gpu = open(os.path.join(out, "gpu.txt")).read().strip() if os.path.exists(os.path.join(out, "gpu.txt")) else "?"
-    commit = open(os.path.join(out, "commit.txt")).read().strip() if os.path.exists(os.path.join(out, "commit.txt")) else "?"
+    def text(name):
+        p = os.path.join(out, name)
+        return open(p).read().strip() if os.path.exists(p) else "?"
+
+    gpu, commit, date = text("gpu.txt"), text("commit.txt"), text("date.txt")
     rows = []
     kernels = load("kernels.json") or []
     bad = [k for k in kernels if not k["ok"]]
@@ -144,7 +147,7 @@ def table(out):
                 floor = gemm / (2 * params)
             pct = f"{100 * measured / floor:.1f} %" if floor else ""
             rows.append((what + " (tok/s)", f"{measured:.1f}", f"{floor:.0f}" if floor else "", pct, ""))
-    print(f"GPU check, commit {commit}, {gpu}")
+    print(f"GPU check {date}, commit {commit}, GPU (name, driver, memory, capability): {gpu}")
     print()
     print("| what | measured | floor | % of floor |")
     print("|---|---:|---:|---:|")
