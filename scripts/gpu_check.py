@@ -13,7 +13,15 @@ import math
 import os
 import sys
 
-HF_TOL = 2e-2  # relative L2 of the logits: kojo keeps K/V and q.k in f16, transformers in f32
+# relative L2 of the last prompt position's logits against transformers (f32): kojo keeps K, V
+# and q.k in f16; on the GPU the prompt's bf16 GEMMs also round activations to bf16
+HF_TOL_CPU = 1e-2
+HF_TOL_GPU = 5e-2
+
+
+def num(v):
+    """A JSON number; serde_json writes infinities and NaN as null."""
+    return float("inf") if v is None else v
 
 
 def read_json(path):
@@ -35,8 +43,12 @@ def hf(out):
     prompt = torch.tensor([m["prompt"]], device="cuda")
     with torch.no_grad():
         logits = model(prompt).logits[0, -1].double().cpu()
-        ref = torch.tensor(m["gpu_last_prompt_logits"], dtype=torch.float64)
-        rel = (logits - ref).norm().item() / ref.norm().item()
+
+        def rel(name):
+            ref = torch.tensor(m[name], dtype=torch.float64)
+            return (logits - ref).norm().item() / logits.norm().item()
+
+        rel_gpu, rel_cpu = rel("gpu_last_prompt_logits"), rel("cpu_last_prompt_logits")
         # transformers' greedy continuation of the prompt, against the CPU backend's tokens
         ids = prompt
         hf_tokens = []
@@ -49,13 +61,15 @@ def hf(out):
         if a != b:
             break
         same += 1
-    res = {"rel_l2_last_prompt_logits": rel, "tol": HF_TOL, "ok": rel <= HF_TOL,
-           "hf_tokens": hf_tokens, "tokens_equal_to_kojo": same}
+    ok = rel_gpu <= HF_TOL_GPU and rel_cpu <= HF_TOL_CPU
+    res = {"rel_l2_gpu": rel_gpu, "rel_l2_cpu": rel_cpu, "tol_gpu": HF_TOL_GPU, "tol_cpu": HF_TOL_CPU,
+           "ok": ok, "hf_tokens": hf_tokens, "tokens_equal_to_kojo": same}
     with open(os.path.join(out, "hf.json"), "w") as f:
         json.dump(res, f)
-    print(f"transformers vs kojo (GPU): logits rel. L2 {rel:.2e} (tolerance {HF_TOL:.0e}); "
-          f"greedy tokens equal for {same} of {len(hf_tokens)}")
-    if not res["ok"]:
+    print(f"transformers vs kojo: last prompt logits rel. L2 {rel_gpu:.2e} on the GPU (tolerance "
+          f"{HF_TOL_GPU:.0e}), {rel_cpu:.2e} on the CPU ({HF_TOL_CPU:.0e}); greedy tokens equal for "
+          f"{same} of {len(hf_tokens)}")
+    if not ok:
         sys.exit(1)
 
 
@@ -112,7 +126,7 @@ def table(out):
     rows = []
     kernels = load("kernels.json") or []
     bad = [k for k in kernels if not k["ok"]]
-    worst = max((k["rel_l2"] for k in kernels), default=float("nan"))
+    worst = max((num(k["rel_l2"]) for k in kernels), default=float("nan"))
     rows.append(("kernel checks passed (GPU vs CPU backend)", f"{len(kernels) - len(bad)} of {len(kernels)}",
                  f"{len(kernels)}", "", ""))
     rows.append(("worst kernel rel. error (L2)", f"{worst:.1e}", "", "", ""))
@@ -120,11 +134,14 @@ def table(out):
     if model:
         rows.append(("small model: greedy tokens equal, GPU vs CPU", f"{model['tokens_equal']} of {len(model['cpu_tokens'])}",
                      f"{len(model['cpu_tokens'])}", "", ""))
-        rows.append(("small model: logits rel. error (L2), worst step", f"{model['worst_rel_l2']:.1e}", "1e-2", "", ""))
+        rows.append(("small model: greedy picks that differ (not near-ties)", f"{model.get('wrong_picks', '?')}", "0", "", ""))
+        rows.append(("small model: logits rel. error (L2), worst step", f"{num(model['worst_rel_l2']):.1e}", "1e-2", "", ""))
     h = load("hf.json")
     if h:
-        rows.append(("small model: logits vs transformers, rel. L2", f"{h['rel_l2_last_prompt_logits']:.1e}",
-                     f"{h['tol']:.0e}", "", ""))
+        rows.append(("small model: GPU logits vs transformers, rel. L2", f"{h['rel_l2_gpu']:.1e}",
+                     f"{h['tol_gpu']:.0e}", "", ""))
+        rows.append(("small model: CPU logits vs transformers, rel. L2", f"{h['rel_l2_cpu']:.1e}",
+                     f"{h['tol_cpu']:.0e}", "", ""))
         rows.append(("small model: transformers greedy tokens equal to kojo's", f"{h['tokens_equal_to_kojo']} of {len(h['hf_tokens'])}", "", "", ""))
     c = load("ceilings.json")
     bw = c["copy_bytes_per_s"] if c else None

@@ -26,6 +26,8 @@ pub struct CudaDevice {
     describe: String,
     /// cuBLAS, when the library is there
     blas: Option<blas::cublasHandle_t>,
+    /// Stream-ordered allocation (memory pools) works here; else cuMemAlloc/cuMemFree.
+    pooled: bool,
 }
 
 // SAFETY: CUmodule and CUfunction handles are plain driver handles, usable from any thread
@@ -94,6 +96,33 @@ impl CudaDevice {
             modules.push((c.unit, m));
         }
         let stream = ctx.default_stream();
+        // the stream-ordered allocator, kept from giving memory back to the system at every
+        // synchronization (its default threshold is 0); where memory pools do not work (some
+        // virtualized GPUs), plain allocations
+        let pooled = ctx.has_async_alloc()
+            && (|| -> Result<()> {
+                // SAFETY: the device and context are live and bound
+                unsafe {
+                    let pool = cu::device::get_default_mem_pool(ctx.cu_device())
+                        .map_err(|e| anyhow!("{e:?}"))?;
+                    let mut threshold = u64::MAX;
+                    sys::cuMemPoolSetAttribute(
+                        pool,
+                        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                        &mut threshold as *mut u64 as *mut _,
+                    )
+                    .result()
+                    .map_err(|e| anyhow!("{e:?}"))?;
+                    let p =
+                        cu::malloc_async(stream.cu_stream(), 256).map_err(|e| anyhow!("{e:?}"))?;
+                    cu::free_async(p, stream.cu_stream()).map_err(|e| anyhow!("{e:?}"))?;
+                    Ok(())
+                }
+            })()
+            .map_err(|e| {
+                tracing::warn!("stream-ordered allocation unavailable ({e}); using cuMemAlloc")
+            })
+            .is_ok();
         // SAFETY: only tries to open the library
         let blas = if unsafe { blas::is_culib_present() } {
             let mut h: blas::cublasHandle_t = std::ptr::null_mut();
@@ -112,6 +141,7 @@ impl CudaDevice {
         };
         Ok(CudaDevice {
             blas,
+            pooled,
             describe: format!(
                 "{name}, {:.1} GiB, compute capability {major}.{minor}",
                 mem as f64 / (1u64 << 30) as f64
@@ -153,24 +183,33 @@ impl Device for CudaDevice {
 
     fn alloc(&self, bytes: usize) -> Result<u64> {
         self.bind()?;
-        // SAFETY: stream-ordered allocation on our stream
-        unsafe { cu::malloc_async(self.stream.cu_stream(), bytes) }
-            .map_err(|e| anyhow!("allocating {bytes} bytes on the GPU: {e:?}"))
+        // SAFETY: stream-ordered allocation on our stream, or a plain one
+        unsafe {
+            if self.pooled {
+                cu::malloc_async(self.stream.cu_stream(), bytes)
+            } else {
+                cu::malloc_sync(bytes)
+            }
+        }
+        .map_err(|e| anyhow!("allocating {bytes} bytes on the GPU: {e:?}"))
     }
 
     unsafe fn free(&self, ptr: u64) {
         if self.bind().is_ok() {
-            let _ = cu::free_async(ptr, self.stream.cu_stream());
+            // (cuMemFree waits for the device's work first)
+            let _ = if self.pooled {
+                cu::free_async(ptr, self.stream.cu_stream())
+            } else {
+                cu::free_sync(ptr)
+            };
         }
     }
 
     unsafe fn upload(&self, dst: u64, src: &[u8]) -> Result<()> {
         self.bind()?;
+        // from pageable memory the call returns once the source has been staged, so the
+        // caller may reuse it at once
         cu::memcpy_htod_async(dst, src, self.stream.cu_stream())
-            .map_err(|e| anyhow!("copy to the GPU: {e:?}"))?;
-        // the source is the caller's memory: wait until it has been read
-        self.stream
-            .synchronize()
             .map_err(|e| anyhow!("copy to the GPU: {e:?}"))
     }
 

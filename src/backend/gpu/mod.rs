@@ -60,7 +60,7 @@ pub struct Grid {
 
 impl Grid {
     fn new(grid: [usize; 3], block: u32) -> Result<Grid> {
-        if grid[0] > u32::MAX as usize || grid[1] > 65535 || grid[2] > 65535 {
+        if grid[0] > i32::MAX as usize || grid[1] > 65535 || grid[2] > 65535 {
             bail!("launch grid {grid:?} is beyond the GPU's limits");
         }
         Ok(Grid {
