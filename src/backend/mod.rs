@@ -91,6 +91,64 @@ pub struct BatchLayout<'a> {
     pub slots: &'a [u32],
 }
 
+/// Checks that `layout` and a query of `q_rows x q_cols` fit an attention with `p` over a
+/// cache of `shape` (every position's blocks in its table and in the cache); returns the
+/// sequence of each token.
+pub fn check_attention(
+    layout: &BatchLayout,
+    p: &AttnParams,
+    shape: &KvShape,
+    q_rows: usize,
+    q_cols: usize,
+) -> Result<Vec<usize>> {
+    let hd = p.head_dim;
+    let n = layout.positions.len();
+    if q_rows != n || q_cols != p.n_heads * hd || hd != shape.head_dim {
+        anyhow::bail!(
+            "attention: q {q_rows}x{q_cols} for {n} tokens of {} heads x {hd}",
+            p.n_heads
+        );
+    }
+    if p.n_kv_heads != shape.n_kv_heads || p.n_kv_heads == 0 || p.n_heads % p.n_kv_heads != 0 {
+        anyhow::bail!(
+            "attention: {} query heads over {} KV heads",
+            p.n_heads,
+            p.n_kv_heads
+        );
+    }
+    let num_seqs = layout.seq_starts.len().saturating_sub(1);
+    if layout.block_tables.len() != num_seqs
+        || layout.seq_starts.last() != Some(&n)
+        || layout.seq_starts.windows(2).any(|w| w[0] > w[1])
+    {
+        anyhow::bail!("attention: batch layout does not cover {n} tokens");
+    }
+    let mut seq_of = vec![0usize; n];
+    for s in 0..num_seqs {
+        for x in &mut seq_of[layout.seq_starts[s]..layout.seq_starts[s + 1]] {
+            *x = s;
+        }
+    }
+    let bs = shape.block_size;
+    for (t, &pos) in layout.positions.iter().enumerate() {
+        let need = pos as usize / bs + 1;
+        let table = layout.block_tables[seq_of[t]];
+        if table.len() < need {
+            anyhow::bail!("attention: position {pos} needs {need} blocks, table has fewer");
+        }
+        if table[..need]
+            .iter()
+            .any(|&b| b as usize >= shape.num_blocks)
+        {
+            anyhow::bail!(
+                "attention: block id beyond the cache's {}",
+                shape.num_blocks
+            );
+        }
+    }
+    Ok(seq_of)
+}
+
 /// Attention parameters of one layer.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttnParams {

@@ -93,48 +93,8 @@ impl CpuKvCache {
     ) -> Result<CpuTensor> {
         let hd = p.head_dim;
         let n = layout.positions.len();
-        if q.rows != n || q.cols != p.n_heads * hd || hd != self.shape.head_dim {
-            bail!(
-                "attention: q {}x{} for {n} tokens of {} heads x {hd}",
-                q.rows,
-                q.cols,
-                p.n_heads
-            );
-        }
-        if p.n_kv_heads != self.shape.n_kv_heads || p.n_heads % p.n_kv_heads != 0 {
-            bail!(
-                "attention: {} query heads over {} KV heads",
-                p.n_heads,
-                p.n_kv_heads
-            );
-        }
-        let num_seqs = layout.seq_starts.len().saturating_sub(1);
-        if layout.block_tables.len() != num_seqs || layout.seq_starts.last() != Some(&n) {
-            bail!("attention: batch layout does not cover {n} tokens");
-        }
-        // sequence of each token
-        let mut seq_of = vec![0usize; n];
-        for s in 0..num_seqs {
-            for x in &mut seq_of[layout.seq_starts[s]..layout.seq_starts[s + 1]] {
-                *x = s;
-            }
-        }
+        let seq_of = crate::backend::check_attention(layout, p, &self.shape, q.rows, q.cols)?;
         let bs = self.shape.block_size;
-        for (t, &pos) in layout.positions.iter().enumerate() {
-            let need = pos as usize / bs + 1;
-            if layout.block_tables[seq_of[t]].len() < need {
-                bail!("attention: position {pos} needs {need} blocks, table has fewer");
-            }
-            if layout.block_tables[seq_of[t]][..need]
-                .iter()
-                .any(|&b| b as usize >= self.shape.num_blocks)
-            {
-                bail!(
-                    "attention: block id beyond the cache's {}",
-                    self.shape.num_blocks
-                );
-            }
-        }
         let group = p.n_heads / p.n_kv_heads;
         if group > 64 {
             bail!("attention: {group} query heads per KV head (at most 64)");

@@ -606,6 +606,35 @@ impl GpuBackend {
         }
     }
 
+    /// RMSNorm of every `w.cols`-wide segment of `r` (after `r += x` when `x` is given).
+    fn norm(&self, r: &GpuTensor, x: Option<&GpuTensor>, w: &GpuWeight, eps: f32) -> GpuTensor {
+        assert_eq!(
+            r.cols % w.cols,
+            0,
+            "rms_norm: {} columns in segments of {}",
+            r.cols,
+            w.cols
+        );
+        let out = self.tensor(r.rows, r.cols);
+        // SAFETY: r, x and out hold rows x cols; w holds one segment
+        unsafe {
+            self.launch(
+                "rms_norm",
+                [r.rows * r.cols / w.cols, 1, 1],
+                128,
+                &[
+                    Arg::Ptr(out.buf.ptr),
+                    Arg::Ptr(r.buf.ptr),
+                    Arg::Ptr(x.map_or(0, |x| x.buf.ptr)),
+                    Arg::Ptr(w.buf.ptr),
+                    Arg::U32(w.cols as u32),
+                    Arg::F32(eps),
+                ],
+            )
+        };
+        out
+    }
+
     fn elementwise(&self, name: &str, n: usize, args: &[Arg]) {
         // SAFETY: callers pass n-element buffers
         unsafe { self.launch(name, [n.div_ceil(256), 1, 1], 256, args) }
@@ -790,31 +819,7 @@ impl Backend for GpuBackend {
     }
 
     fn rms_norm(&self, x: &GpuTensor, w: &GpuWeight, eps: f32) -> GpuTensor {
-        assert_eq!(
-            x.cols % w.cols,
-            0,
-            "rms_norm: {} columns in segments of {}",
-            x.cols,
-            w.cols
-        );
-        let out = self.tensor(x.rows, x.cols);
-        // SAFETY: x and out hold rows x cols; w holds one segment
-        unsafe {
-            self.launch(
-                "rms_norm",
-                [x.rows * x.cols / w.cols, 1, 1],
-                128,
-                &[
-                    Arg::Ptr(out.buf.ptr),
-                    Arg::Ptr(x.buf.ptr),
-                    Arg::Ptr(0),
-                    Arg::Ptr(w.buf.ptr),
-                    Arg::U32(w.cols as u32),
-                    Arg::F32(eps),
-                ],
-            )
-        };
-        out
+        self.norm(x, None, w, eps)
     }
 
     fn add_rms_norm(
@@ -825,31 +830,7 @@ impl Backend for GpuBackend {
         eps: f32,
     ) -> GpuTensor {
         assert_eq!((residual.rows, residual.cols), (x.rows, x.cols));
-        assert_eq!(
-            x.cols % w.cols,
-            0,
-            "rms_norm: {} columns in segments of {}",
-            x.cols,
-            w.cols
-        );
-        let out = self.tensor(x.rows, x.cols);
-        // SAFETY: residual, x and out hold rows x cols; w one segment
-        unsafe {
-            self.launch(
-                "rms_norm",
-                [x.rows * x.cols / w.cols, 1, 1],
-                128,
-                &[
-                    Arg::Ptr(out.buf.ptr),
-                    Arg::Ptr(residual.buf.ptr),
-                    Arg::Ptr(x.buf.ptr),
-                    Arg::Ptr(w.buf.ptr),
-                    Arg::U32(w.cols as u32),
-                    Arg::F32(eps),
-                ],
-            )
-        };
-        out
+        self.norm(residual, Some(x), w, eps)
     }
 
     fn add(&self, residual: &mut GpuTensor, x: &GpuTensor) {
@@ -998,52 +979,17 @@ impl Backend for GpuBackend {
         self.check()?;
         let hd = p.head_dim;
         let n = layout.positions.len();
-        if q.rows != n || q.cols != p.n_heads * hd || hd != cache.shape.head_dim {
-            bail!(
-                "attention: q {}x{} for {n} tokens of {} heads x {hd}",
-                q.rows,
-                q.cols,
-                p.n_heads
-            );
-        }
-        if p.n_kv_heads != cache.shape.n_kv_heads
-            || p.n_kv_heads == 0
-            || p.n_heads % p.n_kv_heads != 0
-        {
-            bail!(
-                "attention: {} query heads over {} KV heads",
-                p.n_heads,
-                p.n_kv_heads
-            );
-        }
-        let num_seqs = layout.seq_starts.len().saturating_sub(1);
-        if layout.block_tables.len() != num_seqs || layout.seq_starts.last() != Some(&n) {
-            bail!("attention: batch layout does not cover {n} tokens");
-        }
+        let seq_of = super::check_attention(layout, p, &cache.shape, q.rows, q.cols)?;
+        let num_seqs = layout.seq_starts.len() - 1;
         let bs = cache.shape.block_size;
+        // decode tokens (alone in their sequence this step): their contexts set the splits
         let mut longest = 0;
-        for s in 0..num_seqs {
-            for t in layout.seq_starts[s]..layout.seq_starts[s + 1] {
-                let pos = layout.positions[t] as usize;
-                let need = pos / bs + 1;
-                let table = layout.block_tables[s];
-                if table.len() < need {
-                    bail!("attention: position {pos} needs {need} blocks, table has fewer");
-                }
-                if table[..need]
-                    .iter()
-                    .any(|&b| b as usize >= cache.shape.num_blocks)
-                {
-                    bail!(
-                        "attention: block id beyond the cache's {}",
-                        cache.shape.num_blocks
-                    );
-                }
-                if layout.seq_starts[s + 1] - layout.seq_starts[s] == 1 {
-                    // a decode token: its context sets the splits
-                    let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                    longest = longest.max(pos + 1 - lo);
-                }
+        for (t, &pos) in layout.positions.iter().enumerate() {
+            let s = seq_of[t];
+            if layout.seq_starts[s + 1] - layout.seq_starts[s] == 1 {
+                let pos = pos as usize;
+                let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                longest = longest.max(pos + 1 - lo);
             }
         }
         let out = self.tensor(n, q.cols);
