@@ -56,3 +56,57 @@ __device__ __forceinline__ u32 load_u32(const u8* p) {
     return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
 }
 __device__ __forceinline__ float load_f16(const u8* p) { return kojo_h2f(load_u16(p)); }
+
+// Loads from addresses aligned to their width: `n` bytes as n / 4 little-endian words (n = 8 or
+// 16, one vector load on the GPU), and single aligned u16 / u32. The executor checks the
+// alignment, which a GPU would fault on.
+template <int N>
+__device__ __forceinline__ void load_words(const u8* p, u32* w) {
+    static_assert(N == 8 || N == 16, "vector loads are 8 or 16 bytes");
+#ifdef __CUDACC__
+    if (N == 16) {
+        uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+        w[0] = v.x;
+        w[1] = v.y;
+        w[2] = v.z;
+        w[3] = v.w;
+    } else {
+        uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+        w[0] = v.x;
+        w[1] = v.y;
+    }
+#else
+    if (reinterpret_cast<uintptr_t>(p) % N) kexec::fail("a vector load from a misaligned address");
+    std::memcpy(w, p, N);
+#endif
+}
+__device__ __forceinline__ u32 load_u16a(const u8* p) {
+#ifdef __CUDACC__
+    return *reinterpret_cast<const u16*>(p);
+#else
+    if (reinterpret_cast<uintptr_t>(p) % 2) kexec::fail("a u16 load from an odd address");
+    return load_u16(p);
+#endif
+}
+__device__ __forceinline__ u32 load_u32a(const u8* p) {
+#ifdef __CUDACC__
+    return *reinterpret_cast<const u32*>(p);
+#else
+    if (reinterpret_cast<uintptr_t>(p) % 4) kexec::fail("a u32 load from a misaligned address");
+    return load_u32(p);
+#endif
+}
+// 8 consecutive f32 from a 32-byte aligned address
+__device__ __forceinline__ void load_f32x8(const float* p, float* v) {
+    u32 w[8];
+    load_words<16>(reinterpret_cast<const u8*>(p), w);
+    load_words<16>(reinterpret_cast<const u8*>(p) + 16, w + 4);
+    for (int i = 0; i < 8; i++) v[i] = __uint_as_float(w[i]);
+}
+
+// The gate activations: 0 = SiLU, 1 = GELU (tanh form).
+__device__ __forceinline__ float glu_act(float g, u32 act) {
+    if (act == 0) return g / (1.0f + expf(-g));
+    const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+    return 0.5f * g * (1.0f + tanhf(k * (g + 0.044715f * g * g * g)));
+}

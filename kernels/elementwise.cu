@@ -45,19 +45,15 @@ extern "C" __global__ void scale_inplace(float* __restrict__ x, u32 n, float s) 
     if (i < n) x[i] *= s;
 }
 
-// out = act(gate) * up; act 0 = SiLU, 1 = GELU (tanh form). grid (ceil(n / 256)), block 256.
+// out[r, c] = act(gate[r, c]) * up[r, c] over `cols` columns, gate and up rows `ld` apart (up is
+// the upper half of a stacked [gate | up] output when ld = 2 cols); act 0 = SiLU, 1 = GELU (tanh
+// form). n = rows * cols. grid (ceil(n / 256)), block 256.
 extern "C" __global__ void glu(float* __restrict__ out, const float* __restrict__ gate,
-                               const float* __restrict__ up, u32 n, u32 act) {
+                               const float* __restrict__ up, u32 n, u32 cols, u32 ld, u32 act) {
     u32 i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float g = gate[i], a;
-    if (act == 0) {
-        a = g / (1.0f + expf(-g));
-    } else {
-        const float k = 0.7978845608028654f;  // sqrt(2 / pi)
-        a = 0.5f * g * (1.0f + tanhf(k * (g + 0.044715f * g * g * g)));
-    }
-    out[i] = a * up[i];
+    u64 at = (u64)(i / cols) * ld + i % cols;
+    out[i] = glu_act(gate[at], act) * up[at];
 }
 
 // RMSNorm of each `seg`-wide segment of every row, times w[seg]. When `x` is given,
@@ -143,6 +139,56 @@ extern "C" __global__ void write_kv(u16* __restrict__ kc, u16* __restrict__ vc, 
         }
         kc[dst + e] = kojo_f2h(val);
         vc[dst + e] = kojo_f2h(vr[e]);
+    }
+}
+
+// The attention input from a stacked QKV projection (row: n_heads q heads, then n_kv k heads,
+// then n_kv v heads, hd each): each q head, RMS-normed by `qn` when given, then rotated, goes to
+// q_out [n, n_heads * hd]; each k head (normed by `kn`, rotated) and v head go to the f16 cache
+// at slots[t]. `cs` as in `rope` (half = 0: no rotation). One block per (token, head), the head
+// staged in shared memory. grid (n_tokens, n_heads + n_kv), block 128. hd <= 256.
+extern "C" __global__ void qkv_post(float* __restrict__ q_out, u16* __restrict__ kc, u16* __restrict__ vc,
+                                    const float* __restrict__ qkv, const u32* __restrict__ slots,
+                                    const float* __restrict__ cs, const float* __restrict__ qn,
+                                    const float* __restrict__ kn, float eps, u32 n_heads, u32 n_kv, u32 hd,
+                                    u32 half, u32 interleaved) {
+    __shared__ float head[256];
+    __shared__ float scratch[32];
+    const u32 t = blockIdx.x, h = blockIdx.y;
+    const u32 q_cols = n_heads * hd, kv_cols = n_kv * hd;
+    const float* row = qkv + (u64)t * (q_cols + 2 * kv_cols);
+    const bool is_q = h < n_heads;
+    const u32 kvh = is_q ? 0 : h - n_heads;
+    const float* src = is_q ? row + (u64)h * hd : row + q_cols + (u64)kvh * hd;
+    const float* nw = is_q ? qn : kn;
+    float ss = 0.0f;
+    for (u32 d = threadIdx.x; d < hd; d += blockDim.x) {
+        float v = src[d];
+        head[d] = v;
+        ss += v * v;
+    }
+    // every thread takes the same branch: nw is uniform over the block
+    if (nw) {
+        float s = rsqrtf(block_sum(ss, scratch) / (float)hd + eps);
+        for (u32 d = threadIdx.x; d < hd; d += blockDim.x) head[d] = head[d] * s * nw[d];
+    }
+    __syncthreads();
+    const float* c = cs + (u64)t * half * 2;
+    const u64 dst = (u64)slots[t] * kv_cols + (u64)kvh * hd;
+    for (u32 d = threadIdx.x; d < hd; d += blockDim.x) {
+        float val = head[d];
+        if (d < 2 * half) {
+            u32 i = interleaved ? d / 2 : (d < half ? d : d - half), a, b;
+            rope_pair(i, half, interleaved, &a, &b);
+            float x0 = head[a], x1 = head[b], cos_ = c[2 * i], sin_ = c[2 * i + 1];
+            val = d == a ? x0 * cos_ - x1 * sin_ : x0 * sin_ + x1 * cos_;
+        }
+        if (is_q) {
+            q_out[(u64)t * q_cols + (u64)h * hd + d] = val;
+        } else {
+            kc[dst + d] = kojo_f2h(val);
+            vc[dst + d] = kojo_f2h(row[q_cols + kv_cols + (u64)kvh * hd + d]);
+        }
     }
 }
 

@@ -126,3 +126,106 @@ __device__ __forceinline__ void dequant_unit(const u8* __restrict__ row, u32 u, 
         }
     }
 }
+
+// f16 or bf16 bits to f32
+template <int TY>
+__device__ __forceinline__ float half_bits(u32 h) {
+    return TY == T_BF16 ? bf16_to_f32((u16)h) : kojo_h2f((u16)h);
+}
+
+// v[0..8] = columns 8c .. 8c + 8 of `row` (a "chunk"), with the widest loads each type's
+// alignment allows: a row starts 16-byte aligned (the device allocation is; rows are whole
+// blocks of 32 values, and every K-quant super-block but Q6_K's is a multiple of 16 bytes).
+// Lanes taking consecutive chunks read consecutive bytes.
+template <int TY>
+__device__ __forceinline__ void dequant8(const u8* __restrict__ row, u32 c, float* v) {
+    if (TY == T_F32) {
+        load_f32x8(reinterpret_cast<const float*>(row) + (u64)c * 8, v);
+    } else if (TY == T_F16 || TY == T_BF16) {
+        u32 w[4];
+        load_words<16>(row + (u64)c * 16, w);
+        for (int i = 0; i < 4; i++) {
+            v[2 * i] = half_bits<TY>(w[i] & 0xFFFF);
+            v[2 * i + 1] = half_bits<TY>(w[i] >> 16);
+        }
+    } else if (TY == T_Q8_0) {
+        // block of 34: d, qs[32]; 2-byte aligned
+        const u8* b = row + (u64)(c / 4) * 34;
+        float d = kojo_h2f((u16)load_u16a(b));
+        const u8* q = b + 2 + 8 * (c % 4);
+        for (int i = 0; i < 4; i++) {
+            u32 h = load_u16a(q + 2 * i);
+            v[2 * i] = (float)(i8)(h & 0xFF) * d;
+            v[2 * i + 1] = (float)(i8)(h >> 8) * d;
+        }
+    } else if (TY == T_Q4_0 || TY == T_Q5_0) {
+        // Q4_0: d, qs[16] (18 bytes); Q5_0: d, qh[4], qs[16] (22 bytes); 2-byte aligned.
+        // values 0..15 are the low nibbles of qs, 16..31 the high ones
+        const u32 bytes = TY == T_Q4_0 ? 18 : 22;
+        const u8* b = row + (u64)(c / 4) * bytes;
+        u32 p = c % 4;
+        float d = kojo_h2f((u16)load_u16a(b));
+        u32 qh = TY == T_Q5_0 ? load_u16a(b + 2) | (load_u16a(b + 4) << 16) : 0;
+        const u8* q = b + (TY == T_Q4_0 ? 2 : 6) + 8 * (p % 2);
+        u32 shift = 4 * (p / 2);
+        for (int i = 0; i < 4; i++) {
+            u32 h = load_u16a(q + 2 * i);
+            for (int e = 0; e < 2; e++) {
+                int x = (int)(((e ? h >> 8 : h) >> shift) & 0xF);
+                if (TY == T_Q5_0) x |= (int)((qh >> (8 * p + 2 * i + e)) & 1) << 4;
+                v[2 * i + e] = (float)(x - (TY == T_Q4_0 ? 8 : 16)) * d;
+            }
+        }
+    } else if (TY == T_Q4_1 || TY == T_Q5_1) {
+        // Q4_1: d, m, qs[16] (20 bytes); Q5_1: d, m, qh[4], qs[16] (24 bytes); 4-byte aligned
+        const u32 bytes = TY == T_Q4_1 ? 20 : 24;
+        const u8* b = row + (u64)(c / 4) * bytes;
+        u32 p = c % 4;
+        u32 dm = load_u32a(b);
+        float d = kojo_h2f((u16)(dm & 0xFFFF)), m = kojo_h2f((u16)(dm >> 16));
+        u32 qh = TY == T_Q5_1 ? load_u32a(b + 4) : 0;
+        const u8* q = b + (TY == T_Q4_1 ? 4 : 8) + 8 * (p % 2);
+        u32 w[2] = {load_u32a(q), load_u32a(q + 4)};
+        u32 shift = 4 * (p / 2);
+        for (int i = 0; i < 8; i++) {
+            int x = (int)((w[i / 4] >> (8 * (i % 4) + shift)) & 0xF);
+            if (TY == T_Q5_1) x |= (int)((qh >> (8 * p + i)) & 1) << 4;
+            v[i] = (float)x * d + m;
+        }
+    } else if (TY == T_Q4_K || TY == T_Q5_K) {
+        // super-block of 256 (144 / 176 bytes, 16-byte multiples): d, dmin, scales[12],
+        // (Q5_K: qh[32]), qs[128]. Unit j of 32 values: nibble j % 2 of qs[32 (j / 2) ..]
+        const u32 bytes = TY == T_Q4_K ? 144 : 176;
+        const u8* b = row + (u64)(c / 32) * bytes;
+        u32 j = (c % 32) / 4, p = c % 4;
+        u32 dm = load_u32a(b);
+        float sc, mn;
+        k4_scale_min(b + 4, (int)j, &sc, &mn);
+        float d = kojo_h2f((u16)(dm & 0xFFFF)) * sc, m = kojo_h2f((u16)(dm >> 16)) * mn;
+        u32 q[2], h[2] = {0, 0};
+        load_words<8>(b + (TY == T_Q4_K ? 16 : 48) + 32 * (j / 2) + 8 * p, q);
+        if (TY == T_Q5_K) load_words<8>(b + 16 + 8 * p, h);
+        u32 shift = 4 * (j % 2);
+        for (int i = 0; i < 8; i++) {
+            int x = (int)((q[i / 4] >> (8 * (i % 4) + shift)) & 0xF);
+            if (TY == T_Q5_K) x |= (int)((h[i / 4] >> (8 * (i % 4) + j)) & 1) << 4;
+            v[i] = d * (float)x - m;
+        }
+    } else if (TY == T_Q6_K) {
+        // super-block of 256 (210 bytes, 2-byte aligned): ql[128], qh[64], scales[16] (i8), d
+        const u8* b = row + (u64)(c / 32) * 210;
+        u32 j = (c % 32) / 4, p = c % 4, half = j / 4, part = j % 4;
+        float d = kojo_h2f((u16)load_u16a(b + 208));
+        float s = d * (float)(i8)b[192 + 8 * half + 2 * part + p / 2];
+        const u8* ql = b + 64 * half + 32 * (part % 2) + 8 * p;
+        const u8* qh = b + 128 + 32 * half + 8 * p;
+        u32 lshift = 4 * (part / 2), hshift = 2 * part;
+        for (int i = 0; i < 4; i++) {
+            u32 l = load_u16a(ql + 2 * i), hb = load_u16a(qh + 2 * i);
+            for (int e = 0; e < 2; e++) {
+                int x = (int)((((e ? l >> 8 : l) >> lshift) & 0xF) | ((((e ? hb >> 8 : hb) >> hshift) & 3) << 4));
+                v[2 * i + e] = s * (float)(x - 32);
+            }
+        }
+    }
+}

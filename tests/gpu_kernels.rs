@@ -25,6 +25,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 const GUARD: usize = 64;
+/// What the executor says it has: small, so that the attention split sizing (which aims to
+/// fill the device) varies across the tests' batches.
+const SMS: usize = 4;
 const GUARD_BYTE: u8 = 0xa5;
 
 /// Device memory that is host memory; launches run the kernels on the CPU.
@@ -101,6 +104,21 @@ impl Device for HostDevice {
         self.check_range(src, dst.len());
         std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len());
         Ok(())
+    }
+
+    unsafe fn copy(&self, dst: u64, src: u64, bytes: usize) -> anyhow::Result<()> {
+        self.check_range(dst, bytes);
+        self.check_range(src, bytes);
+        std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes);
+        Ok(())
+    }
+
+    fn synchronize(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn multiprocessors(&self) -> usize {
+        SMS
     }
 
     unsafe fn zero(&self, dst: u64, bytes: usize) -> anyhow::Result<()> {
@@ -224,8 +242,10 @@ fn every_kernel_is_tested() {
     );
 }
 
-/// A tiny random model on both backends: logits of a prompt and of greedy decoding.
-fn check_model(t: Tiny) {
+/// A tiny random model on both backends: logits of a prompt and of greedy decoding. `fused`:
+/// Q/K/V and gate/up are of one type each, so the GPU stacks them and takes the fused path
+/// (checked by the kernels it launched); else it runs the separate ops.
+fn check_model(t: Tiny, fused: bool) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     let mut r = test_rnd();
@@ -252,6 +272,14 @@ fn check_model(t: Tiny) {
         c = cs.feed(&[ci], want).unwrap();
         g = gs.feed(&[gi], want).unwrap();
     }
+    let launched = dev.launched.lock().unwrap().clone();
+    let took = |k: &str| launched.iter().any(|n| n.starts_with(k));
+    assert_eq!(
+        (took("qkv_post"), took("matmul_glu_"), took("rope")),
+        (fused, fused, !fused),
+        "{}: fused ops taken: {launched:?}",
+        t.arch
+    );
     drop(gs);
     drop(gm);
     drop(gpu);
@@ -261,40 +289,90 @@ fn check_model(t: Tiny) {
 #[test]
 fn tiny_llama_cpu_and_gpu_agree() {
     use GgmlType::*;
-    check_model(Tiny {
-        arch: "llama",
-        types: [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16, Q4_0, Q8_0],
-        output: Some(F16),
-        layers: 2,
-        rope_freqs: true,
-        vocab: Some(96),
-    });
+    check_model(
+        Tiny {
+            arch: "llama",
+            types: [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16, Q4_0, Q8_0],
+            output: Some(F16),
+            layers: 2,
+            rope_freqs: true,
+            vocab: Some(96),
+        },
+        false,
+    );
 }
 
 #[test]
 fn tiny_qwen2_cpu_and_gpu_agree() {
     use GgmlType::*;
-    check_model(Tiny {
-        arch: "qwen2",
-        types: [Q4K, Q5K, Q6K, Q4K, Q6K, Q4K, Q6K, Q8_0],
-        output: None,
-        layers: 2,
-        rope_freqs: false,
-        vocab: Some(96),
-    });
+    check_model(
+        Tiny {
+            arch: "qwen2",
+            types: [Q4K, Q5K, Q6K, Q4K, Q6K, Q4K, Q6K, Q8_0],
+            output: None,
+            layers: 2,
+            rope_freqs: false,
+            vocab: Some(96),
+        },
+        false,
+    );
 }
 
 #[test]
 fn tiny_gemma3_cpu_and_gpu_agree() {
     use GgmlType::*;
-    check_model(Tiny {
-        arch: "gemma3",
-        types: [Q5_0, Q8_0, F32, Q4K, BF16, Q5_0, Q6K, Q8_0],
-        output: None,
-        layers: 7,
-        rope_freqs: false,
-        vocab: Some(96),
-    });
+    check_model(
+        Tiny {
+            arch: "gemma3",
+            types: [Q5_0, Q8_0, F32, Q4K, BF16, Q5_0, Q6K, Q8_0],
+            output: None,
+            layers: 7,
+            rope_freqs: false,
+            vocab: Some(96),
+        },
+        false,
+    );
+}
+
+/// The same architectures with Q/K/V and gate/up each of one type: stacked on the GPU, one
+/// projection each, RoPE, head norms and the cache write fused after the QKV projection, the
+/// activation fused into the gate/up projection.
+#[test]
+fn tiny_models_fused_cpu_and_gpu_agree() {
+    use GgmlType::*;
+    check_model(
+        Tiny {
+            arch: "llama",
+            types: [Q4K, Q4K, Q4K, Q6K, Q5_0, Q5_0, Q8_0, Q8_0],
+            output: Some(Q6K),
+            layers: 2,
+            rope_freqs: true,
+            vocab: Some(96),
+        },
+        true,
+    );
+    check_model(
+        Tiny {
+            arch: "qwen2",
+            types: [Q8_0, Q8_0, Q8_0, Q4K, Q6K, Q6K, Q4_1, Q8_0],
+            output: None,
+            layers: 2,
+            rope_freqs: false,
+            vocab: Some(96),
+        },
+        true,
+    );
+    check_model(
+        Tiny {
+            arch: "gemma3",
+            types: [BF16, BF16, BF16, Q4K, F16, F16, Q6K, Q8_0],
+            output: None,
+            layers: 7,
+            rope_freqs: false,
+            vocab: Some(96),
+        },
+        true,
+    );
 }
 
 /// The serving engine on the GPU backend (over the executor) against the CPU backend: several

@@ -206,6 +206,81 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// Weights a backend may have stacked at load ([`Backend::load_stacked`]): their rows in one
+/// weight, for a fused op, or each on its own.
+pub enum Stack<W> {
+    One(W),
+    Parts(Vec<W>),
+}
+
+/// An attention layer's input projections.
+pub struct QkvWeights<W> {
+    /// Q `[n_heads * hd, hidden]`, K and V `[n_kv * hd, hidden]`.
+    pub w: Stack<W>,
+    /// Q, K and V biases (qwen2).
+    pub bias: Option<Stack<W>>,
+    /// RMSNorm weights `[hd]` of each query and each key head (gemma3).
+    pub qk_norm: Option<[W; 2]>,
+}
+
+/// [`Backend::attention_input`] as separate ops, for weights that are not stacked.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_input_by_ops<B: Backend + ?Sized>(
+    be: &B,
+    h: &B::Tensor,
+    w: &QkvWeights<B::Weight>,
+    eps: f32,
+    cache: &mut B::KvCache,
+    layer: usize,
+    layout: &BatchLayout,
+    head_dim: usize,
+    rope: &Rope,
+    factors: Option<&[f32]>,
+) -> Result<B::Tensor> {
+    let (Stack::Parts(ws), bias) = (&w.w, &w.bias) else {
+        anyhow::bail!("attention_input: this backend has no fused op for stacked Q/K/V weights");
+    };
+    let bias = match bias {
+        None => None,
+        Some(Stack::Parts(b)) if b.len() == 3 => Some(b),
+        Some(_) => anyhow::bail!("attention_input: Q/K/V biases stacked but not their weights"),
+    };
+    let [wq, wk, wv] = &ws[..] else {
+        anyhow::bail!(
+            "attention_input: {} projections instead of Q, K and V",
+            ws.len()
+        );
+    };
+    let mut q = be.matmul(h, wq, bias.map(|b| &b[0]));
+    let mut k = be.matmul(h, wk, bias.map(|b| &b[1]));
+    let v = be.matmul(h, wv, bias.map(|b| &b[2]));
+    if let Some([qn, kn]) = &w.qk_norm {
+        q = be.rms_norm(&q, qn, eps);
+        k = be.rms_norm(&k, kn, eps);
+    }
+    be.rope(&mut q, layout.positions, head_dim, rope, factors);
+    be.rope_write_kv(cache, layer, &mut k, &v, layout, head_dim, rope, factors)?;
+    Ok(q)
+}
+
+/// [`Backend::ffn_glu`] as separate ops, for weights that are not stacked.
+pub fn ffn_glu_by_ops<B: Backend + ?Sized>(
+    be: &B,
+    h: &B::Tensor,
+    w: &Stack<B::Weight>,
+    act: Glu,
+) -> Result<B::Tensor> {
+    let Stack::Parts(ws) = w else {
+        anyhow::bail!("ffn_glu: this backend has no fused op for stacked gate/up weights");
+    };
+    let [gate, up] = &ws[..] else {
+        anyhow::bail!("ffn_glu: {} projections instead of gate and up", ws.len());
+    };
+    let g = be.matmul(h, gate, None);
+    let u = be.matmul(h, up, None);
+    Ok(be.glu(&g, &u, act))
+}
+
 /// The ops of a decoder-only transformer. Tensors are `[rows, cols]` f32 activations; a
 /// "segment" op (RMSNorm, RoPE) works on each `seg`-wide slice of a row, so per-head norms and
 /// per-head rotations need no reshape.
@@ -294,6 +369,38 @@ pub trait Backend {
         layout: &BatchLayout,
         p: &AttnParams,
     ) -> Result<Self::Tensor>;
+    /// `parts` (matrices of one type and width, or vectors) as one weight of their rows in
+    /// order, when this backend has fused ops that take such a weight
+    /// ([`Backend::attention_input`], [`Backend::ffn_glu`]); `Ok(None)` (the default): load
+    /// them one by one. A backend that stacks overrides those two ops.
+    fn load_stacked(&self, parts: &[HostWeight]) -> Result<Option<Self::Weight>> {
+        let _ = parts;
+        Ok(None)
+    }
+    /// The attention input of `h`: the Q, K and V projections with their biases, the per-head
+    /// norms (`eps`), RoPE on q and k; K and V stored at `layout.slots` of `layer`. Returns
+    /// q `[num_tokens, n_heads * head_dim]`, rotated.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_input(
+        &self,
+        h: &Self::Tensor,
+        w: &QkvWeights<Self::Weight>,
+        eps: f32,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        layout: &BatchLayout,
+        head_dim: usize,
+        rope: &Rope,
+        factors: Option<&[f32]>,
+    ) -> Result<Self::Tensor> {
+        attention_input_by_ops(
+            self, h, w, eps, cache, layer, layout, head_dim, rope, factors,
+        )
+    }
+    /// `act(h @ gate^T) * (h @ up^T)` for `w` = gate and up.
+    fn ffn_glu(&self, h: &Self::Tensor, w: &Stack<Self::Weight>, act: Glu) -> Result<Self::Tensor> {
+        ffn_glu_by_ops(self, h, w, act)
+    }
     /// `act(gate) * up`.
     fn glu(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Glu) -> Self::Tensor;
     /// One token per row of logits, drawn as `picks[row]` says ([`crate::sampling::pick`]),

@@ -13,7 +13,9 @@
 //! and returns logits only for the rows asked for.
 
 use super::{ModelConfig, ModelSource};
-use crate::backend::{AttnParams, Backend, BatchLayout, Glu, KvShape, Rope, RopeLayout};
+use crate::backend::{
+    AttnParams, Backend, BatchLayout, Glu, HostWeight, KvShape, QkvWeights, Rope, RopeLayout, Stack,
+};
 use anyhow::{bail, Context, Result};
 
 /// What one architecture does differently.
@@ -114,19 +116,13 @@ impl ArchSpec {
 
 struct Layer<B: Backend> {
     attn_norm: B::Weight,
-    wq: B::Weight,
-    wk: B::Weight,
-    wv: B::Weight,
-    /// `[3]` Q, K, V biases (qwen2)
-    bias: Option<[B::Weight; 3]>,
-    /// query and key head norms (gemma3)
-    qk_norm: Option<[B::Weight; 2]>,
+    qkv: QkvWeights<B::Weight>,
     wo: B::Weight,
     /// after attention, after the FFN (gemma3)
     post_norm: Option<[B::Weight; 2]>,
     ffn_norm: B::Weight,
-    gate: B::Weight,
-    up: B::Weight,
+    /// gate and up
+    gate_up: Stack<B::Weight>,
     down: B::Weight,
 }
 
@@ -158,15 +154,37 @@ impl<B: Backend> Transformer<B> {
         let spec = ArchSpec::new(&cfg, matches!(src, ModelSource::Hf { .. }))?;
         let (h, hd) = (cfg.hidden, cfg.head_dim);
         let (q_dim, kv_dim) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
-        let get = |name: &str, dims: &[usize]| -> Result<B::Weight> {
-            let w = src.weight(name, dims)?;
+        let upload = |w: &HostWeight| -> Result<B::Weight> {
             let loaded = backend
-                .load_weight(&w)
+                .load_weight(w)
                 .with_context(|| format!("{}", src.path().display()))?;
             // the backend holds its own copy now: let the file's pages go, so loading does
             // not need the model's size twice in memory
             src.release(&w.data);
             Ok(loaded)
+        };
+        let get =
+            |name: &str, dims: &[usize]| -> Result<B::Weight> { upload(&src.weight(name, dims)?) };
+        // weights a fused op takes together: stacked when the backend has such an op
+        let stack = |parts: &[(String, &[usize])], allow: bool| -> Result<Stack<B::Weight>> {
+            let ws = parts
+                .iter()
+                .map(|(name, dims)| src.weight(name, dims))
+                .collect::<Result<Vec<_>>>()?;
+            let stacked = if allow {
+                backend
+                    .load_stacked(&ws)
+                    .with_context(|| format!("{}", src.path().display()))?
+            } else {
+                None
+            };
+            Ok(match stacked {
+                Some(w) => {
+                    ws.iter().for_each(|w| src.release(&w.data));
+                    Stack::One(w)
+                }
+                None => Stack::Parts(ws.iter().map(upload).collect::<Result<_>>()?),
+            })
         };
         let tok_embd = get("token_embd.weight", &[h, cfg.vocab_size])?;
         let output_norm = get("output_norm.weight", &[h])?;
@@ -194,25 +212,40 @@ impl<B: Backend> Transformer<B> {
             let w = |part: &str, dims: &[usize]| get(&format!("blk.{l}.{part}"), dims);
             layers.push(Layer {
                 attn_norm: w("attn_norm.weight", &[h])?,
-                wq: w("attn_q.weight", &[h, q_dim])?,
-                wk: w("attn_k.weight", &[h, kv_dim])?,
-                wv: w("attn_v.weight", &[h, kv_dim])?,
-                bias: if spec.qkv_bias {
-                    Some([
-                        w("attn_q.bias", &[q_dim])?,
-                        w("attn_k.bias", &[kv_dim])?,
-                        w("attn_v.bias", &[kv_dim])?,
-                    ])
-                } else {
-                    None
-                },
-                qk_norm: if spec.qk_norm {
-                    Some([
-                        w("attn_q_norm.weight", &[hd])?,
-                        w("attn_k_norm.weight", &[hd])?,
-                    ])
-                } else {
-                    None
+                qkv: {
+                    let qkv = stack(
+                        &[
+                            (format!("blk.{l}.attn_q.weight"), &[h, q_dim]),
+                            (format!("blk.{l}.attn_k.weight"), &[h, kv_dim]),
+                            (format!("blk.{l}.attn_v.weight"), &[h, kv_dim]),
+                        ],
+                        true,
+                    )?;
+                    let stacked = matches!(qkv, Stack::One(_));
+                    QkvWeights {
+                        w: qkv,
+                        // biases stacked as their weights are
+                        bias: if spec.qkv_bias {
+                            Some(stack(
+                                &[
+                                    (format!("blk.{l}.attn_q.bias"), &[q_dim]),
+                                    (format!("blk.{l}.attn_k.bias"), &[kv_dim]),
+                                    (format!("blk.{l}.attn_v.bias"), &[kv_dim]),
+                                ],
+                                stacked,
+                            )?)
+                        } else {
+                            None
+                        },
+                        qk_norm: if spec.qk_norm {
+                            Some([
+                                w("attn_q_norm.weight", &[hd])?,
+                                w("attn_k_norm.weight", &[hd])?,
+                            ])
+                        } else {
+                            None
+                        },
+                    }
                 },
                 wo: w("attn_output.weight", &[q_dim, h])?,
                 post_norm: if spec.post_norms {
@@ -224,8 +257,13 @@ impl<B: Backend> Transformer<B> {
                     None
                 },
                 ffn_norm: w("ffn_norm.weight", &[h])?,
-                gate: w("ffn_gate.weight", &[h, cfg.ffn])?,
-                up: w("ffn_up.weight", &[h, cfg.ffn])?,
+                gate_up: stack(
+                    &[
+                        (format!("blk.{l}.ffn_gate.weight"), &[h, cfg.ffn]),
+                        (format!("blk.{l}.ffn_up.weight"), &[h, cfg.ffn]),
+                    ],
+                    true,
+                )?,
                 down: w("ffn_down.weight", &[cfg.ffn, h])?,
             });
         }
@@ -264,18 +302,11 @@ impl<B: Backend> Transformer<B> {
         let mut x = be.embed(&self.tok_embd, step.tokens, self.spec.embed_scale)?; // [n, hidden]
         let mut h = be.rms_norm(&x, &self.layers[0].attn_norm, eps);
         for (l, layer) in self.layers.iter().enumerate() {
-            let bias = layer.bias.as_ref();
-            let mut q = be.matmul(&h, &layer.wq, bias.map(|b| &b[0])); // [n, n_heads * hd]
-            let mut k = be.matmul(&h, &layer.wk, bias.map(|b| &b[1])); // [n, n_kv * hd]
-            let v = be.matmul(&h, &layer.wv, bias.map(|b| &b[2])); // [n, n_kv * hd]
-            if let Some([qn, kn]) = &layer.qk_norm {
-                q = be.rms_norm(&q, qn, eps);
-                k = be.rms_norm(&k, kn, eps);
-            }
             let rope = &self.spec.rope[l];
             let factors = self.rope_factors.as_deref();
-            be.rope(&mut q, lay.positions, c.head_dim, rope, factors);
-            be.rope_write_kv(kv, l, &mut k, &v, lay, c.head_dim, rope, factors)?;
+            // [n, n_heads * hd], rotated; K and V are in the cache
+            let q =
+                be.attention_input(&h, &layer.qkv, eps, kv, l, lay, c.head_dim, rope, factors)?;
             let p = AttnParams {
                 n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,
@@ -289,9 +320,7 @@ impl<B: Backend> Transformer<B> {
                 o = be.rms_norm(&o, post_attn, eps);
             }
             h = be.add_rms_norm(&mut x, &o, &layer.ffn_norm, eps);
-            let g = be.matmul(&h, &layer.gate, None); // [n, ffn]
-            let u = be.matmul(&h, &layer.up, None); // [n, ffn]
-            let act = be.glu(&g, &u, self.spec.glu);
+            let act = be.ffn_glu(&h, &layer.gate_up, self.spec.glu)?; // [n, ffn]
             let mut d = be.matmul(&act, &layer.down, None); // [n, hidden]
             if let Some([_, post_ffn]) = &layer.post_norm {
                 d = be.rms_norm(&d, post_ffn, eps);

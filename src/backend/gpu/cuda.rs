@@ -28,6 +28,8 @@ pub struct CudaDevice {
     blas: Option<blas::cublasHandle_t>,
     /// Stream-ordered allocation (memory pools) works here; else cuMemAlloc/cuMemFree.
     pooled: bool,
+    /// streaming multiprocessors
+    sms: usize,
 }
 
 // SAFETY: CUmodule and CUfunction handles are plain driver handles, usable from any thread
@@ -69,6 +71,9 @@ impl CudaDevice {
             bail!("{name} (CUDA device {ordinal}) has compute capability {major}.{minor}; kojo needs 8.0 or newer");
         }
         let mem = ctx.total_mem().unwrap_or(0);
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_or(1, |n| n.max(1) as usize);
         let arch = format!("sm_{major}{minor}");
         let sources = match kernel_dir {
             Some(d) => Sources::from_dir(d)?,
@@ -142,8 +147,9 @@ impl CudaDevice {
         Ok(CudaDevice {
             blas,
             pooled,
+            sms,
             describe: format!(
-                "{name}, {:.1} GiB, compute capability {major}.{minor}",
+                "{name}, {:.1} GiB, {sms} SMs, compute capability {major}.{minor}",
                 mem as f64 / (1u64 << 30) as f64
             ),
             ctx,
@@ -220,6 +226,23 @@ impl Device for CudaDevice {
         self.stream
             .synchronize()
             .map_err(|e| anyhow!("GPU work or copy failed: {e:?}"))
+    }
+
+    unsafe fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        self.bind()?;
+        cu::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())
+            .map_err(|e| anyhow!("copy on the GPU: {e:?}"))
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.bind()?;
+        self.stream
+            .synchronize()
+            .map_err(|e| anyhow!("GPU work failed: {e:?}"))
+    }
+
+    fn multiprocessors(&self) -> usize {
+        self.sms
     }
 
     unsafe fn zero(&self, dst: u64, bytes: usize) -> Result<()> {

@@ -16,7 +16,10 @@ pub mod cuda;
 pub mod kernels;
 pub mod selftest;
 
-use super::{AttnParams, Backend, BatchLayout, Glu, HostWeight, KvShape, Result, Rope, RopeLayout};
+use super::{
+    attention_input_by_ops, ffn_glu_by_ops, AttnParams, Backend, BatchLayout, Glu, HostWeight,
+    KvShape, QkvWeights, Result, Rope, RopeLayout, Stack,
+};
 use crate::formats::quant::dequantize_to_vec;
 use crate::formats::GgmlType;
 use crate::sampling::Pick;
@@ -97,6 +100,15 @@ pub trait Device: Send + Sync {
     /// # Safety
     /// `dst .. dst + bytes` lies inside one allocation of this device.
     unsafe fn zero(&self, dst: u64, bytes: usize) -> Result<()>;
+    /// `bytes` from `src` to `dst`, both on this device.
+    ///
+    /// # Safety
+    /// Each range lies inside one allocation of this device; they do not overlap.
+    unsafe fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()>;
+    /// Waits for every earlier op.
+    fn synchronize(&self) -> Result<()>;
+    /// Streaming multiprocessors (how many blocks run at once, roughly, per 2048 threads).
+    fn multiprocessors(&self) -> usize;
     /// Launch kernel `name`.
     ///
     /// # Safety
@@ -188,8 +200,68 @@ pub fn kernel_type(ty: GgmlType) -> Option<&'static str> {
     })
 }
 
-/// Attention positions per split of the context (see kernels/attention.cu).
-const ATTN_CHUNK: usize = 256;
+/// Bytes per row of a matrix weight the kernels take (its type, shape and size checked).
+fn matrix_row_bytes(w: &HostWeight) -> Result<usize> {
+    let (rows, cols) = (w.rows(), w.cols());
+    if kernel_type(w.ty).is_none() {
+        bail!(
+            "tensor {}: type {} is not supported on the GPU yet",
+            w.name,
+            w.ty.name()
+        );
+    }
+    if cols % 32 != 0 {
+        bail!("tensor {}: rows of {cols} are not a multiple of 32 (the GPU kernels read 32 at a time)", w.name);
+    }
+    let bs = w.ty.block_size().unwrap_or(1);
+    if cols % bs != 0 {
+        bail!(
+            "tensor {}: row of {cols} is not whole {} blocks",
+            w.name,
+            w.ty.name()
+        );
+    }
+    let row_bytes = cols / bs * w.ty.type_size().unwrap_or(0);
+    if w.data.len() != rows * row_bytes {
+        bail!(
+            "tensor {}: {} bytes for {rows} rows of {row_bytes}",
+            w.name,
+            w.data.len()
+        );
+    }
+    Ok(row_bytes)
+}
+
+/// The matrix library's type for weights of `ty`, if it takes them.
+fn gemm_type(ty: GgmlType) -> Option<GemmType> {
+    match ty {
+        GgmlType::BF16 => Some(GemmType::Bf16),
+        GgmlType::F16 => Some(GemmType::F16),
+        _ => None,
+    }
+}
+
+/// The kernels' id of a gated activation.
+fn glu_id(act: Glu) -> u32 {
+    match act {
+        Glu::Silu => 0,
+        Glu::GeluTanh => 1,
+    }
+}
+
+/// The fewest context positions an attention split takes (see kernels/attention.cu).
+const ATTN_MIN_CHUNK: usize = 64;
+
+/// How decode attention splits the longest context of a batch: `(splits, positions per
+/// split)`. `blocks` is the launch's block count without splitting (tokens x KV heads x head
+/// groups); splits are added until about two blocks per multiprocessor, so a batch of a few
+/// long sequences still fills the GPU, but no split gets under ATTN_MIN_CHUNK positions.
+pub fn attn_splits(longest: usize, blocks: usize, sms: usize) -> (usize, usize) {
+    let want = (2 * sms).div_ceil(blocks.max(1));
+    let most = (longest / ATTN_MIN_CHUNK).max(1);
+    let chunk = longest.div_ceil(want.clamp(1, most)).max(1);
+    (longest.div_ceil(chunk).max(1), chunk)
+}
 /// Query heads per attention block.
 const ATTN_MAXG: usize = 8;
 /// Tokens per matmul warp (MM_TOKENS in kernels/matmul.cu).
@@ -660,32 +732,7 @@ impl Backend for GpuBackend {
                 row_bytes: cols * 4,
             });
         }
-        if kernel_type(w.ty).is_none() {
-            bail!(
-                "tensor {}: type {} is not supported on the GPU yet",
-                w.name,
-                w.ty.name()
-            );
-        }
-        if cols % 32 != 0 {
-            bail!("tensor {}: rows of {cols} are not a multiple of 32 (the GPU kernels read 32 at a time)", w.name);
-        }
-        let bs = w.ty.block_size().unwrap_or(1);
-        if cols % bs != 0 {
-            bail!(
-                "tensor {}: row of {cols} is not whole {} blocks",
-                w.name,
-                w.ty.name()
-            );
-        }
-        let row_bytes = cols / bs * w.ty.type_size().unwrap_or(0);
-        if w.data.len() != rows * row_bytes {
-            bail!(
-                "tensor {}: {} bytes for {rows} rows of {row_bytes}",
-                w.name,
-                w.data.len()
-            );
-        }
+        let row_bytes = matrix_row_bytes(w)?;
         Ok(GpuWeight {
             buf: self
                 .upload_bytes(&w.data)
@@ -695,6 +742,210 @@ impl Backend for GpuBackend {
             cols,
             row_bytes,
         })
+    }
+
+    fn load_stacked(&self, parts: &[HostWeight]) -> Result<Option<GpuWeight>> {
+        let Some(first) = parts.first() else {
+            return Ok(None);
+        };
+        let vector = |w: &HostWeight| w.rows() == 1 || w.dims.len() == 1;
+        if parts.iter().all(vector) {
+            let mut v = Vec::new();
+            for w in parts {
+                v.extend(
+                    dequantize_to_vec(w.ty, &w.data, w.rows() * w.cols())
+                        .with_context(|| format!("tensor {}", w.name))?,
+                );
+            }
+            return Ok(Some(GpuWeight {
+                buf: self.upload_f32(&v)?,
+                ty: GgmlType::F32,
+                rows: 1,
+                cols: v.len(),
+                row_bytes: v.len() * 4,
+            }));
+        }
+        if parts
+            .iter()
+            .any(|w| vector(w) || w.ty != first.ty || w.cols() != first.cols())
+        {
+            return Ok(None); // mixed types (Q4_K_M's V is often Q6_K): one by one
+        }
+        let row_bytes = matrix_row_bytes(first)?;
+        for w in parts {
+            matrix_row_bytes(w)?;
+        }
+        let total: usize = parts.iter().map(|w| w.data.len()).sum();
+        let buf = self.try_alloc(total)?;
+        let mut at = 0;
+        for w in parts {
+            // SAFETY: the parts' sizes add up to the buffer's
+            unsafe { self.dev.upload(buf.ptr + at as u64, &w.data) }
+                .with_context(|| format!("uploading tensor {}", w.name))?;
+            at += w.data.len();
+        }
+        Ok(Some(GpuWeight {
+            buf,
+            ty: first.ty,
+            rows: parts.iter().map(|w| w.rows()).sum(),
+            cols: first.cols(),
+            row_bytes,
+        }))
+    }
+
+    fn attention_input(
+        &self,
+        h: &GpuTensor,
+        w: &QkvWeights<GpuWeight>,
+        eps: f32,
+        cache: &mut GpuKvCache,
+        layer: usize,
+        layout: &BatchLayout,
+        head_dim: usize,
+        rope: &Rope,
+        factors: Option<&[f32]>,
+    ) -> Result<GpuTensor> {
+        let Stack::One(wqkv) = &w.w else {
+            return attention_input_by_ops(
+                self, h, w, eps, cache, layer, layout, head_dim, rope, factors,
+            );
+        };
+        let bias = match &w.bias {
+            None => None,
+            Some(Stack::One(b)) => Some(b),
+            Some(Stack::Parts(_)) => bail!("attention_input: Q/K/V stacked but not their biases"),
+        };
+        self.check()?;
+        let shape = &cache.shape;
+        let kv_cols = shape.n_kv_heads * head_dim;
+        if head_dim != shape.head_dim
+            || rope.n_rot > head_dim
+            || wqkv.rows <= 2 * kv_cols
+            || (wqkv.rows - 2 * kv_cols) % head_dim != 0
+        {
+            bail!(
+                "attention_input: {} stacked rows for {} KV heads of {head_dim} (cache: {})",
+                wqkv.rows,
+                shape.n_kv_heads,
+                shape.head_dim
+            );
+        }
+        let n_heads = (wqkv.rows - 2 * kv_cols) / head_dim;
+        let norms = match &w.qk_norm {
+            Some([qn, kn]) => {
+                if qn.cols != head_dim || kn.cols != head_dim {
+                    bail!(
+                        "attention_input: head norms of {} and {} for heads of {head_dim}",
+                        qn.cols,
+                        kn.cols
+                    );
+                }
+                (qn.buf.ptr, kn.buf.ptr)
+            }
+            None => (0, 0),
+        };
+        let n = h.rows;
+        if layout.positions.len() != n || layout.slots.len() != n {
+            bail!(
+                "attention_input: {n} tokens, {} positions, {} slots",
+                layout.positions.len(),
+                layout.slots.len()
+            );
+        }
+        let capacity = shape.num_blocks * shape.block_size;
+        if let Some(&s) = layout.slots.iter().find(|&&s| s as usize >= capacity) {
+            bail!("attention_input: slot {s} beyond the cache's {capacity}");
+        }
+        let qkv = self.matmul(h, wqkv, bias);
+        let cs = self.rope_table(layout.positions, rope, factors)?;
+        let slots = self.with_layout(layout, |l| Ok(l.slots.ptr))?;
+        let q = self.tensor(n, n_heads * head_dim);
+        // SAFETY: qkv [n, (n_heads + 2 n_kv) hd], q [n, n_heads hd]; slots checked against
+        // the cache; the norms hold hd; the table [n, n_rot / 2] pairs
+        unsafe {
+            self.launch(
+                "qkv_post",
+                [n, n_heads + shape.n_kv_heads, 1],
+                128,
+                &[
+                    Arg::Ptr(q.buf.ptr),
+                    Arg::Ptr(cache.k[layer].ptr),
+                    Arg::Ptr(cache.v[layer].ptr),
+                    Arg::Ptr(qkv.buf.ptr),
+                    Arg::Ptr(slots),
+                    Arg::Ptr(cs),
+                    Arg::Ptr(norms.0),
+                    Arg::Ptr(norms.1),
+                    Arg::F32(eps),
+                    Arg::U32(n_heads as u32),
+                    Arg::U32(shape.n_kv_heads as u32),
+                    Arg::U32(head_dim as u32),
+                    Arg::U32((rope.n_rot / 2) as u32),
+                    Arg::U32((rope.layout == RopeLayout::Interleaved) as u32),
+                ],
+            )
+        };
+        self.check()?;
+        Ok(q)
+    }
+
+    fn ffn_glu(&self, h: &GpuTensor, w: &Stack<GpuWeight>, act: Glu) -> Result<GpuTensor> {
+        let Stack::One(w) = w else {
+            return ffn_glu_by_ops(self, h, w, act);
+        };
+        if w.rows % 2 != 0 || h.cols != w.cols {
+            bail!(
+                "ffn_glu: stacked gate/up of {}x{} for x of {} columns",
+                w.rows,
+                w.cols,
+                h.cols
+            );
+        }
+        self.check()?;
+        let (n, m) = (h.rows, w.rows / 2);
+        let act = glu_id(act);
+        let out = self.tensor(n, m);
+        if let Some(gt) = gemm_type(w.ty).filter(|_| n >= GEMM_MIN_TOKENS) {
+            let gu = self.tensor(n, 2 * m);
+            if self.library_gemm(gt, h, w, None, &gu) {
+                self.elementwise(
+                    "glu",
+                    n * m,
+                    &[
+                        Arg::Ptr(out.buf.ptr),
+                        Arg::Ptr(gu.buf.ptr),
+                        Arg::Ptr(gu.buf.ptr + (m * 4) as u64),
+                        Arg::U32((n * m) as u32),
+                        Arg::U32(m as u32),
+                        Arg::U32((2 * m) as u32),
+                        Arg::U32(act),
+                    ],
+                );
+                self.check()?;
+                return Ok(out);
+            }
+        }
+        let name = format!("matmul_glu_{}", kernel_type(w.ty).unwrap());
+        // SAFETY: x [n, k], w [2m, k] of row_bytes, out [n, m]
+        unsafe {
+            self.launch(
+                &name,
+                [m.div_ceil(4), n.div_ceil(MM_TOKENS), 1],
+                128,
+                &[
+                    Arg::Ptr(out.buf.ptr),
+                    Arg::Ptr(h.buf.ptr),
+                    Arg::Ptr(w.buf.ptr),
+                    Arg::U32(n as u32),
+                    Arg::U32(h.cols as u32),
+                    Arg::U32(m as u32),
+                    Arg::U32(w.row_bytes as u32),
+                    Arg::U32(act),
+                ],
+            )
+        };
+        self.check()?;
+        Ok(out)
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> GpuTensor {
@@ -863,12 +1114,7 @@ impl Backend for GpuBackend {
             );
         }
         let out = self.tensor(x.rows, w.rows);
-        let gemm = match w.ty {
-            GgmlType::BF16 => Some(GemmType::Bf16),
-            GgmlType::F16 => Some(GemmType::F16),
-            _ => None,
-        };
-        if let Some(gt) = gemm.filter(|_| x.rows >= GEMM_MIN_TOKENS && !self.failed()) {
+        if let Some(gt) = gemm_type(w.ty).filter(|_| x.rows >= GEMM_MIN_TOKENS && !self.failed()) {
             if self.library_gemm(gt, x, w, bias, &out) {
                 return out;
             }
@@ -1024,7 +1270,11 @@ impl Backend for GpuBackend {
             }
             let lists = l.attn.as_ref().unwrap();
             let nd = lists.n_decode;
-            let splits = longest.div_ceil(ATTN_CHUNK).max(1);
+            let (splits, chunk) = attn_splits(
+                longest,
+                nd * p.n_kv_heads * group.div_ceil(ATTN_MAXG),
+                self.dev.multiprocessors(),
+            );
             let part_o = self.alloc(nd * p.n_heads * splits * hd * 4);
             let part_ml = self.alloc(nd * p.n_heads * splits * 2 * 4);
             // SAFETY: every position read is inside the checked block tables and the cache;
@@ -1052,7 +1302,7 @@ impl Backend for GpuBackend {
                         Arg::U32(bs as u32),
                         Arg::F32(p.scale),
                         Arg::U32(window),
-                        Arg::U32(ATTN_CHUNK as u32),
+                        Arg::U32(chunk as u32),
                     ],
                 );
                 self.launch(
@@ -1127,10 +1377,6 @@ impl Backend for GpuBackend {
         assert_eq!((gate.rows, gate.cols), (up.rows, up.cols));
         let n = gate.rows * gate.cols;
         let out = self.tensor(gate.rows, gate.cols);
-        let act = match act {
-            Glu::Silu => 0,
-            Glu::GeluTanh => 1,
-        };
         self.elementwise(
             "glu",
             n,
@@ -1139,9 +1385,48 @@ impl Backend for GpuBackend {
                 Arg::Ptr(gate.buf.ptr),
                 Arg::Ptr(up.buf.ptr),
                 Arg::U32(n as u32),
-                Arg::U32(act),
+                Arg::U32(gate.cols as u32),
+                Arg::U32(gate.cols as u32),
+                Arg::U32(glu_id(act)),
             ],
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{attn_splits, ATTN_MIN_CHUNK};
+
+    #[test]
+    fn attention_splits_cover_the_context_and_fill_the_device() {
+        for longest in [1, 5, 63, 64, 65, 1000, 1024, 8192, 131_072] {
+            for blocks in [1, 8, 32, 264, 512, 5000] {
+                for sms in [1, 4, 132] {
+                    let (splits, chunk) = attn_splits(longest, blocks, sms);
+                    // every position in exactly one split, none empty
+                    assert!(splits * chunk >= longest && (splits - 1) * chunk < longest);
+                    // no split shorter than the minimum, unless the context is
+                    if splits > 1 {
+                        assert!(
+                            chunk >= ATTN_MIN_CHUNK.min(longest),
+                            "{longest} {blocks} {sms}"
+                        );
+                    }
+                    // the device filled twice over when the context allows it
+                    let most = (longest / ATTN_MIN_CHUNK).max(1);
+                    if blocks * most >= 2 * sms {
+                        assert!(
+                            blocks * splits >= 2 * sms,
+                            "{longest} {blocks} {sms}: {splits}"
+                        );
+                    }
+                    // and not split further than needed
+                    assert!(splits == 1 || blocks * (splits - 1) < 2 * sms);
+                }
+            }
+        }
+        // one 8k sequence of 8 KV heads on an H200 (132 SMs): 33 splits of 249 positions
+        assert_eq!(attn_splits(8192, 8, 132), (33, 249));
     }
 }

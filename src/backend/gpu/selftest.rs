@@ -7,7 +7,7 @@
 use super::{GpuBackend, GpuTensor, GpuWeight};
 use crate::backend::cpu::{CpuBackend, CpuTensor, CpuWeight, MatmulMode};
 use crate::backend::{
-    AttnParams, Backend, BatchLayout, Glu, HostWeight, KvShape, Rope, RopeLayout,
+    AttnParams, Backend, BatchLayout, Glu, HostWeight, KvShape, QkvWeights, Rope, RopeLayout, Stack,
 };
 use crate::formats::GgmlType;
 use crate::model::random::{random_tensor, Rnd};
@@ -81,6 +81,9 @@ impl<'a> SelfTest<'a> {
     /// Every op: several weight types, shapes and batch layouts.
     pub fn all(&mut self) -> Result<()> {
         self.matmul()?;
+        self.ffn_glu()?;
+        self.attention_input(4, 2, 64, true, false, 0)?;
+        self.attention_input(8, 8, 32, false, true, 1)?;
         self.embed()?;
         self.rows()?;
         self.rope()?;
@@ -190,9 +193,73 @@ impl<'a> SelfTest<'a> {
         });
     }
 
-    pub fn matmul(&mut self) -> Result<()> {
-        let (k, m) = (512, 37);
+    /// `(cpu, gpu)` weights of `parts` (rows each) of one type and width: one by one on the
+    /// CPU, stacked on the GPU.
+    fn stacked(
+        &mut self,
+        ty: GgmlType,
+        parts: &[usize],
+        cols: usize,
+    ) -> Result<(Vec<CpuWeight>, Stack<GpuWeight>)> {
+        let ws: Vec<HostWeight> = parts
+            .iter()
+            .map(|&rows| {
+                let data = random_tensor(&mut self.r, ty, rows * cols, 0.2);
+                HostWeight {
+                    name: format!("part of {rows}"),
+                    ty,
+                    dims: if rows == 1 {
+                        vec![cols]
+                    } else {
+                        vec![cols, rows]
+                    },
+                    data: data.into(),
+                }
+            })
+            .collect();
+        let cpu = ws
+            .iter()
+            .map(|w| self.cpu.load_weight(w))
+            .collect::<Result<_>>()?;
+        let gpu = self
+            .gpu
+            .load_stacked(&ws)?
+            .ok_or_else(|| anyhow::anyhow!("the GPU did not stack {}", ty.name()))?;
+        Ok((cpu, Stack::One(gpu)))
+    }
+
+    /// Gate and up stacked in one weight, the activation fused (matmul_glu_*, or the matrix
+    /// library and a strided glu).
+    pub fn ffn_glu(&mut self) -> Result<()> {
+        let (k, m) = (256, 21);
         for (i, ty) in TYPES.into_iter().enumerate() {
+            let (cw, gw) = self.stacked(ty, &[m, m], k)?;
+            let cw = Stack::Parts(cw);
+            let act = [Glu::Silu, Glu::GeluTanh][i % 2];
+            for n in [1, 5, super::GEMM_MIN_TOKENS + 3] {
+                let x = self.vec(n * k, 1.0);
+                let (cx, gx) = self.both(&x, n, k);
+                let c = self.cpu.ffn_glu(&cx, &cw, act)?;
+                let g = self.gpu.ffn_glu(&gx, &gw, act)?;
+                let tol = match ty {
+                    GgmlType::BF16 if n >= super::GEMM_MIN_TOKENS => 2e-2,
+                    GgmlType::F16 if n >= super::GEMM_MIN_TOKENS => 4e-3,
+                    _ => 2e-5,
+                };
+                self.close(&format!("ffn_glu {} {act:?} n={n}", ty.name()), &c, &g, tol)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn matmul(&mut self) -> Result<()> {
+        let m = 37;
+        // 768 columns: a lane's last pass takes one chunk instead of two
+        for (i, (ty, k)) in TYPES
+            .into_iter()
+            .flat_map(|t| [(t, 512), (t, 768)])
+            .enumerate()
+        {
             let data = random_tensor(&mut self.r, ty, m * k, 0.2);
             let (cw, gw) = self.weight("w", ty, m, k, data)?;
             let bias = if i % 2 == 0 {
@@ -393,6 +460,130 @@ impl<'a> SelfTest<'a> {
                 "attention rejects a position past its block table",
                 self.gpu.attention(&gk, layer, &gq, &bad, &p).is_err(),
             );
+        }
+        Ok(())
+    }
+
+    /// Q, K and V stacked in one weight (with stacked biases, or head norms), one projection,
+    /// then qkv_post: the rotated q and the cache (read back through attention) against the
+    /// CPU's separate ops. A prefill of 20 tokens with a decode token (the matrix library for
+    /// bf16), then the decode token alone.
+    pub fn attention_input(
+        &mut self,
+        n_heads: usize,
+        n_kv: usize,
+        hd: usize,
+        bias: bool,
+        qk_norm: bool,
+        rope: usize,
+    ) -> Result<()> {
+        let hidden = 256;
+        let (bs, layer, eps) = (16, 1, 1e-5);
+        let shape = KvShape {
+            n_layers: 2,
+            num_blocks: 8,
+            block_size: bs,
+            n_kv_heads: n_kv,
+            head_dim: hd,
+        };
+        let rope = ropes()[rope];
+        let factors: Vec<f32> = (0..rope.n_rot / 2).map(|i| 1.0 + i as f32 / 8.0).collect();
+        let (q_dim, kv_dim) = (n_heads * hd, n_kv * hd);
+        let p = AttnParams {
+            n_heads,
+            n_kv_heads: n_kv,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+            window: None,
+        };
+        for ty in [GgmlType::Q8_0, GgmlType::BF16, GgmlType::Q4K] {
+            let (cw, gw) = self.stacked(ty, &[q_dim, kv_dim, kv_dim], hidden)?;
+            let (cb, gb) = if bias {
+                let mut cpu = Vec::new();
+                let mut host = Vec::new();
+                for n in [q_dim, kv_dim, kv_dim] {
+                    let v: Vec<u8> = (0..n).flat_map(|_| self.r.f().to_le_bytes()).collect();
+                    let w = HostWeight {
+                        name: "bias".into(),
+                        ty: GgmlType::F32,
+                        dims: vec![n],
+                        data: v.into(),
+                    };
+                    cpu.push(self.cpu.load_weight(&w)?);
+                    host.push(w);
+                }
+                let g = self.gpu.load_stacked(&host)?.expect("vectors stack");
+                (Some(Stack::Parts(cpu)), Some(Stack::One(g)))
+            } else {
+                (None, None)
+            };
+            let (cn, gn) = if qk_norm {
+                let (cq, gq) = self.vector("q_norm", hd, 1.0, 0.3)?;
+                let (ck, gk) = self.vector("k_norm", hd, 1.0, 0.3)?;
+                (Some([cq, ck]), Some([gq, gk]))
+            } else {
+                (None, None)
+            };
+            let cw = QkvWeights {
+                w: Stack::Parts(cw),
+                bias: cb,
+                qk_norm: cn,
+            };
+            let gw = QkvWeights {
+                w: gw,
+                bias: gb,
+                qk_norm: gn,
+            };
+            let mut ck = self.cpu.alloc_kv(shape)?;
+            let mut gk = self.gpu.alloc_kv(shape)?;
+            // sequence 0: 20 tokens from position 0 (blocks 3, 0); sequence 1: one token at
+            // position 4 (block 5), its earlier positions written by the first round
+            let tables: [&[u32]; 2] = [&[3, 0], &[5]];
+            for round in 0..2 {
+                let (positions, starts, slots): (Vec<u32>, Vec<usize>, Vec<u32>) = if round == 0 {
+                    let mut pos: Vec<u32> = (0..20).collect();
+                    pos.extend(0..5);
+                    let slots = (0..20)
+                        .map(|p| tables[0][p / bs] * bs as u32 + (p % bs) as u32)
+                        .chain((0..5).map(|p| 5 * bs as u32 + p))
+                        .collect();
+                    (pos, vec![0, 20, 25], slots)
+                } else {
+                    (vec![5], vec![0, 0, 1], vec![5 * bs as u32 + 5])
+                };
+                let lay = BatchLayout {
+                    positions: &positions,
+                    seq_starts: &starts,
+                    block_tables: &tables,
+                    slots: &slots,
+                };
+                let n = positions.len();
+                let x = self.vec(n * hidden, 1.0);
+                let (cx, gx) = self.both(&x, n, hidden);
+                let args = (eps, layer, hd, &rope, Some(&factors[..]));
+                let cq = self.cpu.attention_input(
+                    &cx, &cw, args.0, &mut ck, args.1, &lay, args.2, args.3, args.4,
+                )?;
+                let gq = self.gpu.attention_input(
+                    &gx, &gw, args.0, &mut gk, args.1, &lay, args.2, args.3, args.4,
+                )?;
+                let what = format!(
+                    "attention_input {} {n_heads}/{n_kv} heads x {hd}, bias {bias}, head norms {qk_norm}, {n} tokens",
+                    ty.name()
+                );
+                let tol = if ty == GgmlType::BF16 && n >= super::GEMM_MIN_TOKENS {
+                    2e-2
+                } else {
+                    1e-4
+                };
+                self.close(&format!("{what}: q"), &cq, &gq, tol)?;
+                // the cache as attention reads it, with the same (CPU) queries on both sides
+                let qv = self.cpu.download(&cq)?;
+                let (cq, gq) = self.both(&qv, n, q_dim);
+                let c = self.cpu.attention(&ck, layer, &cq, &lay, &p)?;
+                let g = self.gpu.attention(&gk, layer, &gq, &lay, &p)?;
+                self.close(&format!("{what}: cached K/V"), &c, &g, tol.max(2e-3))?;
+            }
         }
         Ok(())
     }
