@@ -7,15 +7,18 @@
 #   scripts/gpu-check.sh [KOJO_BINARY [OUT_DIR]]      (defaults: gpu-carry/kojo, $OUT or gpu-check-out)
 #
 # With the device tool: run `scripts/gpu-check.sh` with carry ["gpu-carry"] and timeout_s 600.
-# Steps (each under its own time limit, 470 s at most in all):
+# Steps (each under its own time limit, 500 s at most in all):
 #   1. kojo kernels check: every kernel compiles with NVRTC for sm_80 and sm_90, no spills
 #   2. kojo gpu-check: every kernel against the CPU backend on the GPU, then a random model with
 #      SmolLM2-135M's shapes on both backends (logits every step, 32 greedy tokens)
 #   3. the same random model in Hugging Face transformers: logits against kojo's
 #   4. the ceilings through PyTorch: device-to-device copy bandwidth, an 8192^3 bf16 GEMM
 #   5. kojo bench on Llama-3-8B's shapes (bf16 random weights): prefill of 2,048 tokens, decode
-#      at batch 1, 8 and 64; and SmolLM2-135M's shapes at batch 1
-#   6. a Markdown table, printed last: each figure beside its floor
+#      at batch 1, 8 and 64 over 1,024 cached tokens; the same shapes in Q4_K_M's types at batch 1; and
+#      SmolLM2-135M's shapes at batch 1
+#   6. the kernel lab (kojo kernels bench): each op alone at Llama-3-8B's shapes, against the
+#      copy bandwidth and the bf16 GEMM rate it measures itself
+#   7. a Markdown table, printed last: each figure beside its floor, then the lab's table
 # Everything is written to a scratch folder ($WORK, default a new one under /tmp); OUT_DIR gets two
 # files: table.md and logs.tgz (every log and JSON, without the model and the kernel cache), as
 # the device tool brings back only a few files. Exit status: non-zero when a check failed.
@@ -64,23 +67,27 @@ date -u +%Y-%m-%dT%H:%MZ > "$W/date.txt"
 "$KOJO" --version | tee "$W/version.txt"
 
 step "1. kernels compile for sm_80 and sm_90 without spills"
-run kernels-check 45 "$KOJO" kernels check --arch sm_80,sm_90
+run kernels-check 30 "$KOJO" kernels check --arch sm_80,sm_90
 
 step "2. kernels and a SmolLM2-shaped random model, GPU against CPU"
-run gpu-check 120 "$KOJO" gpu-check --out "$W" --tokens 32
+run gpu-check 100 "$KOJO" gpu-check --out "$W" --tokens 32
 tail -n 3 "$W/gpu-check.out"
 
 step "3. the same model in transformers"
-run hf 75 python3 scripts/gpu_check.py hf "$W"
+run hf 60 python3 scripts/gpu_check.py hf "$W"
 
 step "4. ceilings through PyTorch"
-run ceilings 40 python3 scripts/gpu_check.py ceilings "$W"
+run ceilings 30 python3 scripts/gpu_check.py ceilings "$W"
 
 step "5. benchmarks"
-run bench-8b 150 "$KOJO" bench -m random:llama3-8b:bf16 --device cuda -p 2048 -n 16 --parallel 1,8,64 -r 1 --json
-run bench-small 40 "$KOJO" bench -m random:smollm2-135m:bf16 --device cuda -p 512 -n 128 -r 2 --json
+run bench-8b 130 "$KOJO" bench -m random:llama3-8b:bf16 --device cuda -p 2048 -n 16 --parallel 1,8,64 -d 1024 -r 1 --json
+run bench-8b-q4k 60 "$KOJO" bench -m random:llama3-8b:q4_k_m --device cuda -p 0 -n 32 -r 1 --json
+run bench-small 30 "$KOJO" bench -m random:smollm2-135m:bf16 --device cuda -p 512 -n 128 -r 2 --json
 
-step "6. table"
+step "6. kernel lab"
+run lab 60 "$KOJO" kernels bench --device cuda --json "$W/lab.json"
+
+step "7. table"
 python3 scripts/gpu_check.py table "$W" > "$W/table.md" || status=1
 echo "check status: $status" >> "$W/table.md"
 cp "$W/table.md" "$OUT/table.md"

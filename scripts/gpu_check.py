@@ -149,7 +149,7 @@ def table(out):
     if c:
         rows.append(("ceiling: device copy bandwidth", f"{bw / 1e12:.2f} TB/s", "", "", ""))
         rows.append(("ceiling: bf16 GEMM 8192^3", f"{gemm / 1e12:.0f} TFLOP/s", "", "", ""))
-    for name in ("bench-8b.out", "bench-small.out"):
+    for name in ("bench-8b.out", "bench-8b-q4k.out", "bench-small.out"):
         b = load(name)
         for r in b or []:
             weights = r["size_bytes"]
@@ -158,8 +158,12 @@ def table(out):
             measured = r["avg_ts"]
             floor = None
             if r["n_gen"] > 0 and bw:
-                # each decode step reads every weight once for all sequences
-                floor = r.get("parallel", 1) * bw / weights
+                # each decode step reads every weight once for all sequences, and each
+                # sequence's cached K/V (its context on average: depth + half the tokens)
+                par = r.get("parallel", 1)
+                ctx = r.get("depth", 0) + r["n_gen"] / 2
+                step_bytes = weights + par * ctx * r.get("kv_bytes_per_token", 0)
+                floor = par * bw / step_bytes
             elif r["n_prompt"] > 0 and gemm:
                 floor = gemm / (2 * params)
             pct = f"{100 * measured / floor:.1f} %" if floor else ""
@@ -170,6 +174,12 @@ def table(out):
     print("|---|---:|---:|---:|")
     for what, m, f, p, _ in rows:
         print(f"| {what} | {m} | {f} | {p} |")
+    lab = text("lab.out")
+    if lab != "?":
+        print()
+        print("## Kernel lab (kojo kernels bench)")
+        print()
+        print(lab)
 
 
 if __name__ == "__main__":

@@ -366,9 +366,9 @@ fn read_text(p: &Path) -> Result<String> {
 
 /// llama-bench's method: random token ids; a `pp` test reads the prompt in batches of
 /// `--batch` (logits for its last token); a `tg` test decodes `--parallel` sequences one token
-/// each per step after `--depth` tokens already in their caches (logits for every sequence,
-/// copied back each step); each repetition starts from an empty cache, after one untimed
-/// warm-up.
+/// each per step after `--depth` tokens already in their caches (a greedy token id per
+/// sequence comes back each step, picked where the logits are, as in the server's greedy
+/// steps); each repetition starts from an empty cache, after one untimed warm-up.
 pub fn run_bench(a: BenchArgs) -> Result<()> {
     if a.repetitions == 0 {
         bail!("--repetitions must be at least 1");
@@ -437,7 +437,8 @@ fn decode_rate<B: Backend>(
             logit_rows: &rows,
         };
         let logits = l.model.forward(&l.backend, &mut kv, &step)?;
-        l.backend.download(&logits)?;
+        l.backend
+            .pick_rows(&logits, &vec![kojo::sampling::Pick::GREEDY; p])?;
     }
     Ok((p * n) as f64 / t0.elapsed().as_secs_f64())
 }
@@ -480,6 +481,9 @@ fn bench_on<B: Backend>(l: &Loaded<B>, a: &BenchArgs) -> Result<()> {
         _ => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
     };
     let params = l.src.n_params();
+    // the f16 K and V of one token over every layer
+    let c = &l.model.cfg;
+    let kv_bytes_per_token = c.n_layers * 2 * c.n_kv_heads * c.head_dim * 2;
     let name = path
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
@@ -513,6 +517,7 @@ fn bench_on<B: Backend>(l: &Loaded<B>, a: &BenchArgs) -> Result<()> {
                 "model": name, "size_bytes": size, "params": params, "backend": backend,
                 "threads": threads, "test": test, "n_prompt": p, "n_gen": n,
                 "parallel": par, "depth": if *n > 0 { a.depth } else { 0 },
+                "kv_bytes_per_token": kv_bytes_per_token,
                 "avg_ts": mean, "stddev_ts": sd, "samples_ts": samples,
             }));
         } else {

@@ -1,8 +1,10 @@
 //! `kojo kernels`: the CUDA kernels' compilation, by hand.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use kojo::backend::gpu::kernels::{self, Sources};
+use kojo::backend::gpu::{lab, GpuBackend};
+use kojo::backend::Target;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -23,12 +25,60 @@ enum KernelsCmd {
         #[arg(long)]
         kernel_dir: Option<PathBuf>,
     },
+    /// The kernel lab: time each GPU op alone at a model's shapes (weights of several types,
+    /// decode and prefill attention, the fused projections) and print it against its roofline
+    /// (the copy bandwidth and the bf16 GEMM rate measured in the same run).
+    Bench {
+        /// `cuda[:N]`.
+        #[arg(long, default_value = "cuda")]
+        device: Target,
+        /// Compile the kernels from this folder instead of the built-in ones.
+        #[arg(long)]
+        kernel_dir: Option<PathBuf>,
+        /// The shapes: `llama3-8b`, or `tiny` (a quick look).
+        #[arg(long, default_value = "llama3-8b")]
+        shapes: String,
+        /// Also write the measurements here as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 pub fn run(a: KernelsArgs) -> Result<()> {
     match a.cmd {
         KernelsCmd::Check { arch, kernel_dir } => check(&arch, kernel_dir),
+        KernelsCmd::Bench {
+            device,
+            kernel_dir,
+            shapes,
+            json,
+        } => bench(device, kernel_dir, &shapes, json),
     }
+}
+
+fn bench(
+    device: Target,
+    kernel_dir: Option<PathBuf>,
+    shapes: &str,
+    json: Option<PathBuf>,
+) -> Result<()> {
+    let shapes = match shapes {
+        "llama3-8b" => lab::Shapes::llama3_8b(),
+        "tiny" => lab::Shapes::tiny(),
+        other => bail!("--shapes: '{other}' is not one of: llama3-8b, tiny"),
+    };
+    let Target::Cuda(n) = device else {
+        bail!("the kernel lab measures a GPU: --device cuda[:N]");
+    };
+    kojo::backend::gpu::cuda::probe()?;
+    let gpu = GpuBackend::cuda(n, kernel_dir.as_deref())?;
+    let report = lab::run(&gpu, shapes, 0x6b6f6a6f)?;
+    print!("{}", report.table());
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn check(archs: &str, dir: Option<PathBuf>) -> Result<()> {

@@ -65,6 +65,9 @@ fn serve_on_cuda_without_a_gpu_is_a_one_line_error() {
     ]);
     assert_one_line_error(&["bench", "-m", m, "--device", "cuda", "-p", "8", "-n", "0"]);
     assert_one_line_error(&["gpu-check"]);
+    assert_one_line_error(&["kernels", "bench", "--shapes", "tiny"]);
+    // and a lab on the CPU is refused before anything loads
+    assert_one_line_error(&["kernels", "bench", "--device", "cpu"]);
 }
 
 #[test]

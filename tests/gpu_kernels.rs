@@ -540,3 +540,39 @@ fn smollm2_on_gpu_backend_matches_cpu() {
     let text = tok.decode(&ids, false).unwrap();
     assert!(text.starts_with(" Paris"), "{text:?}");
 }
+
+/// The kernel lab's own code (shapes, timing, rooflines, table) on the executor, at the tiny
+/// shapes: every op measured once (the times mean nothing here).
+#[test]
+fn kernel_lab_runs_on_the_executor() {
+    use kojo::backend::gpu::lab;
+    let dev = Arc::new(HostDevice::default());
+    let gpu = GpuBackend::new(dev.clone());
+    let report = lab::run(&gpu, lab::Shapes::tiny(), 7).unwrap();
+    let table = report.table();
+    for op in [
+        "copy",
+        "matmul bf16 prefill",
+        "matmul q4_k",
+        "ffn_glu bf16",
+        "attention decode",
+        "attention prefill",
+        "attention_input bf16",
+        "add_rms_norm",
+    ] {
+        assert!(
+            table.contains(&format!("| {op} |")),
+            "{op} missing:\n{table}"
+        );
+    }
+    // 2 types x 2 batches x (2 matmuls + ffn_glu), copy, GEMM, 2 decode + 1 prefill attention,
+    // attention_input, add_rms_norm
+    assert_eq!(report.rows.len(), 12 + 2 + 3 + 1 + 1, "{table}");
+    assert!(report.copy_gb_s > 0.0 && report.gemm_tflop_s.is_some_and(|t| t > 0.0));
+    for r in &report.rows {
+        assert!(r.us > 0.0 && r.of_roofline > 0.0, "{r:?}");
+        assert!((r.bytes > 0.0) != (r.flops > 0.0), "{r:?}");
+    }
+    drop(gpu);
+    assert!(dev.overruns.lock().unwrap().is_empty());
+}

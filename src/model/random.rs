@@ -103,6 +103,9 @@ pub struct RandomModel {
     pub spec: String,
     pub cfg: ModelConfig,
     pub ty: GgmlType,
+    /// `q4_k_m`: Q4_K with Q6_K where llama.cpp's Q4_K_M puts more bits (see
+    /// [`RandomModel::tensor_type`]).
+    pub k_mix: bool,
     pub seed: u64,
 }
 
@@ -154,7 +157,10 @@ impl RandomModel {
                 SHAPES.join(", ")
             ),
         };
-        let ty = match parts.next().unwrap_or("bf16") {
+        let ty_name = parts.next().unwrap_or("bf16");
+        let k_mix = ty_name == "q4_k_m";
+        let ty = match ty_name {
+            "q4_k_m" => GgmlType::Q4K,
             "f32" => GgmlType::F32,
             "f16" => GgmlType::F16,
             "bf16" => GgmlType::BF16,
@@ -178,6 +184,7 @@ impl RandomModel {
             spec: spec.to_string(),
             cfg,
             ty,
+            k_mix,
             seed,
         })
     }
@@ -242,15 +249,35 @@ impl RandomModel {
         } else {
             1.7 / (cols as f32).sqrt()
         };
-        let ty = self.matrix_type(cols);
+        let ty = self.tensor_type(name, cols);
         Ok((ty, dims, random_matrix(ty, rows, cols, amp, seed)))
     }
 
-    /// The model's type for rows of `cols`, unless they are not whole blocks of it: then
-    /// Q8_0, else F16 (as llama.cpp's quantizer falls back).
-    fn matrix_type(&self, cols: usize) -> GgmlType {
+    /// The type of matrix `name` with rows of `cols`: the model's, except that a `q4_k_m`
+    /// model has Q6_K for the output, and for attn_v and ffn_down in the first and last
+    /// eighth of the layers and every third layer between (where llama.cpp's Q4_K_M recipe
+    /// spends more bits); unless the rows are not whole blocks of it: then Q8_0, else F16 (as
+    /// llama.cpp's quantizer falls back).
+    pub fn tensor_type(&self, name: &str, cols: usize) -> GgmlType {
+        let n = self.cfg.n_layers;
+        let more_bits =
+            |l: usize| l < n / 8 || l >= 7 * n / 8 || (l >= n / 8 && (l - n / 8) % 3 == 2);
+        let layer = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|l| l.parse::<usize>().ok());
+        let ty = match (self.k_mix, layer) {
+            (true, _) if name == "output.weight" => GgmlType::Q6K,
+            (true, Some(l))
+                if (name.ends_with("attn_v.weight") || name.ends_with("ffn_down.weight"))
+                    && more_bits(l) =>
+            {
+                GgmlType::Q6K
+            }
+            _ => self.ty,
+        };
         let fits = |t: GgmlType| t.block_size().is_some_and(|b| cols % b == 0);
-        [self.ty, GgmlType::Q8_0, GgmlType::F16]
+        [ty, GgmlType::Q8_0, GgmlType::F16]
             .into_iter()
             .find(|&t| fits(t))
             .unwrap_or(GgmlType::F32)
@@ -260,10 +287,10 @@ impl RandomModel {
     pub fn weight_bytes(&self) -> u64 {
         self.tensors()
             .iter()
-            .map(|(_, d)| match d[..] {
+            .map(|(name, d)| match d[..] {
                 [n] => 4 * n as u64,
                 [cols, rows] => {
-                    let t = self.matrix_type(cols);
+                    let t = self.tensor_type(name, cols);
                     (rows * cols / t.block_size().unwrap_or(1) * t.type_size().unwrap_or(4)) as u64
                 }
                 _ => 0,
@@ -347,6 +374,27 @@ mod tests {
         assert!(RandomModel::parse("random:gpt5").is_err());
         assert!(RandomModel::parse("random:tiny:q9").is_err());
         assert!(RandomModel::parse("random:tiny:bf16:x").is_err());
+    }
+
+    #[test]
+    fn q4_k_m_spends_more_bits_where_llama_cpp_does() {
+        let m = RandomModel::parse("random:llama3-8b:q4_k_m").unwrap();
+        let ty = |name: &str| m.tensor_type(name, 4096);
+        let more: Vec<usize> = (0..32)
+            .filter(|l| ty(&format!("blk.{l}.attn_v.weight")) == GgmlType::Q6K)
+            .collect();
+        let mut want: Vec<usize> = (0..4).chain(28..32).collect();
+        want.extend((6..28).step_by(3));
+        want.sort();
+        assert_eq!(more, want);
+        assert_eq!(ty("blk.6.ffn_down.weight"), GgmlType::Q6K);
+        assert_eq!(ty("blk.5.ffn_down.weight"), GgmlType::Q4K);
+        assert_eq!(ty("blk.0.attn_q.weight"), GgmlType::Q4K);
+        assert_eq!(ty("output.weight"), GgmlType::Q6K);
+        assert_eq!(ty("token_embd.weight"), GgmlType::Q4K);
+        let plain = RandomModel::parse("random:llama3-8b:q4_k").unwrap();
+        assert!(m.weight_bytes() > plain.weight_bytes());
+        assert_eq!(plain.tensor_type("output.weight", 4096), GgmlType::Q4K);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 pub mod cuda;
 pub mod kernels;
+pub mod lab;
 pub mod selftest;
 
 use super::{
