@@ -25,7 +25,7 @@ extern "C" __global__ void attn_split(float* __restrict__ part_o, float* __restr
                                       const u16* __restrict__ vc, const u32* __restrict__ positions,
                                       const u32* __restrict__ token_seq, const u32* __restrict__ block_tables,
                                       const u32* __restrict__ tokens, u32 max_blocks, u32 n_heads, u32 n_kv,
-                                      u32 hd, u32 block_size, float scale, u32 window, u32 chunk) {
+                                      u32 hd, u32 block_size, float scale, u32 window) {
     __shared__ float s_q[ATT_MAXG * 32 * ATT_MAXD];
     __shared__ float s_m[ATT_WARPS][ATT_MAXG];
     __shared__ float s_l[ATT_WARPS][ATT_MAXG];
@@ -40,8 +40,10 @@ extern "C" __global__ void attn_split(float* __restrict__ part_o, float* __restr
     const u32 lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const u32 pos = positions[t];
     const u32 lo = (window != 0 && pos + 1 > window) ? pos + 1 - window : 0;
+    // this token's context, split evenly over the launch's splits (a split may be empty)
+    const u32 chunk = (pos + 1 - lo + n_splits - 1) / n_splits;
     const u32 begin = lo + split * chunk;
-    const u32 end = begin + chunk < pos + 1 ? begin + chunk : pos + 1;
+    const u32 end = begin + chunk < pos + 1 ? begin + chunk : pos + 1;  // begin >= end: empty
     const u32* table = block_tables + (u64)token_seq[t] * max_blocks;
     const u32 kv_cols = n_kv * hd;
     const u32 head0 = g * group + h0;  // first query head of this block

@@ -30,16 +30,139 @@ const GUARD: usize = 64;
 const SMS: usize = 4;
 const GUARD_BYTE: u8 = 0xa5;
 
-/// Device memory that is host memory; launches run the kernels on the CPU.
+/// Device memory that is host memory; launches run the kernels on the CPU. Recording
+/// (graphs) is modeled as CUDA does it: nothing runs while recording; memory allocated while
+/// recording belongs to the graph (poisoned again at every launch), and what the graph does not
+/// free itself (its output) must be freed before it is launched again; uploads, downloads,
+/// waiting, and freeing memory from outside the recording are errors while recording.
 #[derive(Default)]
 struct HostDevice {
     /// pointer -> size
     live: Mutex<BTreeMap<u64, usize>>,
     launched: Mutex<BTreeSet<String>>,
     overruns: Mutex<Vec<String>>,
+    recording: Mutex<Option<Recording>>,
+    graphs: Mutex<BTreeMap<u64, HostGraph>>,
+    graph_launches: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Clone)]
+enum Op {
+    Launch(String, Grid, Vec<Arg>),
+    Zero(u64, usize),
+    Copy(u64, u64, usize),
+    Gemm(GemmType, [usize; 3], [u64; 3]),
+}
+
+#[derive(Default)]
+struct Recording {
+    ops: Vec<Op>,
+    allocs: Vec<(u64, usize)>,
+    freed: BTreeSet<u64>,
+}
+
+struct HostGraph {
+    ops: Vec<Op>,
+    allocs: Vec<(u64, usize)>,
+    /// allocated by the graph, not freed by it
+    outputs: Vec<u64>,
+    /// the outputs of the last launch are not freed yet
+    held: bool,
 }
 
 impl HostDevice {
+    fn recording(&self) -> bool {
+        self.recording.lock().unwrap().is_some()
+    }
+
+    /// Free for real, checking the guard zone.
+    unsafe fn release(&self, ptr: u64) {
+        let bytes = self
+            .live
+            .lock()
+            .unwrap()
+            .remove(&ptr)
+            .expect("free of an unknown pointer");
+        let p = ptr as *mut u8;
+        let guard = std::slice::from_raw_parts(p.add(bytes), GUARD);
+        if guard.iter().any(|&b| b != GUARD_BYTE) {
+            self.overruns
+                .lock()
+                .unwrap()
+                .push(format!("a kernel wrote past a buffer of {bytes} bytes"));
+        }
+        std::alloc::dealloc(p, Self::layout(bytes));
+    }
+
+    unsafe fn run(&self, op: &Op) -> anyhow::Result<()> {
+        match op {
+            Op::Launch(name, g, args) => {
+                self.launched.lock().unwrap().insert(name.to_string());
+                let mut params: Vec<_> = args.iter().map(|a| a.as_param()).collect();
+                let sizes: Vec<usize> = args.iter().map(|a| a.size()).collect();
+                kexec::launch(name, g.grid, g.block, 0, &mut params, &sizes)
+                    .map_err(anyhow::Error::msg)
+            }
+            &Op::Zero(dst, bytes) => {
+                self.check_range(dst, bytes);
+                std::ptr::write_bytes(dst as *mut u8, 0, bytes);
+                Ok(())
+            }
+            &Op::Copy(dst, src, bytes) => {
+                self.check_range(dst, bytes);
+                self.check_range(src, bytes);
+                std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes);
+                Ok(())
+            }
+            &Op::Gemm(ty, [n, k, m], [a, b, c]) => {
+                self.host_gemm(ty, n, k, m, a, b, c);
+                Ok(())
+            }
+        }
+    }
+
+    /// Run `op` now, or add it to the recording.
+    unsafe fn submit(&self, op: Op) -> anyhow::Result<()> {
+        if let Some(r) = self.recording.lock().unwrap().as_mut() {
+            r.ops.push(op);
+            return Ok(());
+        }
+        self.run(&op)
+    }
+
+    fn no_recording(&self, what: &str) -> anyhow::Result<()> {
+        if self.recording() {
+            anyhow::bail!("{what} while recording");
+        }
+        Ok(())
+    }
+
+    /// The matrix library's twin: plain loops, f64 sums of the rounded operands.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn host_gemm(&self, ty: GemmType, n: usize, k: usize, m: usize, a: u64, b: u64, c: u64) {
+        self.launched.lock().unwrap().insert("(gemm)".into());
+        self.check_range(a, n * k * 2);
+        self.check_range(b, m * k * 2);
+        self.check_range(c, n * m * 4);
+        let widen = |bits: u16| match ty {
+            GemmType::Bf16 => half::bf16::from_bits(bits).to_f64(),
+            GemmType::F16 => half::f16::from_bits(bits).to_f64(),
+        };
+        let (a, b) = (
+            std::slice::from_raw_parts(a as *const u16, n * k),
+            std::slice::from_raw_parts(b as *const u16, m * k),
+        );
+        let c = std::slice::from_raw_parts_mut(c as *mut f32, n * m);
+        for i in 0..n {
+            for j in 0..m {
+                let s: f64 = (0..k)
+                    .map(|x| widen(a[i * k + x]) * widen(b[j * k + x]))
+                    .sum();
+                c[i * m + j] = s as f32;
+            }
+        }
+    }
+
     fn layout(bytes: usize) -> Layout {
         Layout::from_size_align(bytes + GUARD, 256).unwrap()
     }
@@ -73,48 +196,117 @@ impl Device for HostDevice {
             std::ptr::write_bytes(p.add(bytes), GUARD_BYTE, GUARD);
         }
         self.live.lock().unwrap().insert(p as u64, bytes);
+        if let Some(r) = self.recording.lock().unwrap().as_mut() {
+            r.allocs.push((p as u64, bytes));
+        }
         Ok(p as u64)
     }
 
     unsafe fn free(&self, ptr: u64) {
-        let bytes = self
-            .live
-            .lock()
-            .unwrap()
-            .remove(&ptr)
-            .expect("free of an unknown pointer");
-        let p = ptr as *mut u8;
-        let guard = std::slice::from_raw_parts(p.add(bytes), GUARD);
-        if guard.iter().any(|&b| b != GUARD_BYTE) {
-            self.overruns
-                .lock()
-                .unwrap()
-                .push(format!("a kernel wrote past a buffer of {bytes} bytes"));
+        if let Some(r) = self.recording.lock().unwrap().as_mut() {
+            assert!(
+                r.allocs.iter().any(|&(p, _)| p == ptr),
+                "a recording frees memory allocated outside it"
+            );
+            r.freed.insert(ptr);
+            return;
         }
-        std::alloc::dealloc(p, Self::layout(bytes));
+        for g in self.graphs.lock().unwrap().values_mut() {
+            if g.outputs.contains(&ptr) {
+                assert!(g.held, "a graph's output freed twice");
+                g.held = false;
+                return;
+            }
+        }
+        self.release(ptr);
     }
 
     unsafe fn upload(&self, dst: u64, src: &[u8]) -> anyhow::Result<()> {
+        self.no_recording("an upload")?;
         self.check_range(dst, src.len());
         std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len());
         Ok(())
     }
 
     unsafe fn download(&self, src: u64, dst: &mut [u8]) -> anyhow::Result<()> {
+        self.no_recording("a download")?;
         self.check_range(src, dst.len());
         std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len());
         Ok(())
     }
 
     unsafe fn copy(&self, dst: u64, src: u64, bytes: usize) -> anyhow::Result<()> {
-        self.check_range(dst, bytes);
-        self.check_range(src, bytes);
-        std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes);
-        Ok(())
+        self.submit(Op::Copy(dst, src, bytes))
     }
 
     fn synchronize(&self) -> anyhow::Result<()> {
+        self.no_recording("waiting for the device")
+    }
+
+    fn begin_capture(&self) -> anyhow::Result<()> {
+        let mut r = self.recording.lock().unwrap();
+        anyhow::ensure!(r.is_none(), "already recording");
+        *r = Some(Recording::default());
         Ok(())
+    }
+
+    fn end_capture(&self) -> anyhow::Result<u64> {
+        let r = self.recording.lock().unwrap().take();
+        let r = r.ok_or_else(|| anyhow::anyhow!("not recording"))?;
+        let outputs = r
+            .allocs
+            .iter()
+            .map(|&(p, _)| p)
+            .filter(|p| !r.freed.contains(p))
+            .collect();
+        let mut graphs = self.graphs.lock().unwrap();
+        let id = graphs.keys().next_back().map_or(1, |k| k + 1);
+        graphs.insert(
+            id,
+            HostGraph {
+                ops: r.ops,
+                allocs: r.allocs,
+                outputs,
+                held: false,
+            },
+        );
+        Ok(id)
+    }
+
+    unsafe fn launch_graph(&self, graph: u64) -> anyhow::Result<()> {
+        self.no_recording("launching a graph")?;
+        let (ops, allocs) = {
+            let mut graphs = self.graphs.lock().unwrap();
+            let g = graphs.get_mut(&graph).expect("launch of an unknown graph");
+            anyhow::ensure!(!g.held, "graph relaunched before its output was freed");
+            g.held = !g.outputs.is_empty();
+            (g.ops.clone(), g.allocs.clone())
+        };
+        // the graph's memory holds nothing from its last launch
+        for (p, bytes) in allocs {
+            std::ptr::write_bytes(p as *mut u8, 0xff, bytes);
+        }
+        self.graph_launches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for op in &ops {
+            self.run(op)?;
+        }
+        Ok(())
+    }
+
+    unsafe fn drop_graph(&self, graph: u64) {
+        let g = self
+            .graphs
+            .lock()
+            .unwrap()
+            .remove(&graph)
+            .expect("unknown graph");
+        for (p, _) in g.allocs {
+            // an output still held stays until its tensor frees it
+            if !(g.held && g.outputs.contains(&p)) {
+                self.release(p);
+            }
+        }
     }
 
     fn multiprocessors(&self) -> usize {
@@ -122,12 +314,9 @@ impl Device for HostDevice {
     }
 
     unsafe fn zero(&self, dst: u64, bytes: usize) -> anyhow::Result<()> {
-        self.check_range(dst, bytes);
-        std::ptr::write_bytes(dst as *mut u8, 0, bytes);
-        Ok(())
+        self.submit(Op::Zero(dst, bytes))
     }
 
-    /// The matrix library's twin: plain loops, f64 sums of the rounded operands.
     unsafe fn gemm(
         &self,
         ty: GemmType,
@@ -138,35 +327,12 @@ impl Device for HostDevice {
         b: u64,
         c: u64,
     ) -> anyhow::Result<bool> {
-        self.launched.lock().unwrap().insert("(gemm)".into());
-        self.check_range(a, n * k * 2);
-        self.check_range(b, m * k * 2);
-        self.check_range(c, n * m * 4);
-        let widen = |bits: u16| match ty {
-            GemmType::Bf16 => half::bf16::from_bits(bits).to_f64(),
-            GemmType::F16 => half::f16::from_bits(bits).to_f64(),
-        };
-        let (a, b) = (
-            std::slice::from_raw_parts(a as *const u16, n * k),
-            std::slice::from_raw_parts(b as *const u16, m * k),
-        );
-        let c = std::slice::from_raw_parts_mut(c as *mut f32, n * m);
-        for i in 0..n {
-            for j in 0..m {
-                let s: f64 = (0..k)
-                    .map(|x| widen(a[i * k + x]) * widen(b[j * k + x]))
-                    .sum();
-                c[i * m + j] = s as f32;
-            }
-        }
+        self.submit(Op::Gemm(ty, [n, k, m], [a, b, c]))?;
         Ok(true)
     }
 
     unsafe fn launch(&self, name: &str, g: Grid, args: &[Arg]) -> anyhow::Result<()> {
-        self.launched.lock().unwrap().insert(name.to_string());
-        let mut params: Vec<_> = args.iter().map(|a| a.as_param()).collect();
-        let sizes: Vec<usize> = args.iter().map(|a| a.size()).collect();
-        kexec::launch(name, g.grid, g.block, 0, &mut params, &sizes).map_err(anyhow::Error::msg)
+        self.submit(Op::Launch(name.to_string(), g, args.to_vec()))
     }
 }
 
@@ -575,4 +741,114 @@ fn kernel_lab_runs_on_the_executor() {
     }
     drop(gpu);
     assert!(dev.overruns.lock().unwrap().is_empty());
+}
+
+/// Decode steps recorded once per bucket (batch padded to a power of two, block-table width)
+/// and replayed: the logits equal, bit for bit, those of the same backend running every step
+/// op by op, and match the CPU backend's. The batches grow and shrink (1, 3, 5 sequences) and
+/// the contexts cross block boundaries, so buckets are recorded, reused and recorded again
+/// when the tables widen.
+#[test]
+fn recorded_decode_steps_replay_exactly() {
+    use kojo::backend::{Backend, BatchLayout};
+    use kojo::model::transformer::Step;
+    use std::sync::atomic::Ordering::Relaxed;
+    use GgmlType::*;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    let mut r = test_rnd();
+    let t = Tiny {
+        arch: "qwen2",
+        types: [Q8_0, Q8_0, Q8_0, Q4K, Q6K, Q6K, Q4_1, Q8_0],
+        output: None,
+        layers: 2,
+        rope_freqs: false,
+        vocab: Some(96),
+    };
+    write_tiny(&t, &mut r, &path);
+    let src = ModelSource::open(&path).unwrap();
+    let cpu = CpuBackend::new(MatmulMode::Exact);
+    let rec_dev = Arc::new(HostDevice::default());
+    let plain_dev = Arc::new(HostDevice::default());
+    let rec = GpuBackend::new(rec_dev.clone());
+    let plain = GpuBackend::new(plain_dev.clone()).without_graphs();
+    let cm = Transformer::load(&cpu, &src).unwrap();
+    let rm = Transformer::load(&rec, &src).unwrap();
+    let pm = Transformer::load(&plain, &src).unwrap();
+    let bs = 16;
+    let (seqs, per) = (5usize, 4usize); // up to 64 positions each
+    let mut ck = cpu.alloc_kv(cm.kv_shape(seqs * per, bs)).unwrap();
+    let mut rk = rec.alloc_kv(rm.kv_shape(seqs * per, bs)).unwrap();
+    let mut pk = plain.alloc_kv(pm.kv_shape(seqs * per, bs)).unwrap();
+    let tables: Vec<Vec<u32>> = (0..seqs)
+        .map(|s| (0..per as u32).map(|b| (s * per) as u32 + b).collect())
+        .collect();
+    let mut len = vec![0usize; seqs];
+    // (step, active sequences): 1 sequence, then 3, then 5, then 3 again; 40 steps in all
+    for step in 0..40 {
+        let active: Vec<usize> = match step {
+            0..=7 => vec![0],
+            8..=19 => vec![0, 1, 2],
+            20..=29 => (0..5).collect(),
+            _ => vec![1, 3, 4],
+        };
+        let tokens: Vec<u32> = active
+            .iter()
+            .map(|&s| ((step * 7 + s * 13) % 96) as u32)
+            .collect();
+        let positions: Vec<u32> = active.iter().map(|&s| len[s] as u32).collect();
+        let slots: Vec<u32> = active
+            .iter()
+            .map(|&s| tables[s][len[s] / bs] * bs as u32 + (len[s] % bs) as u32)
+            .collect();
+        let trefs: Vec<&[u32]> = active
+            .iter()
+            .map(|&s| &tables[s][..len[s] / bs + 1])
+            .collect();
+        let starts: Vec<usize> = (0..=active.len()).collect();
+        let rows: Vec<usize> = (0..active.len()).collect();
+        let st = Step {
+            tokens: &tokens,
+            layout: BatchLayout {
+                positions: &positions,
+                seq_starts: &starts,
+                block_tables: &trefs,
+                slots: &slots,
+            },
+            logit_rows: &rows,
+        };
+        let c = cpu
+            .download(&cm.forward(&cpu, &mut ck, &st).unwrap())
+            .unwrap();
+        let g = rec
+            .download(&rm.forward(&rec, &mut rk, &st).unwrap())
+            .unwrap();
+        let p = plain
+            .download(&pm.forward(&plain, &mut pk, &st).unwrap())
+            .unwrap();
+        assert_eq!(g.len(), active.len() * 96);
+        assert!(
+            g.iter().zip(&p).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "step {step}: recorded and op-by-op logits differ"
+        );
+        let mut check = SelfTest::new(&rec, 0);
+        check.compare(&format!("step {step}"), &g, &c, 2e-4);
+        assert!(check.failures().is_empty(), "{:?}", check.checks);
+        for &s in &active {
+            len[s] += 1;
+        }
+    }
+    // every step replays but the first of each (bucket, table width): (1, 1) steps 1-7, (4, 1)
+    // steps 9-15, (4, 2) steps 17-19, (8, 2) steps 21-29, and (4, 2) again for steps 30-39
+    // (recorded anew, the inputs having grown for 8): 7 + 7 + 3 + 9 + 10
+    let launches = rec_dev.graph_launches.load(Relaxed);
+    assert_eq!(launches, 36, "replays");
+    assert_eq!(plain_dev.graph_launches.load(Relaxed), 0);
+    drop((rm, rk, rec, pm, pk, plain));
+    assert!(rec_dev.overruns.lock().unwrap().is_empty());
+    assert!(plain_dev.overruns.lock().unwrap().is_empty());
+    assert!(
+        rec_dev.live.lock().unwrap().is_empty(),
+        "device memory left after the backend went"
+    );
 }

@@ -206,6 +206,18 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// One forward pass's inputs, as [`Backend::run_step`] sees them.
+#[derive(Clone, Copy)]
+pub struct StepInputs<'a> {
+    /// `[num_tokens]`
+    pub tokens: &'a [u32],
+    pub layout: BatchLayout<'a>,
+    /// Rows (token indices) whose logits are wanted, in output order.
+    pub logit_rows: &'a [usize],
+    /// Every RoPE the model's layers use, with its frequency factors.
+    pub ropes: &'a [(Rope, Option<&'a [f32]>)],
+}
+
 /// Weights a backend may have stacked at load ([`Backend::load_stacked`]): their rows in one
 /// weight, for a fused op, or each on its own.
 pub enum Stack<W> {
@@ -369,6 +381,18 @@ pub trait Backend {
         layout: &BatchLayout,
         p: &AttnParams,
     ) -> Result<Self::Tensor>;
+    /// One forward pass: `run` does its ops for the inputs it is given, and returns the
+    /// logits of `logit_rows`. The default runs it once as is. A backend may instead pad the
+    /// batch, record `run`'s work once and replay it for later steps of the same shape (CUDA
+    /// graphs): `run` must then act only through the backend, on what it is given.
+    fn run_step(
+        &self,
+        kv: &mut Self::KvCache,
+        step: &StepInputs,
+        run: &mut dyn FnMut(&mut Self::KvCache, &StepInputs) -> Result<Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        run(kv, step)
+    }
     /// `parts` (matrices of one type and width, or vectors) as one weight of their rows in
     /// order, when this backend has fused ops that take such a weight
     /// ([`Backend::attention_input`], [`Backend::ffn_glu`]); `Ok(None)` (the default): load

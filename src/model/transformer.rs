@@ -14,7 +14,8 @@
 
 use super::{ModelConfig, ModelSource};
 use crate::backend::{
-    AttnParams, Backend, BatchLayout, Glu, HostWeight, KvShape, QkvWeights, Rope, RopeLayout, Stack,
+    AttnParams, Backend, BatchLayout, Glu, HostWeight, KvShape, QkvWeights, Rope, RopeLayout,
+    Stack, StepInputs,
 };
 use anyhow::{bail, Context, Result};
 
@@ -290,14 +291,36 @@ impl<B: Backend> Transformer<B> {
 
     /// Logits `[step.logit_rows.len(), vocab]`.
     pub fn forward(&self, be: &B, kv: &mut B::KvCache, step: &Step) -> Result<B::Tensor> {
-        let c = &self.cfg;
-        let eps = c.rms_eps as f32;
         let lay = &step.layout;
         if step.tokens.len() != lay.positions.len() || lay.positions.len() != lay.slots.len() {
             bail!("forward: tokens, positions and slots differ in length");
         }
         if step.logit_rows.iter().any(|&r| r >= step.tokens.len()) {
             bail!("forward: a logit row is outside the batch");
+        }
+        let factors = self.rope_factors.as_deref();
+        let mut ropes: Vec<(Rope, Option<&[f32]>)> = Vec::new();
+        for r in &self.spec.rope {
+            if !ropes.iter().any(|(x, _)| x == r) {
+                ropes.push((*r, factors));
+            }
+        }
+        let inputs = StepInputs {
+            tokens: step.tokens,
+            layout: step.layout,
+            logit_rows: step.logit_rows,
+            ropes: &ropes,
+        };
+        be.run_step(kv, &inputs, &mut |kv, s| self.ops(be, kv, s))
+    }
+
+    /// The ops of one forward pass.
+    fn ops(&self, be: &B, kv: &mut B::KvCache, step: &StepInputs) -> Result<B::Tensor> {
+        let c = &self.cfg;
+        let eps = c.rms_eps as f32;
+        let lay = &step.layout;
+        if step.tokens.len() != lay.positions.len() || lay.positions.len() != lay.slots.len() {
+            bail!("forward: tokens, positions and slots differ in length");
         }
         let mut x = be.embed(&self.tok_embd, step.tokens, self.spec.embed_scale)?; // [n, hidden]
         let mut h = be.rms_norm(&x, &self.layers[0].attn_norm, eps);
@@ -330,8 +353,15 @@ impl<B: Backend> Transformer<B> {
                 None => be.add(&mut x, &d),
             }
         }
-        let last = be.gather_rows(&x, step.logit_rows); // [rows, hidden]
-        let normed = be.rms_norm(&last, &self.output_norm, eps);
+        // [rows, hidden]; every row in order (as in decoding) needs no gather
+        let every_row = step.logit_rows.len() == step.tokens.len()
+            && step.logit_rows.iter().enumerate().all(|(i, &r)| i == r);
+        let normed = if every_row {
+            be.rms_norm(&x, &self.output_norm, eps)
+        } else {
+            let last = be.gather_rows(&x, step.logit_rows);
+            be.rms_norm(&last, &self.output_norm, eps)
+        };
         Ok(be.matmul(
             &normed,
             self.output.as_ref().unwrap_or(&self.tok_embd),

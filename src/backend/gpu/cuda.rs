@@ -100,7 +100,10 @@ impl CudaDevice {
                 })?;
             modules.push((c.unit, m));
         }
-        let stream = ctx.default_stream();
+        // a stream of our own: the legacy default stream cannot be recorded into a graph
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| anyhow!("CUDA device {ordinal}: creating a stream: {e:?}"))?;
         // the stream-ordered allocator, kept from giving memory back to the system at every
         // synchronization (its default threshold is 0); where memory pools do not work (some
         // virtualized GPUs), plain allocations
@@ -243,6 +246,49 @@ impl Device for CudaDevice {
 
     fn multiprocessors(&self) -> usize {
         self.sms
+    }
+
+    fn begin_capture(&self) -> Result<()> {
+        if !self.pooled {
+            bail!("recording needs stream-ordered allocation, which this GPU lacks");
+        }
+        self.bind()?;
+        // SAFETY: our stream (not the legacy default one, which cannot be captured)
+        unsafe {
+            cu::stream::begin_capture(
+                self.stream.cu_stream(),
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+        }
+        .map_err(|e| anyhow!("starting to record: {e:?}"))
+    }
+
+    fn end_capture(&self) -> Result<u64> {
+        self.bind()?;
+        // SAFETY: our stream; the graph is instantiated, then its template dropped
+        unsafe {
+            let graph = cu::stream::end_capture(self.stream.cu_stream())
+                .map_err(|e| anyhow!("recording: {e:?}"))?;
+            if graph.is_null() {
+                bail!("recording: no graph came back");
+            }
+            let exec = cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0));
+            let _ = cu::graph::destroy(graph);
+            let exec = exec.map_err(|e| anyhow!("instantiating a recorded step: {e:?}"))?;
+            Ok(exec as u64)
+        }
+    }
+
+    unsafe fn launch_graph(&self, graph: u64) -> Result<()> {
+        self.bind()?;
+        cu::graph::launch(graph as sys::CUgraphExec, self.stream.cu_stream())
+            .map_err(|e| anyhow!("launching a recorded step: {e:?}"))
+    }
+
+    unsafe fn drop_graph(&self, graph: u64) {
+        if self.bind().is_ok() {
+            let _ = cu::graph::exec_destroy(graph as sys::CUgraphExec);
+        }
     }
 
     unsafe fn zero(&self, dst: u64, bytes: usize) -> Result<()> {

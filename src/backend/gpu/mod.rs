@@ -19,7 +19,7 @@ pub mod selftest;
 
 use super::{
     attention_input_by_ops, ffn_glu_by_ops, AttnParams, Backend, BatchLayout, Glu, HostWeight,
-    KvShape, QkvWeights, Result, Rope, RopeLayout, Stack,
+    KvShape, QkvWeights, Result, Rope, RopeLayout, Stack, StepInputs,
 };
 use crate::formats::quant::dequantize_to_vec;
 use crate::formats::GgmlType;
@@ -110,6 +110,23 @@ pub trait Device: Send + Sync {
     fn synchronize(&self) -> Result<()>;
     /// Streaming multiprocessors (how many blocks run at once, roughly, per 2048 threads).
     fn multiprocessors(&self) -> usize;
+    /// Record the work given from now on into a graph instead of running it: allocations and
+    /// frees become the graph's own; uploads, downloads and waiting are errors until
+    /// [`Device::end_capture`].
+    fn begin_capture(&self) -> Result<()>;
+    /// Stop recording: the graph, ready to launch; an error when the recording failed (then
+    /// nothing of it is kept).
+    fn end_capture(&self) -> Result<u64>;
+    /// Run a recorded graph on the stream, in order with the other work.
+    ///
+    /// # Safety
+    /// `graph` came from [`Device::end_capture`] of this device and was not dropped; the
+    /// memory it allocates and does not free (its output) was freed since its last launch;
+    /// the buffers it reads and writes outside its own are alive.
+    unsafe fn launch_graph(&self, graph: u64) -> Result<()>;
+    /// # Safety
+    /// `graph` came from [`Device::end_capture`] and is not used afterwards.
+    unsafe fn drop_graph(&self, graph: u64);
     /// Launch kernel `name`.
     ///
     /// # Safety
@@ -177,7 +194,9 @@ pub struct GpuWeight {
 
 /// The f16 KV cache: per layer K and V of `[num_blocks * block_size, n_kv_heads * head_dim]`.
 pub struct GpuKvCache {
+    /// as asked for, plus one spare block at the end (the padding of recorded steps)
     pub shape: KvShape,
+    spare: u32,
     k: Vec<Buf>,
     v: Vec<Buf>,
 }
@@ -253,16 +272,16 @@ fn glu_id(act: Glu) -> u32 {
 /// The fewest context positions an attention split takes (see kernels/attention.cu).
 const ATTN_MIN_CHUNK: usize = 64;
 
-/// How decode attention splits the longest context of a batch: `(splits, positions per
-/// split)`. `blocks` is the launch's block count without splitting (tokens x KV heads x head
-/// groups); splits are added until about two blocks per multiprocessor, so a batch of a few
-/// long sequences still fills the GPU, but no split gets under ATTN_MIN_CHUNK positions.
-pub fn attn_splits(longest: usize, blocks: usize, sms: usize) -> (usize, usize) {
+/// How many splits decode attention divides each token's context into (evenly, in the
+/// kernel), for a batch whose longest context is `longest`. `blocks` is the launch's block count
+/// without splitting (tokens x KV heads x head groups); splits are added until about two blocks
+/// per multiprocessor, so a batch of a few long sequences still fills the GPU, but the longest
+/// context's splits keep at least ATTN_MIN_CHUNK positions.
+pub fn attn_splits(longest: usize, blocks: usize, sms: usize) -> usize {
     let want = (2 * sms).div_ceil(blocks.max(1));
-    let most = (longest / ATTN_MIN_CHUNK).max(1);
-    let chunk = longest.div_ceil(want.clamp(1, most)).max(1);
-    (longest.div_ceil(chunk).max(1), chunk)
+    want.clamp(1, (longest / ATTN_MIN_CHUNK).max(1))
 }
+
 /// Query heads per attention block.
 const ATTN_MAXG: usize = 8;
 /// Tokens per matmul warp (MM_TOKENS in kernels/matmul.cu).
@@ -272,44 +291,70 @@ const MM_TOKENS: usize = 4;
 pub const GEMM_MIN_TOKENS: usize = 16;
 
 /// A batch layout as the kernels read it, kept while the same layout comes back (every layer
-/// of a step).
+/// of a step). Its buffers are input slots ([`GpuBackend::put_with`]): stable addresses.
 struct DeviceLayout {
     key: (Vec<u32>, Vec<usize>, Vec<Vec<u32>>, Vec<u32>),
-    positions: Buf,
-    token_seq: Buf,
-    tables: Buf,
+    positions: u64,
+    token_seq: u64,
+    tables: u64,
+    /// the tables' row width: the longest table rounded up to a power of two (so that it, and
+    /// with it a recorded step, changes rarely as contexts grow)
     max_blocks: usize,
-    slots: Buf,
-    /// How attention splits this batch, for one tile size.
-    attn: Option<AttnLists>,
+    slots: u64,
 }
 
-/// The batch's rows for the two attention kernels: decode tokens (the only token of their
-/// sequence in the batch) for attn_split, tiles of consecutive prefill tokens for attn_prefill.
-struct AttnLists {
-    tile_tokens: usize,
-    decode: Buf,
-    n_decode: usize,
-    tile_start: Buf,
-    tile_len: Buf,
-    n_tiles: usize,
+/// A device buffer of per-step inputs at a stable address: rewritten in place while what it
+/// holds fits, reallocated (and the backend's generation bumped) when it grows.
+struct Slot {
+    buf: Buf,
+    /// what the content was made from
+    key: Vec<u8>,
+    /// bytes of content (0: the kernels get a null pointer)
+    len: usize,
 }
 
-/// What a RoPE table on the device depends on.
-#[derive(PartialEq)]
-struct RopeKey {
-    positions: Vec<u32>,
-    base: u64,
-    freq_scale: u64,
-    n_rot: usize,
-    factors: Option<Vec<f32>>,
+#[derive(Default)]
+struct Inputs {
+    slots: std::collections::HashMap<String, Slot>,
+    /// bumped whenever a slot moves: recorded steps from before are stale
+    generation: u64,
+    /// a step is being recorded: inputs must not change (an upload cannot be recorded)
+    frozen: bool,
 }
+
+/// A recorded decode step (a CUDA graph) for one bucket.
+struct Graph {
+    handle: u64,
+    /// the logits, allocated by the graph and freed by their tensor after each launch
+    out: u64,
+    out_bytes: usize,
+    cols: usize,
+    generation: u64,
+}
+
+enum GraphState {
+    /// ran once unrecorded (the warm-up: libraries initialized, kernels loaded)
+    Seen,
+    Ready(Graph),
+    /// recording failed: this bucket runs op by op
+    Unrecordable,
+}
+
+/// What a recorded step depends on besides its inputs' content: the padded batch size, the
+/// block-table width, the KV cache (and so the model).
+type GraphKey = (usize, usize, u64);
+
+/// Decode batches up to this size are recorded as graphs, padded to a power of two.
+pub const GRAPH_MAX_BATCH: usize = 256;
 
 pub struct GpuBackend {
     dev: Arc<dyn Device>,
     error: Mutex<Option<String>>,
     layout: Mutex<Option<DeviceLayout>>,
-    rope_tables: Mutex<Vec<(RopeKey, Buf)>>,
+    inputs: Mutex<Inputs>,
+    graphs: Mutex<std::collections::HashMap<GraphKey, GraphState>>,
+    /// record decode steps as graphs and replay them
+    use_graphs: bool,
 }
 
 impl GpuBackend {
@@ -318,7 +363,9 @@ impl GpuBackend {
             dev,
             error: Mutex::new(None),
             layout: Mutex::new(None),
-            rope_tables: Mutex::new(Vec::new()),
+            inputs: Mutex::new(Inputs::default()),
+            graphs: Mutex::new(std::collections::HashMap::new()),
+            use_graphs: std::env::var("KOJO_CUDA_GRAPHS").map_or(true, |v| v != "0"),
         }
     }
 
@@ -327,6 +374,12 @@ impl GpuBackend {
         let dev = cuda::CudaDevice::open(ordinal, kernel_dir)?;
         tracing::info!("CUDA device {ordinal}: {}", dev.describe());
         Ok(GpuBackend::new(Arc::new(dev)))
+    }
+
+    /// Run decode steps op by op, never recorded (`KOJO_CUDA_GRAPHS=0` does this too).
+    pub fn without_graphs(mut self) -> Self {
+        self.use_graphs = false;
+        self
     }
 
     pub fn device(&self) -> &Arc<dyn Device> {
@@ -421,11 +474,75 @@ impl GpuBackend {
         }
     }
 
-    /// The device copy of `layout`, uploaded when it differs from the last one.
+    /// The input slot `name` holding `make()`, which depends only on `key`: rewritten when
+    /// the key differs from the last one. An empty content is a null pointer.
+    fn put_with(&self, name: &str, key: &[u8], make: impl FnOnce() -> Vec<u8>) -> Result<u64> {
+        let mut inputs = self.inputs.lock().unwrap();
+        if let Some(s) = inputs.slots.get(name) {
+            if s.key == key {
+                return Ok(if s.len == 0 { 0 } else { s.buf.ptr });
+            }
+        }
+        if inputs.frozen {
+            bail!("step input {name} changed while the step was being recorded");
+        }
+        let data = make();
+        if data.is_empty() {
+            // keep the buffer (for a later, non-empty content); the kernels get null
+            let dev = self.dev.clone();
+            let s = inputs
+                .slots
+                .entry(name.to_string())
+                .or_insert_with(|| Slot {
+                    buf: Buf {
+                        ptr: 0,
+                        bytes: 0,
+                        dev,
+                    },
+                    key: Vec::new(),
+                    len: 0,
+                });
+            s.key = key.to_vec();
+            s.len = 0;
+            return Ok(0);
+        }
+        if let Some(s) = inputs.slots.get_mut(name) {
+            if s.buf.bytes >= data.len() {
+                // SAFETY: the slot's buffer holds at least data.len() bytes; the copy is ordered
+                // after the work already queued that reads the old content
+                unsafe { self.dev.upload(s.buf.ptr, &data)? };
+                s.key = key.to_vec();
+                s.len = data.len();
+                return Ok(s.buf.ptr);
+            }
+        }
+        let buf = self.try_alloc(data.len().next_power_of_two().max(256))?;
+        // SAFETY: as above
+        unsafe { self.dev.upload(buf.ptr, &data)? };
+        let ptr = buf.ptr;
+        inputs.generation += 1;
+        inputs.slots.insert(
+            name.to_string(),
+            Slot {
+                buf,
+                key: key.to_vec(),
+                len: data.len(),
+            },
+        );
+        Ok(ptr)
+    }
+
+    /// [`Self::put_with`] of u32 values, keyed by themselves.
+    fn put_u32(&self, name: &str, v: &[u32]) -> Result<u64> {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.put_with(name, &bytes, || bytes.clone())
+    }
+
+    /// The device copy of `layout` (input slots), rewritten when it differs from the last one.
     fn with_layout<T>(
         &self,
         layout: &BatchLayout,
-        f: impl FnOnce(&mut DeviceLayout) -> Result<T>,
+        f: impl FnOnce(&DeviceLayout) -> Result<T>,
     ) -> Result<T> {
         let key = (
             layout.positions.to_vec(),
@@ -451,48 +568,79 @@ impl GpuBackend {
                 .map(|t| t.len())
                 .max()
                 .unwrap_or(0)
-                .max(1);
+                .max(1)
+                .next_power_of_two();
             let mut tables = vec![0u32; num_seqs.max(1) * max_blocks];
             for (s, t) in layout.block_tables.iter().enumerate() {
                 tables[s * max_blocks..s * max_blocks + t.len()].copy_from_slice(t);
             }
+            // (a failure leaves no layout cached)
+            *cached = None;
             *cached = Some(DeviceLayout {
-                positions: self.upload_u32(layout.positions)?,
-                token_seq: self.upload_u32(&token_seq)?,
-                tables: self.upload_u32(&tables)?,
+                positions: self.put_u32("positions", layout.positions)?,
+                token_seq: self.put_u32("token_seq", &token_seq)?,
+                tables: self.put_u32("tables", &tables)?,
                 max_blocks,
-                slots: self.upload_u32(layout.slots)?,
-                attn: None,
+                slots: self.put_u32("slots", layout.slots)?,
                 key,
             });
         }
-        f(cached.as_mut().unwrap())
+        f(cached.as_ref().unwrap())
     }
 
-    /// Device pointer of the `[n, n_rot / 2]` (cos, sin) table (kept for the last two).
+    /// The batch's rows for the two attention kernels, in input slots: decode tokens (the
+    /// only token of their sequence in the batch) for attn_split, tiles of up to `tile_tokens`
+    /// consecutive prefill tokens for attn_prefill. `(decode tokens, tiles, decode list,
+    /// tile starts, tile lengths)`.
+    fn attention_lists(
+        &self,
+        layout: &BatchLayout,
+        tile_tokens: usize,
+    ) -> Result<(usize, usize, u64, u64, u64)> {
+        let (mut decode, mut starts, mut lens) = (Vec::new(), Vec::new(), Vec::new());
+        for w in layout.seq_starts.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            if b - a == 1 {
+                decode.push(a as u32);
+                continue;
+            }
+            for t in (a..b).step_by(tile_tokens.max(1)) {
+                starts.push(t as u32);
+                lens.push((b - t).min(tile_tokens) as u32);
+            }
+        }
+        Ok((
+            decode.len(),
+            starts.len(),
+            self.put_u32("decode", &decode)?,
+            self.put_u32("tile_start", &starts)?,
+            self.put_u32("tile_len", &lens)?,
+        ))
+    }
+
+    /// Device pointer of the `[n, n_rot / 2]` (cos, sin) table: one input slot per RoPE
+    /// (base, scale, dimensions, factors), rewritten when the positions change.
     fn rope_table(&self, positions: &[u32], rope: &Rope, factors: Option<&[f32]>) -> Result<u64> {
-        let key = RopeKey {
-            positions: positions.to_vec(),
-            base: rope.base.to_bits(),
-            freq_scale: rope.freq_scale.to_bits(),
-            n_rot: rope.n_rot,
-            factors: factors.map(|f| f.to_vec()),
-        };
-        let mut tables = self.rope_tables.lock().unwrap();
-        if let Some((_, b)) = tables.iter().find(|(k, _)| *k == key) {
-            return Ok(b.ptr);
+        let mut name = format!(
+            "rope {:x} {:x} {}",
+            rope.base.to_bits(),
+            rope.freq_scale.to_bits(),
+            rope.n_rot
+        );
+        if let Some(f) = factors {
+            let h = f.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
+                (h ^ x.to_bits() as u64).wrapping_mul(0x100_0000_01b3)
+            });
+            name += &format!(" {h:x}");
         }
-        let flat: Vec<f32> = super::rope_table(positions, rope, factors)
-            .into_iter()
-            .flat_map(|(c, s)| [c, s])
-            .collect();
-        let b = self.upload_f32(&flat)?;
-        let ptr = b.ptr;
-        if tables.len() == 2 {
-            tables.remove(0);
-        }
-        tables.push((key, b));
-        Ok(ptr)
+        let key: Vec<u8> = positions.iter().flat_map(|p| p.to_le_bytes()).collect();
+        self.put_with(&name, &key, || {
+            super::rope_table(positions, rope, factors)
+                .into_iter()
+                .flat_map(|(c, s)| [c, s])
+                .flat_map(|x| x.to_le_bytes())
+                .collect()
+        })
     }
 
     fn check_kv_write(
@@ -534,7 +682,7 @@ impl GpuBackend {
     ) -> Result<()> {
         self.check()?;
         Self::check_kv_write(cache, k, v, layout)?;
-        let slots = self.with_layout(layout, |l| Ok(l.slots.ptr))?;
+        let slots = self.with_layout(layout, |l| Ok(l.slots))?;
         let (half, interleaved) = rope.map_or((0, 0), |r| {
             (r.n_rot / 2, (r.layout == RopeLayout::Interleaved) as u32)
         });
@@ -714,6 +862,17 @@ impl GpuBackend {
     }
 }
 
+impl Drop for GpuBackend {
+    fn drop(&mut self) {
+        for (_, state) in self.graphs.lock().unwrap().drain() {
+            if let GraphState::Ready(g) = state {
+                // SAFETY: this backend's graph, not used again
+                unsafe { self.dev.drop_graph(g.handle) };
+            }
+        }
+    }
+}
+
 impl Backend for GpuBackend {
     type Tensor = GpuTensor;
     type Weight = GpuWeight;
@@ -743,6 +902,170 @@ impl Backend for GpuBackend {
             cols,
             row_bytes,
         })
+    }
+
+    fn run_step(
+        &self,
+        kv: &mut GpuKvCache,
+        step: &StepInputs,
+        run: &mut dyn FnMut(&mut GpuKvCache, &StepInputs) -> Result<GpuTensor>,
+    ) -> Result<GpuTensor> {
+        let n = step.tokens.len();
+        // decoding only: one token per sequence, every row's logits, in order
+        let decode = n > 0
+            && step.layout.seq_starts.len() == n + 1
+            && step
+                .layout
+                .seq_starts
+                .iter()
+                .enumerate()
+                .all(|(i, &s)| s == i)
+            && step.logit_rows.len() == n
+            && step.logit_rows.iter().enumerate().all(|(i, &r)| r == i)
+            && step.layout.block_tables.len() == n;
+        if !self.use_graphs || !decode || n > GRAPH_MAX_BATCH || self.failed() {
+            return run(kv, step);
+        }
+        // pad to the bucket: the extra sequences are one token at position 0 in the cache's
+        // spare block, whose logits nobody reads
+        let bucket = n.next_power_of_two();
+        let bs = kv.shape.block_size as u32;
+        let mut tokens = step.tokens.to_vec();
+        let mut positions = step.layout.positions.to_vec();
+        let mut slots = step.layout.slots.to_vec();
+        let mut tables = step.layout.block_tables.to_vec();
+        let spare = [kv.spare];
+        tokens.resize(bucket, 0);
+        positions.resize(bucket, 0);
+        slots.resize(bucket, kv.spare * bs);
+        tables.resize(bucket, &spare);
+        let starts: Vec<usize> = (0..=bucket).collect();
+        let rows: Vec<usize> = (0..bucket).collect();
+        let padded = StepInputs {
+            tokens: &tokens,
+            layout: BatchLayout {
+                positions: &positions,
+                seq_starts: &starts,
+                block_tables: &tables,
+                slots: &slots,
+            },
+            logit_rows: &rows,
+            ropes: step.ropes,
+        };
+        // the step's inputs into their slots, as the ops will look them up
+        let width = self.with_layout(&padded.layout, |l| Ok(l.max_blocks))?;
+        self.put_u32("ids", &tokens)?;
+        // (decoding only: no prefill tiles, whatever their size)
+        self.attention_lists(&padded.layout, 1)?;
+        for (rope, factors) in padded.ropes {
+            self.rope_table(&positions, rope, *factors)?;
+        }
+        let generation = self.inputs.lock().unwrap().generation;
+        let key: GraphKey = (bucket, width, kv.k.first().map_or(0, |b| b.ptr));
+        let state = self.graphs.lock().unwrap().remove(&key);
+
+        let truncate = |mut t: GpuTensor| {
+            t.rows = n;
+            t
+        };
+        match state {
+            Some(GraphState::Ready(g)) if g.generation == generation => {
+                // SAFETY: a graph of this backend, its inputs in place; its last output was
+                // freed with its tensor
+                let launched = unsafe { self.dev.launch_graph(g.handle) };
+                let out = GpuTensor {
+                    buf: Buf {
+                        ptr: g.out,
+                        bytes: g.out_bytes,
+                        dev: self.dev.clone(),
+                    },
+                    rows: n,
+                    cols: g.cols,
+                };
+                self.graphs
+                    .lock()
+                    .unwrap()
+                    .insert(key, GraphState::Ready(g));
+                if let Err(e) = launched {
+                    // the output was never allocated: nothing to free
+                    std::mem::forget(out);
+                    self.fail(e.context("launching a recorded step"));
+                    return Err(self.check().unwrap_err());
+                }
+                return Ok(out);
+            }
+            Some(GraphState::Ready(g)) => {
+                // SAFETY: recorded before the inputs moved; not launched again
+                unsafe { self.dev.drop_graph(g.handle) };
+            }
+            None => {
+                // the first step of this shape runs as it is (a warm-up)
+                self.graphs.lock().unwrap().insert(key, GraphState::Seen);
+                return run(kv, &padded).map(truncate);
+            }
+            Some(GraphState::Unrecordable) => {
+                self.graphs
+                    .lock()
+                    .unwrap()
+                    .insert(key, GraphState::Unrecordable);
+                return run(kv, &padded).map(truncate);
+            }
+            Some(GraphState::Seen) => {}
+        }
+        // record
+        self.inputs.lock().unwrap().frozen = true;
+        let began = self.dev.begin_capture();
+        let ran = began.and_then(|_| run(kv, &padded));
+        let ended = self.dev.end_capture();
+        self.inputs.lock().unwrap().frozen = false;
+        let recorded_error = self.error.lock().unwrap().take();
+        match (ran, ended, recorded_error) {
+            (Ok(t), Ok(handle), None) => {
+                let g = Graph {
+                    handle,
+                    out: t.buf.ptr,
+                    out_bytes: t.buf.bytes,
+                    cols: t.cols,
+                    generation,
+                };
+                // the output is the graph's: allocated at each launch, freed by the tensor
+                // that launch returns
+                std::mem::forget(t);
+                self.graphs
+                    .lock()
+                    .unwrap()
+                    .insert(key, GraphState::Ready(g));
+                tracing::debug!("recorded a decode step of {bucket} (tables of {width} blocks)");
+                // replay it now, for this step
+                self.run_step(kv, step, run)
+            }
+            (ran, ended, recorded_error) => {
+                // nothing ran while recording: the device is as before; this shape runs op by op
+                let why = match ran {
+                    Ok(t) => {
+                        std::mem::forget(t);
+                        None
+                    }
+                    Err(e) => Some(format!("{e:#}")),
+                };
+                let why = recorded_error
+                    .or(why)
+                    .or_else(|| ended.as_ref().err().map(|e| format!("{e:#}")))
+                    .unwrap_or_default();
+                if let Ok(h) = ended {
+                    // SAFETY: just made, never launched
+                    unsafe { self.dev.drop_graph(h) };
+                }
+                tracing::warn!(
+                    "recording a decode step of {bucket} failed ({why}); it runs op by op"
+                );
+                self.graphs
+                    .lock()
+                    .unwrap()
+                    .insert(key, GraphState::Unrecordable);
+                run(kv, &padded).map(truncate)
+            }
+        }
     }
 
     fn load_stacked(&self, parts: &[HostWeight]) -> Result<Option<GpuWeight>> {
@@ -859,7 +1182,7 @@ impl Backend for GpuBackend {
         }
         let qkv = self.matmul(h, wqkv, bias);
         let cs = self.rope_table(layout.positions, rope, factors)?;
-        let slots = self.with_layout(layout, |l| Ok(l.slots.ptr))?;
+        let slots = self.with_layout(layout, |l| Ok(l.slots))?;
         let q = self.tensor(n, n_heads * head_dim);
         // SAFETY: qkv [n, (n_heads + 2 n_kv) hd], q [n, n_heads hd]; slots checked against
         // the cache; the norms hold hd; the table [n, n_rot / 2] pairs
@@ -995,6 +1318,14 @@ impl Backend for GpuBackend {
                 shape.head_dim
             );
         }
+        let spare = shape.num_blocks;
+        let shape = KvShape {
+            num_blocks: shape.num_blocks + 1,
+            ..shape
+        };
+        if spare > u32::MAX as usize / shape.block_size.max(1) {
+            bail!("KV cache of {spare} blocks: slots beyond 32 bits");
+        }
         let bytes = shape
             .num_blocks
             .checked_mul(shape.block_size)
@@ -1012,7 +1343,12 @@ impl Backend for GpuBackend {
         };
         let k = pools().context("allocating the KV cache")?;
         let v = pools().context("allocating the KV cache")?;
-        Ok(GpuKvCache { shape, k, v })
+        Ok(GpuKvCache {
+            shape,
+            spare: spare as u32,
+            k,
+            v,
+        })
     }
 
     fn embed(&self, table: &GpuWeight, tokens: &[u32], scale: f32) -> Result<GpuTensor> {
@@ -1020,7 +1356,7 @@ impl Backend for GpuBackend {
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= table.rows) {
             bail!("token id {t} is outside the vocabulary of {}", table.rows);
         }
-        let ids = self.upload_u32(tokens)?;
+        let ids = self.put_u32("ids", tokens)?;
         let out = self.tensor(tokens.len(), table.cols);
         let name = format!("embed_{}", kernel_type(table.ty).unwrap());
         // SAFETY: ids checked against the table; out holds tokens x cols
@@ -1032,7 +1368,7 @@ impl Backend for GpuBackend {
                 &[
                     Arg::Ptr(out.buf.ptr),
                     Arg::Ptr(table.buf.ptr),
-                    Arg::Ptr(ids.ptr),
+                    Arg::Ptr(ids),
                     Arg::U32(table.cols as u32),
                     Arg::U32(table.row_bytes as u32),
                     Arg::F32(scale),
@@ -1050,7 +1386,7 @@ impl Backend for GpuBackend {
         );
         let out = self.tensor(rows.len(), x.cols);
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        match self.upload_u32(&idx) {
+        match self.put_u32("rows", &idx) {
             // SAFETY: rows checked; out holds rows x cols
             Ok(ib) => unsafe {
                 self.launch(
@@ -1060,7 +1396,7 @@ impl Backend for GpuBackend {
                     &[
                         Arg::Ptr(out.buf.ptr),
                         Arg::Ptr(x.buf.ptr),
-                        Arg::Ptr(ib.ptr),
+                        Arg::Ptr(ib),
                         Arg::U32(x.cols as u32),
                     ],
                 )
@@ -1226,19 +1562,8 @@ impl Backend for GpuBackend {
         self.check()?;
         let hd = p.head_dim;
         let n = layout.positions.len();
-        let seq_of = super::check_attention(layout, p, &cache.shape, q.rows, q.cols)?;
-        let num_seqs = layout.seq_starts.len() - 1;
+        super::check_attention(layout, p, &cache.shape, q.rows, q.cols)?;
         let bs = cache.shape.block_size;
-        // decode tokens (alone in their sequence this step): their contexts set the splits
-        let mut longest = 0;
-        for (t, &pos) in layout.positions.iter().enumerate() {
-            let s = seq_of[t];
-            if layout.seq_starts[s + 1] - layout.seq_starts[s] == 1 {
-                let pos = pos as usize;
-                let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                longest = longest.max(pos + 1 - lo);
-            }
-        }
         let out = self.tensor(n, q.cols);
         let group = p.n_heads / p.n_kv_heads;
         // rows of a prefill block: at most 32 and 4096 / hd (its shared memory)
@@ -1247,31 +1572,13 @@ impl Backend for GpuBackend {
         let tile_tokens = rows_cap / tile_heads;
         let window = p.window.map_or(0, |w| w.min(u32::MAX as usize)) as u32;
         self.with_layout(layout, |l| {
-            if l.attn.as_ref().map(|a| a.tile_tokens) != Some(tile_tokens) {
-                let (mut decode, mut starts, mut lens) = (Vec::new(), Vec::new(), Vec::new());
-                for s in 0..num_seqs {
-                    let (a, b) = (layout.seq_starts[s], layout.seq_starts[s + 1]);
-                    if b - a == 1 {
-                        decode.push(a as u32);
-                        continue;
-                    }
-                    for t in (a..b).step_by(tile_tokens) {
-                        starts.push(t as u32);
-                        lens.push((b - t).min(tile_tokens) as u32);
-                    }
-                }
-                l.attn = Some(AttnLists {
-                    tile_tokens,
-                    n_decode: decode.len(),
-                    decode: self.upload_u32(&decode)?,
-                    n_tiles: starts.len(),
-                    tile_start: self.upload_u32(&starts)?,
-                    tile_len: self.upload_u32(&lens)?,
-                });
-            }
-            let lists = l.attn.as_ref().unwrap();
-            let nd = lists.n_decode;
-            let (splits, chunk) = attn_splits(
+            let (nd, n_tiles, decode, tile_start, tile_len) =
+                self.attention_lists(layout, tile_tokens)?;
+            // splits sized for the longest context the block tables allow (so that a recorded
+            // step's grid stays right while contexts grow within the table width)
+            let span = l.max_blocks * bs;
+            let longest = p.window.map_or(span, |w| w.min(span));
+            let splits = attn_splits(
                 longest,
                 nd * p.n_kv_heads * group.div_ceil(ATTN_MAXG),
                 self.dev.multiprocessors(),
@@ -1292,10 +1599,10 @@ impl Backend for GpuBackend {
                         Arg::Ptr(q.buf.ptr),
                         Arg::Ptr(cache.k[layer].ptr),
                         Arg::Ptr(cache.v[layer].ptr),
-                        Arg::Ptr(l.positions.ptr),
-                        Arg::Ptr(l.token_seq.ptr),
-                        Arg::Ptr(l.tables.ptr),
-                        Arg::Ptr(lists.decode.ptr),
+                        Arg::Ptr(l.positions),
+                        Arg::Ptr(l.token_seq),
+                        Arg::Ptr(l.tables),
+                        Arg::Ptr(decode),
                         Arg::U32(l.max_blocks as u32),
                         Arg::U32(p.n_heads as u32),
                         Arg::U32(p.n_kv_heads as u32),
@@ -1303,7 +1610,6 @@ impl Backend for GpuBackend {
                         Arg::U32(bs as u32),
                         Arg::F32(p.scale),
                         Arg::U32(window),
-                        Arg::U32(chunk as u32),
                     ],
                 );
                 self.launch(
@@ -1314,7 +1620,7 @@ impl Backend for GpuBackend {
                         Arg::Ptr(out.buf.ptr),
                         Arg::Ptr(part_o.ptr),
                         Arg::Ptr(part_ml.ptr),
-                        Arg::Ptr(lists.decode.ptr),
+                        Arg::Ptr(decode),
                         Arg::U32(p.n_heads as u32),
                         Arg::U32(hd as u32),
                         Arg::U32(splits as u32),
@@ -1322,18 +1628,18 @@ impl Backend for GpuBackend {
                 );
                 self.launch(
                     "attn_prefill",
-                    [lists.n_tiles, p.n_kv_heads, group.div_ceil(tile_heads)],
+                    [n_tiles, p.n_kv_heads, group.div_ceil(tile_heads)],
                     128,
                     &[
                         Arg::Ptr(out.buf.ptr),
                         Arg::Ptr(q.buf.ptr),
                         Arg::Ptr(cache.k[layer].ptr),
                         Arg::Ptr(cache.v[layer].ptr),
-                        Arg::Ptr(l.positions.ptr),
-                        Arg::Ptr(l.token_seq.ptr),
-                        Arg::Ptr(l.tables.ptr),
-                        Arg::Ptr(lists.tile_start.ptr),
-                        Arg::Ptr(lists.tile_len.ptr),
+                        Arg::Ptr(l.positions),
+                        Arg::Ptr(l.token_seq),
+                        Arg::Ptr(l.tables),
+                        Arg::Ptr(tile_start),
+                        Arg::Ptr(tile_len),
                         Arg::U32(l.max_blocks as u32),
                         Arg::U32(p.n_heads as u32),
                         Arg::U32(p.n_kv_heads as u32),
@@ -1404,13 +1710,12 @@ mod tests {
         for longest in [1, 5, 63, 64, 65, 1000, 1024, 8192, 131_072] {
             for blocks in [1, 8, 32, 264, 512, 5000] {
                 for sms in [1, 4, 132] {
-                    let (splits, chunk) = attn_splits(longest, blocks, sms);
-                    // every position in exactly one split, none empty
-                    assert!(splits * chunk >= longest && (splits - 1) * chunk < longest);
-                    // no split shorter than the minimum, unless the context is
+                    let splits = attn_splits(longest, blocks, sms);
+                    assert!(splits >= 1);
+                    // the longest context's splits keep the minimum, unless it is shorter
                     if splits > 1 {
                         assert!(
-                            chunk >= ATTN_MIN_CHUNK.min(longest),
+                            longest / splits >= ATTN_MIN_CHUNK,
                             "{longest} {blocks} {sms}"
                         );
                     }
@@ -1427,7 +1732,7 @@ mod tests {
                 }
             }
         }
-        // one 8k sequence of 8 KV heads on an H200 (132 SMs): 33 splits of 249 positions
-        assert_eq!(attn_splits(8192, 8, 132), (33, 249));
+        // one 8k sequence of 8 KV heads on an H200 (132 SMs): 33 splits
+        assert_eq!(attn_splits(8192, 8, 132), 33);
     }
 }
