@@ -307,7 +307,13 @@ impl Scheduler {
                 .min(budget)
                 .min(room.saturating_sub(s.computed));
             if n == 0 {
-                break; // wait for blocks to come back
+                // wait for blocks to come back, holding none meanwhile: prefix blocks kept by a
+                // waiting request could starve a request preempted in front of it, with
+                // nothing left running to free any
+                self.pool.release_all(&mut s.blocks);
+                s.hashes.clear();
+                s.computed = 0;
+                break;
             }
             let upto = s.computed + n;
             let ok = Self::ensure_blocks(&mut self.pool, s, upto);

@@ -582,7 +582,9 @@ impl<'a> SelfTest<'a> {
                 let (cq, gq) = self.both(&qv, n, q_dim);
                 let c = self.cpu.attention(&ck, layer, &cq, &lay, &p)?;
                 let g = self.gpu.attention(&gk, layer, &gq, &lay, &p)?;
-                self.close(&format!("{what}: cached K/V"), &c, &g, tol.max(2e-3))?;
+                // (K and V are f16 in the cache: an f32 difference of one rounding step can
+                // move a stored value by one f16 step, 1e-3 of it)
+                self.close(&format!("{what}: cached K/V"), &c, &g, tol.max(1e-2))?;
             }
         }
         Ok(())
