@@ -218,6 +218,10 @@ pub struct StepInputs<'a> {
     pub ropes: &'a [(Rope, Option<&'a [f32]>)],
 }
 
+/// The ops of one forward pass, as [`Backend::run_step`] runs (or records) them.
+pub type StepFn<'a, B> =
+    dyn FnMut(&mut <B as Backend>::KvCache, &StepInputs) -> Result<<B as Backend>::Tensor> + 'a;
+
 /// Weights a backend may have stacked at load ([`Backend::load_stacked`]): their rows in one
 /// weight, for a fused op, or each on its own.
 pub enum Stack<W> {
@@ -389,7 +393,7 @@ pub trait Backend {
         &self,
         kv: &mut Self::KvCache,
         step: &StepInputs,
-        run: &mut dyn FnMut(&mut Self::KvCache, &StepInputs) -> Result<Self::Tensor>,
+        run: &mut StepFn<Self>,
     ) -> Result<Self::Tensor> {
         run(kv, step)
     }

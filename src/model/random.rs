@@ -260,8 +260,8 @@ impl RandomModel {
     /// llama.cpp's quantizer falls back).
     pub fn tensor_type(&self, name: &str, cols: usize) -> GgmlType {
         let n = self.cfg.n_layers;
-        let more_bits =
-            |l: usize| l < n / 8 || l >= 7 * n / 8 || (l >= n / 8 && (l - n / 8) % 3 == 2);
+        // (l < n / 8 is the first case, so the last one sees l >= n / 8)
+        let more_bits = |l: usize| l < n / 8 || l >= 7 * n / 8 || (l - n / 8) % 3 == 2;
         let layer = name
             .strip_prefix("blk.")
             .and_then(|r| r.split('.').next())

@@ -19,7 +19,7 @@ pub mod selftest;
 
 use super::{
     attention_input_by_ops, ffn_glu_by_ops, AttnParams, Backend, BatchLayout, Glu, HostWeight,
-    KvShape, QkvWeights, Result, Rope, RopeLayout, Stack, StepInputs,
+    KvShape, QkvWeights, Result, Rope, RopeLayout, Stack, StepFn, StepInputs,
 };
 use crate::formats::quant::dequantize_to_vec;
 use crate::formats::GgmlType;
@@ -908,7 +908,7 @@ impl Backend for GpuBackend {
         &self,
         kv: &mut GpuKvCache,
         step: &StepInputs,
-        run: &mut dyn FnMut(&mut GpuKvCache, &StepInputs) -> Result<GpuTensor>,
+        run: &mut StepFn<Self>,
     ) -> Result<GpuTensor> {
         let n = step.tokens.len();
         // decoding only: one token per sequence, every row's logits, in order
