@@ -784,6 +784,7 @@ fn recorded_decode_steps_replay_exactly() {
         .map(|s| (0..per as u32).map(|b| (s * per) as u32 + b).collect())
         .collect();
     let mut len = vec![0usize; seqs];
+    let mut kept = None;
     // (step, active sequences): 1 sequence, then 3, then 5, then 3 again; 40 steps in all
     for step in 0..40 {
         let active: Vec<usize> = match step {
@@ -817,12 +818,23 @@ fn recorded_decode_steps_replay_exactly() {
             },
             logit_rows: &rows,
         };
+        if step == 1 {
+            // a bad token in the step that would be recorded: an error of its own, and the
+            // next step records as if it had not happened
+            let bad = [1000u32];
+            let st = Step { tokens: &bad, ..st };
+            assert!(rm.forward(&rec, &mut rk, &st).is_err());
+            rec.check().unwrap();
+        }
         let c = cpu
             .download(&cm.forward(&cpu, &mut ck, &st).unwrap())
             .unwrap();
-        let g = rec
-            .download(&rm.forward(&rec, &mut rk, &st).unwrap())
-            .unwrap();
+        let gt = rm.forward(&rec, &mut rk, &st).unwrap();
+        let g = rec.download(&gt).unwrap();
+        if step == 38 {
+            // a caller keeping a replay's logits: the next step may not launch over them
+            kept = Some((gt, g.clone()));
+        }
         let p = plain
             .download(&pm.forward(&plain, &mut pk, &st).unwrap())
             .unwrap();
@@ -840,9 +852,13 @@ fn recorded_decode_steps_replay_exactly() {
     }
     // every step replays but the first of each (bucket, table width): (1, 1) steps 1-7, (4, 1)
     // steps 9-15, (4, 2) steps 17-19, (8, 2) steps 21-29, and (4, 2) again for steps 30-39
-    // (recorded anew, the inputs having grown for 8): 7 + 7 + 3 + 9 + 10
+    // (recorded anew, the inputs having grown for 8), but for step 39, run op by op while
+    // step 38's logits were kept: 7 + 7 + 3 + 9 + 9
     let launches = rec_dev.graph_launches.load(Relaxed);
-    assert_eq!(launches, 36, "replays");
+    assert_eq!(launches, 35, "replays");
+    let (t, v) = kept.unwrap();
+    assert_eq!(rec.download(&t).unwrap(), v, "kept logits overwritten");
+    drop(t);
     assert_eq!(plain_dev.graph_launches.load(Relaxed), 0);
     drop((rm, rk, rec, pm, pk, plain));
     assert!(rec_dev.overruns.lock().unwrap().is_empty());

@@ -156,6 +156,9 @@ pub struct Buf {
     ptr: u64,
     bytes: usize,
     dev: Arc<dyn Device>,
+    /// cleared when the buffer is freed (a recorded step's output: the step may be launched
+    /// again only after)
+    held: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Buf {
@@ -172,6 +175,9 @@ impl Drop for Buf {
         if self.ptr != 0 {
             // SAFETY: allocated by this device; the buffer owns it
             unsafe { self.dev.free(self.ptr) }
+        }
+        if let Some(h) = &self.held {
+            h.store(false, std::sync::atomic::Ordering::Release);
         }
     }
 }
@@ -197,6 +203,8 @@ pub struct GpuKvCache {
     /// as asked for, plus one spare block at the end (the padding of recorded steps)
     pub shape: KvShape,
     spare: u32,
+    /// unique over the process: recorded steps are keyed by it
+    id: u64,
     k: Vec<Buf>,
     v: Vec<Buf>,
 }
@@ -325,6 +333,8 @@ struct Inputs {
 /// A recorded decode step (a CUDA graph) for one bucket.
 struct Graph {
     handle: u64,
+    /// its last output is still alive
+    held: Arc<std::sync::atomic::AtomicBool>,
     /// the logits, allocated by the graph and freed by their tensor after each launch
     out: u64,
     out_bytes: usize,
@@ -341,11 +351,43 @@ enum GraphState {
 }
 
 /// What a recorded step depends on besides its inputs' content: the padded batch size, the
-/// block-table width, the KV cache (and so the model).
+/// block-table width, the KV cache's id (and so the model).
 type GraphKey = (usize, usize, u64);
 
-/// Decode batches up to this size are recorded as graphs, padded to a power of two.
+/// Decode batches up to this size are recorded as graphs, padded to a bucket.
 pub const GRAPH_MAX_BATCH: usize = 256;
+
+/// The batch size a decode batch of `n` is padded to: the next power of two, except that a
+/// batch under GEMM_MIN_TOKENS stays under it (so padding never moves bf16/f16 projections from
+/// kojo's f32 kernel to the matrix library, which rounds the activations).
+pub fn graph_bucket(n: usize) -> usize {
+    let b = n.next_power_of_two();
+    if n < GEMM_MIN_TOKENS {
+        b.min(GEMM_MIN_TOKENS - 1)
+    } else {
+        b
+    }
+}
+
+/// Ends a recording that did not finish (a panic in an op): the stream and the inputs are
+/// usable again.
+struct RecordingGuard<'a> {
+    be: &'a GpuBackend,
+    active: bool,
+}
+
+impl Drop for RecordingGuard<'_> {
+    fn drop(&mut self) {
+        if self.active {
+            if let Ok(h) = self.be.dev.end_capture() {
+                // SAFETY: just made, never launched
+                unsafe { self.be.dev.drop_graph(h) };
+            }
+            let mut inputs = self.be.inputs.lock().unwrap_or_else(|e| e.into_inner());
+            inputs.frozen = false;
+        }
+    }
+}
 
 pub struct GpuBackend {
     dev: Arc<dyn Device>,
@@ -355,6 +397,8 @@ pub struct GpuBackend {
     graphs: Mutex<std::collections::HashMap<GraphKey, GraphState>>,
     /// record decode steps as graphs and replay them
     use_graphs: bool,
+    /// the device could not start a recording: never pad or record again
+    cannot_record: std::sync::atomic::AtomicBool,
 }
 
 impl GpuBackend {
@@ -366,6 +410,7 @@ impl GpuBackend {
             inputs: Mutex::new(Inputs::default()),
             graphs: Mutex::new(std::collections::HashMap::new()),
             use_graphs: std::env::var("KOJO_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            cannot_record: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -416,6 +461,7 @@ impl GpuBackend {
             ptr,
             bytes,
             dev: self.dev.clone(),
+            held: None,
         })
     }
 
@@ -431,6 +477,7 @@ impl GpuBackend {
             ptr: 0,
             bytes: 0,
             dev: self.dev.clone(),
+            held: None,
         }
     }
 
@@ -498,6 +545,7 @@ impl GpuBackend {
                         ptr: 0,
                         bytes: 0,
                         dev,
+                        held: None,
                     },
                     key: Vec::new(),
                     len: 0,
@@ -923,12 +971,29 @@ impl Backend for GpuBackend {
             && step.logit_rows.len() == n
             && step.logit_rows.iter().enumerate().all(|(i, &r)| r == i)
             && step.layout.block_tables.len() == n;
-        if !self.use_graphs || !decode || n > GRAPH_MAX_BATCH || self.failed() {
+        use std::sync::atomic::Ordering;
+        if !self.use_graphs
+            || self.cannot_record.load(Ordering::Relaxed)
+            || !decode
+            || n > GRAPH_MAX_BATCH
+            || self.failed()
+        {
             return run(kv, step);
+        }
+        // recorded steps of another KV cache (a finished session) go: theirs is gone
+        {
+            let mut graphs = self.graphs.lock().unwrap();
+            let stale: Vec<GraphKey> = graphs.keys().filter(|k| k.2 != kv.id).copied().collect();
+            for k in stale {
+                if let Some(GraphState::Ready(g)) = graphs.remove(&k) {
+                    // SAFETY: this backend's graph, not launched again
+                    unsafe { self.dev.drop_graph(g.handle) };
+                }
+            }
         }
         // pad to the bucket: the extra sequences are one token at position 0 in the cache's
         // spare block, whose logits nobody reads
-        let bucket = n.next_power_of_two();
+        let bucket = graph_bucket(n);
         let bs = kv.shape.block_size as u32;
         let mut tokens = step.tokens.to_vec();
         let mut positions = step.layout.positions.to_vec();
@@ -961,68 +1026,85 @@ impl Backend for GpuBackend {
             self.rope_table(&positions, rope, *factors)?;
         }
         let generation = self.inputs.lock().unwrap().generation;
-        let key: GraphKey = (bucket, width, kv.k.first().map_or(0, |b| b.ptr));
+        let key: GraphKey = (bucket, width, kv.id);
         let state = self.graphs.lock().unwrap().remove(&key);
-
+        let put_back = |st: GraphState| {
+            self.graphs.lock().unwrap().insert(key, st);
+        };
         let truncate = |mut t: GpuTensor| {
             t.rows = n;
             t
         };
         match state {
             Some(GraphState::Ready(g)) if g.generation == generation => {
+                if g.held.load(Ordering::Acquire) {
+                    // the last step's logits are still alive (a caller kept them): this one
+                    // runs op by op rather than launch over them
+                    put_back(GraphState::Ready(g));
+                    return run(kv, step);
+                }
                 // SAFETY: a graph of this backend, its inputs in place; its last output was
                 // freed with its tensor
                 let launched = unsafe { self.dev.launch_graph(g.handle) };
+                if let Err(e) = launched {
+                    put_back(GraphState::Ready(g));
+                    self.fail(e.context("launching a recorded step"));
+                    return Err(self.check().unwrap_err());
+                }
+                g.held.store(true, Ordering::Release);
                 let out = GpuTensor {
                     buf: Buf {
                         ptr: g.out,
                         bytes: g.out_bytes,
                         dev: self.dev.clone(),
+                        held: Some(g.held.clone()),
                     },
                     rows: n,
                     cols: g.cols,
                 };
-                self.graphs
-                    .lock()
-                    .unwrap()
-                    .insert(key, GraphState::Ready(g));
-                if let Err(e) = launched {
-                    // the output was never allocated: nothing to free
-                    std::mem::forget(out);
-                    self.fail(e.context("launching a recorded step"));
-                    return Err(self.check().unwrap_err());
-                }
+                put_back(GraphState::Ready(g));
                 return Ok(out);
             }
             Some(GraphState::Ready(g)) => {
-                // SAFETY: recorded before the inputs moved; not launched again
+                // recorded before an input slot moved: record again. (Its last output, if
+                // still alive, stays valid: graph memory outlives the graph.)
+                // SAFETY: not launched again
                 unsafe { self.dev.drop_graph(g.handle) };
             }
             None => {
                 // the first step of this shape runs as it is (a warm-up)
-                self.graphs.lock().unwrap().insert(key, GraphState::Seen);
+                put_back(GraphState::Seen);
                 return run(kv, &padded).map(truncate);
             }
             Some(GraphState::Unrecordable) => {
-                self.graphs
-                    .lock()
-                    .unwrap()
-                    .insert(key, GraphState::Unrecordable);
-                return run(kv, &padded).map(truncate);
+                put_back(GraphState::Unrecordable);
+                return run(kv, step);
             }
             Some(GraphState::Seen) => {}
         }
         // record
+        if let Err(e) = self.dev.begin_capture() {
+            tracing::warn!("decode steps are not recorded on this device: {e:#}");
+            self.cannot_record.store(true, Ordering::Relaxed);
+            return run(kv, step);
+        }
         self.inputs.lock().unwrap().frozen = true;
-        let began = self.dev.begin_capture();
-        let ran = began.and_then(|_| run(kv, &padded));
+        let mut guard = RecordingGuard {
+            be: self,
+            active: true,
+        };
+        let ran = run(kv, &padded);
+        guard.active = false;
+        drop(guard);
         let ended = self.dev.end_capture();
         self.inputs.lock().unwrap().frozen = false;
+        // (an op's failure while recording: nothing ran, the device is as before)
         let recorded_error = self.error.lock().unwrap().take();
         match (ran, ended, recorded_error) {
             (Ok(t), Ok(handle), None) => {
                 let g = Graph {
                     handle,
+                    held: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                     out: t.buf.ptr,
                     out_bytes: t.buf.bytes,
                     cols: t.cols,
@@ -1031,16 +1113,20 @@ impl Backend for GpuBackend {
                 // the output is the graph's: allocated at each launch, freed by the tensor
                 // that launch returns
                 std::mem::forget(t);
-                self.graphs
-                    .lock()
-                    .unwrap()
-                    .insert(key, GraphState::Ready(g));
+                put_back(GraphState::Ready(g));
                 tracing::debug!("recorded a decode step of {bucket} (tables of {width} blocks)");
                 // replay it now, for this step
                 self.run_step(kv, step, run)
             }
+            (Err(e), Ok(h), None) => {
+                // an error of the step's own (a bad input), not of recording: the next step
+                // of this shape records again
+                // SAFETY: just made, never launched
+                unsafe { self.dev.drop_graph(h) };
+                put_back(GraphState::Seen);
+                Err(e)
+            }
             (ran, ended, recorded_error) => {
-                // nothing ran while recording: the device is as before; this shape runs op by op
                 let why = match ran {
                     Ok(t) => {
                         std::mem::forget(t);
@@ -1059,11 +1145,8 @@ impl Backend for GpuBackend {
                 tracing::warn!(
                     "recording a decode step of {bucket} failed ({why}); it runs op by op"
                 );
-                self.graphs
-                    .lock()
-                    .unwrap()
-                    .insert(key, GraphState::Unrecordable);
-                run(kv, &padded).map(truncate)
+                put_back(GraphState::Unrecordable);
+                run(kv, step)
             }
         }
     }
@@ -1343,9 +1426,11 @@ impl Backend for GpuBackend {
         };
         let k = pools().context("allocating the KV cache")?;
         let v = pools().context("allocating the KV cache")?;
+        static NEXT_KV: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(GpuKvCache {
             shape,
             spare: spare as u32,
+            id: NEXT_KV.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             k,
             v,
         })
@@ -1734,5 +1819,19 @@ mod tests {
         }
         // one 8k sequence of 8 KV heads on an H200 (132 SMs): 33 splits
         assert_eq!(attn_splits(8192, 8, 132), 33);
+    }
+
+    #[test]
+    fn decode_buckets_stay_on_the_same_side_of_the_gemm_threshold() {
+        use super::{graph_bucket, GEMM_MIN_TOKENS};
+        let got: Vec<usize> = [1, 2, 3, 5, 8, 9, 15, 16, 17, 33, 256]
+            .iter()
+            .map(|&n| graph_bucket(n))
+            .collect();
+        assert_eq!(got, [1, 2, 4, 8, 8, 15, 15, 16, 32, 64, 256]);
+        for n in 1..=256 {
+            let b = graph_bucket(n);
+            assert!(b >= n && (b < GEMM_MIN_TOKENS) == (n < GEMM_MIN_TOKENS));
+        }
     }
 }
