@@ -1,12 +1,13 @@
 // Causal attention over the paged f16 KV cache for a ragged batch: every token attends to its
-// own sequence's positions lo..=pos. Decode tokens (one per sequence) take attn_split +
-// attn_reduce; the tokens of prefill chunks take attn_prefill (at the end).
+// own sequence's positions lo..=pos. Decode tokens (one per sequence) take attn_split; the
+// tokens of prefill chunks take attn_prefill (at the end).
 //
 // attn_split: one block per (token, KV head, split of the context, group of up to ATT_MAXG
 // query heads sharing that KV head). Its 4 warps take every 4th position of the split; a warp
 // reads each K/V row once for all its query heads and keeps an online softmax (running max m,
 // sum l, unnormalized output) per head. The warps are merged in shared memory and the split's
-// (m, l, o) is written out. attn_reduce merges the splits of each (token, head).
+// (m, l, o) is written out; the last split block of a (token, KV head, head group) to finish
+// (a counter per group, atomically counted) merges the splits into the output.
 //
 // The query is rounded to f16 before q.k, as the CPU backend does (and ggml's flash attention).
 // Limits checked by the host: head_dim a multiple of 32 and at most 256.
@@ -18,10 +19,12 @@
 
 // `tokens` lists the n_sel batch rows this launch handles (the others go to attn_prefill).
 // grid (n_sel * n_kv, n_splits, ceil(group / ATT_MAXG)), block 128.
-// part_o [n_sel, n_heads, n_splits, hd]; part_ml [n_sel, n_heads, n_splits, 2].
+// part_o [n_sel, n_heads, n_splits, hd]; part_ml [n_sel, n_heads, n_splits, 2]; counters
+// [n_sel * n_kv * ceil(group / ATT_MAXG)], zero before the launch and after it.
 // Cache per layer: [num_blocks * block_size, n_kv * hd]; block_tables [num_seqs, max_blocks].
-extern "C" __global__ void attn_split(float* __restrict__ part_o, float* __restrict__ part_ml,
-                                      const float* __restrict__ q, const u16* __restrict__ kc,
+extern "C" __global__ void attn_split(float* __restrict__ out, float* part_o, float* part_ml,
+                                      u32* __restrict__ counters, const float* __restrict__ q,
+                                      const u16* __restrict__ kc,
                                       const u16* __restrict__ vc, const u32* __restrict__ positions,
                                       const u32* __restrict__ token_seq, const u32* __restrict__ block_tables,
                                       const u32* __restrict__ tokens, u32 max_blocks, u32 n_heads, u32 n_kv,
@@ -122,26 +125,35 @@ extern "C" __global__ void attn_split(float* __restrict__ part_o, float* __restr
             part_ml[at * 2 + 1] = L;
         }
     }
-}
-
-// out[tokens[sel], head * hd + d] = the merged splits. grid (n_sel * n_heads), block 128.
-extern "C" __global__ void attn_reduce(float* __restrict__ out, const float* __restrict__ part_o,
-                                       const float* __restrict__ part_ml, const u32* __restrict__ tokens,
-                                       u32 n_heads, u32 hd, u32 n_splits) {
-    u64 th = blockIdx.x;  // sel * n_heads + head
-    u64 row = (u64)tokens[th / n_heads] * n_heads + th % n_heads;
-    const float* ml = part_ml + th * n_splits * 2;
-    float M = -KOJO_INF;
-    for (u32 s = 0; s < n_splits; s++) M = fmaxf(M, ml[2 * s]);
-    for (u32 d = threadIdx.x; d < hd; d += blockDim.x) {
+    // the last split of this (token, KV head, head group) to finish merges them all, in split
+    // order (so the result does not depend on which is last), and resets the counter for the
+    // next launch
+    __shared__ u32 s_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32* c = counters + ((u64)sel * n_kv + g) * gridDim.z + blockIdx.z;
+        u32 done = atomicAdd(c, 1u) + 1;
+        s_last = done == n_splits;
+        if (done == n_splits) *c = 0;
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    for (u32 e = threadIdx.x; e < G * hd; e += blockDim.x) {
+        u32 h = e / hd, d = e % hd;
+        u64 base = ((u64)sel * n_heads + head0 + h) * n_splits;
+        float M = -KOJO_INF;
+        for (u32 s = 0; s < n_splits; s++) M = fmaxf(M, load_cg(part_ml + (base + s) * 2));
         float L = 0.0f, O = 0.0f;
         for (u32 s = 0; s < n_splits; s++) {
-            if (ml[2 * s] == -KOJO_INF) continue;
-            float f = expf(ml[2 * s] - M);
-            L += ml[2 * s + 1] * f;
-            O += part_o[(th * n_splits + s) * hd + d] * f;
+            float m_s = load_cg(part_ml + (base + s) * 2);
+            if (m_s == -KOJO_INF) continue;
+            float f = expf(m_s - M);
+            L += load_cg(part_ml + (base + s) * 2 + 1) * f;
+            O += load_cg(part_o + (base + s) * hd + d) * f;
         }
-        out[row * hd + d] = L > 0.0f ? O / L : 0.0f;
+        out[((u64)t * n_heads + head0 + h) * hd + d] = L > 0.0f ? O / L : 0.0f;
     }
 }
 

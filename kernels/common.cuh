@@ -104,6 +104,16 @@ __device__ __forceinline__ void load_f32x8(const float* p, float* v) {
     for (int i = 0; i < 8; i++) v[i] = __uint_as_float(w[i]);
 }
 
+// A load that bypasses L1: data other blocks wrote during this kernel (after their
+// __threadfence), which this SM must not serve from a stale cache line.
+__device__ __forceinline__ float load_cg(const float* p) {
+#ifdef __CUDACC__
+    return __ldcg(p);
+#else
+    return *p;
+#endif
+}
+
 // The gate activations: 0 = SiLU, 1 = GELU (tanh form).
 __device__ __forceinline__ float glu_act(float g, u32 act) {
     if (act == 0) return g / (1.0f + expf(-g));

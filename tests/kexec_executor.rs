@@ -1,6 +1,7 @@
 //! The CPU executor itself (crates/kexec): warps of 32 lanes and every shuffle form, block
-//! reductions, dynamic shared memory, 2D geometry, argument checking, and an abort (with a
-//! message) when a barrier or a warp collective is not reached by every thread.
+//! reductions, dynamic shared memory, 2D geometry, blocks run in a shuffled order, argument
+//! checking, and an abort (with a message) when a barrier or a warp collective is not reached
+//! by every thread.
 
 use std::ffi::c_void;
 
@@ -85,6 +86,36 @@ fn block_reduction_shared_and_dynamic_memory() {
     }
     .unwrap();
     assert_eq!(out, x.iter().rev().copied().collect::<Vec<_>>());
+}
+
+/// A GPU runs blocks in no promised order; the executor shuffles them, anew at each launch,
+/// so a kernel that relies on an order (a "last block" that is assumed to be the highest
+/// index) fails in tests too.
+#[test]
+fn blocks_run_in_a_shuffled_order() {
+    let mut orders = Vec::new();
+    for _ in 0..2 {
+        let (mut out, mut counter) = (vec![u32::MAX; 4 * 3 * 2 * 6], vec![0u32]);
+        launch(
+            "probe_block_order",
+            [24, 3, 2],
+            [32, 1, 1],
+            0,
+            &[out.as_mut_ptr() as _, counter.as_mut_ptr() as _],
+        )
+        .unwrap();
+        // every block ran once
+        let mut sorted = out.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..144).collect::<Vec<u32>>());
+        assert_ne!(
+            out,
+            (0..144).collect::<Vec<u32>>(),
+            "blocks ran in index order"
+        );
+        orders.push(out);
+    }
+    assert_ne!(orders[0], orders[1], "the same order at two launches");
 }
 
 #[test]

@@ -5,6 +5,7 @@
 // x87 control word on the stack, then the stack pointer); elsewhere, or with -DKEXEC_UCONTEXT,
 // it is swapcontext, which also saves the signal mask with a system call each time (about half
 // the executor's time on x86-64).
+#include <atomic>
 #include "kexec.h"
 
 #include <sys/mman.h>
@@ -241,13 +242,26 @@ void launch(dim3 grid, dim3 block, size_t dyn_bytes, const std::function<void()>
             }
     Block* outer = g_block;
     g_block = &b;
-    for (unsigned z = 0; z < grid.z; z++)
-        for (unsigned y = 0; y < grid.y; y++)
-            for (unsigned x = 0; x < grid.x; x++) {
-                b.bid = dim3(x, y, z);
-                std::memset(smem.data(), 0xff, smem.size());
-                run_block(b);
-            }
+    // blocks in a shuffled order (a different one at each launch): a GPU promises no order,
+    // so a kernel whose result depends on it fails here too
+    size_t n_blocks = (size_t)grid.x * grid.y * grid.z;
+    std::vector<size_t> order(n_blocks);
+    for (size_t i = 0; i < n_blocks; i++) order[i] = i;
+    static std::atomic<uint64_t> launches{0};
+    uint64_t r = 0x9E3779B97F4A7C15ull * (launches.fetch_add(1) + 1);
+    for (size_t i = n_blocks; i > 1; i--) {
+        r ^= r << 13;
+        r ^= r >> 7;
+        r ^= r << 17;
+        std::swap(order[i - 1], order[r % i]);
+    }
+    for (size_t i : order) {
+        unsigned x = (unsigned)(i % grid.x), y = (unsigned)(i / grid.x % grid.y),
+                 z = (unsigned)(i / ((size_t)grid.x * grid.y));
+        b.bid = dim3(x, y, z);
+        std::memset(smem.data(), 0xff, smem.size());
+        run_block(b);
+    }
     g_block = outer;
 }
 

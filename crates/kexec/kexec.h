@@ -1,7 +1,7 @@
 // kexec: runs kojo's CUDA kernels (kernels/*.cu) on the CPU, for tests.
 //
 // The same source is compiled as C++. Each block runs on the calling thread, its threads as
-// cooperative fibers (ucontext), one block after another:
+// cooperative fibers, one block after another in a shuffled order (new at every launch):
 // - threadIdx/blockIdx/blockDim/gridDim read the current fiber and block;
 // - __syncthreads() is a real barrier over the block's threads; a block whose threads do not all
 //   reach it (some exited, or wait at a warp collective instead) aborts with a message;
@@ -110,6 +110,14 @@ inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
     return kexec::shfl_from(v, mask, (int)(lane + 32 - delta) % 32, out);
 }
 
+// atomics and fences: blocks run one after another on one OS thread, so plain memory
+// operations are atomic and ordered
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    unsigned old = *p;
+    *p = old + v;
+    return old;
+}
+inline void __threadfence() {}
 // the device math the kernels use
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }

@@ -47,3 +47,8 @@ extern "C" __global__ void probe_divergent_shuffle(float* out) {
     if (threadIdx.x % 32 < 16) v = __shfl_xor_sync(FULL_MASK, v, 1);
     out[threadIdx.x] = v;
 }
+
+// the order blocks ran in: out[block] = how many blocks ran before it (counter starts at 0)
+extern "C" __global__ void probe_block_order(u32* out, u32* counter) {
+    if (threadIdx.x == 0) out[blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)] = atomicAdd(counter, 1u);
+}

@@ -328,6 +328,9 @@ struct Inputs {
     generation: u64,
     /// a step is being recorded: inputs must not change (an upload cannot be recorded)
     frozen: bool,
+    /// attn_split's completion counters: zero between launches (each launch resets those it
+    /// used), at a stable address
+    counters: Option<Buf>,
 }
 
 /// A recorded decode step (a CUDA graph) for one bucket.
@@ -531,7 +534,10 @@ impl GpuBackend {
             }
         }
         if inputs.frozen {
-            bail!("step input {name} changed while the step was being recorded");
+            // a recording's failure (sticky, so it is taken for one), not the step's
+            let e = anyhow!("step input {name} changed while the step was being recorded");
+            self.fail(anyhow!("{e}"));
+            return Err(e);
         }
         let data = make();
         if data.is_empty() {
@@ -577,6 +583,29 @@ impl GpuBackend {
                 len: data.len(),
             },
         );
+        Ok(ptr)
+    }
+
+    /// At least `n` zeroed attention counters (see attn_split).
+    fn attn_counters(&self, n: usize) -> Result<u64> {
+        let mut inputs = self.inputs.lock().unwrap();
+        if let Some(b) = &inputs.counters {
+            if b.bytes >= n * 4 {
+                return Ok(b.ptr);
+            }
+        }
+        if inputs.frozen {
+            let e = anyhow!("attention counters grew while a step was being recorded");
+            self.fail(anyhow!("{e}"));
+            return Err(e);
+        }
+        let bytes = (n * 4).next_power_of_two().max(1024);
+        let b = self.try_alloc(bytes)?;
+        // SAFETY: the whole buffer
+        unsafe { self.dev.zero(b.ptr, bytes)? };
+        let ptr = b.ptr;
+        inputs.counters = Some(b);
+        inputs.generation += 1;
         Ok(ptr)
     }
 
@@ -1670,17 +1699,20 @@ impl Backend for GpuBackend {
             );
             let part_o = self.alloc(nd * p.n_heads * splits * hd * 4);
             let part_ml = self.alloc(nd * p.n_heads * splits * 2 * 4);
+            let counters = self.attn_counters(nd * p.n_kv_heads * group.div_ceil(ATTN_MAXG))?;
             // SAFETY: every position read is inside the checked block tables and the cache;
-            // the partial buffers hold n_decode x heads x splits; decode rows and prefill
-            // tiles cover disjoint rows of `out`
+            // the partial buffers hold n_decode x heads x splits, the counters one per block
+            // group (zero); decode rows and prefill tiles cover disjoint rows of `out`
             unsafe {
                 self.launch(
                     "attn_split",
                     [nd * p.n_kv_heads, splits, group.div_ceil(ATTN_MAXG)],
                     128,
                     &[
+                        Arg::Ptr(out.buf.ptr),
                         Arg::Ptr(part_o.ptr),
                         Arg::Ptr(part_ml.ptr),
+                        Arg::Ptr(counters),
                         Arg::Ptr(q.buf.ptr),
                         Arg::Ptr(cache.k[layer].ptr),
                         Arg::Ptr(cache.v[layer].ptr),
@@ -1695,20 +1727,6 @@ impl Backend for GpuBackend {
                         Arg::U32(bs as u32),
                         Arg::F32(p.scale),
                         Arg::U32(window),
-                    ],
-                );
-                self.launch(
-                    "attn_reduce",
-                    [nd * p.n_heads, 1, 1],
-                    128,
-                    &[
-                        Arg::Ptr(out.buf.ptr),
-                        Arg::Ptr(part_o.ptr),
-                        Arg::Ptr(part_ml.ptr),
-                        Arg::Ptr(decode),
-                        Arg::U32(p.n_heads as u32),
-                        Arg::U32(hd as u32),
-                        Arg::U32(splits as u32),
                     ],
                 );
                 self.launch(
