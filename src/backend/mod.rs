@@ -243,7 +243,8 @@ pub struct QkvWeights<W> {
 #[allow(clippy::too_many_arguments)]
 pub fn attention_input_by_ops<B: Backend + ?Sized>(
     be: &B,
-    h: &B::Tensor,
+    x: &B::Tensor,
+    norm: &B::Weight,
     w: &QkvWeights<B::Weight>,
     eps: f32,
     cache: &mut B::KvCache,
@@ -267,9 +268,10 @@ pub fn attention_input_by_ops<B: Backend + ?Sized>(
             ws.len()
         );
     };
-    let mut q = be.matmul(h, wq, bias.map(|b| &b[0]));
-    let mut k = be.matmul(h, wk, bias.map(|b| &b[1]));
-    let v = be.matmul(h, wv, bias.map(|b| &b[2]));
+    let h = be.rms_norm(x, norm, eps);
+    let mut q = be.matmul(&h, wq, bias.map(|b| &b[0]));
+    let mut k = be.matmul(&h, wk, bias.map(|b| &b[1]));
+    let v = be.matmul(&h, wv, bias.map(|b| &b[2]));
     if let Some([qn, kn]) = &w.qk_norm {
         q = be.rms_norm(&q, qn, eps);
         k = be.rms_norm(&k, kn, eps);
@@ -282,7 +284,9 @@ pub fn attention_input_by_ops<B: Backend + ?Sized>(
 /// [`Backend::ffn_glu`] as separate ops, for weights that are not stacked.
 pub fn ffn_glu_by_ops<B: Backend + ?Sized>(
     be: &B,
-    h: &B::Tensor,
+    x: &B::Tensor,
+    norm: &B::Weight,
+    eps: f32,
     w: &Stack<B::Weight>,
     act: Glu,
 ) -> Result<B::Tensor> {
@@ -292,8 +296,9 @@ pub fn ffn_glu_by_ops<B: Backend + ?Sized>(
     let [gate, up] = &ws[..] else {
         anyhow::bail!("ffn_glu: {} projections instead of gate and up", ws.len());
     };
-    let g = be.matmul(h, gate, None);
-    let u = be.matmul(h, up, None);
+    let h = be.rms_norm(x, norm, eps);
+    let g = be.matmul(&h, gate, None);
+    let u = be.matmul(&h, up, None);
     Ok(be.glu(&g, &u, act))
 }
 
@@ -405,13 +410,15 @@ pub trait Backend {
         let _ = parts;
         Ok(None)
     }
-    /// The attention input of `h`: the Q, K and V projections with their biases, the per-head
-    /// norms (`eps`), RoPE on q and k; K and V stored at `layout.slots` of `layer`. Returns
-    /// q `[num_tokens, n_heads * head_dim]`, rotated.
+    /// The attention input of the residual stream `x`: its RMSNorm by `norm` (`eps`), the Q,
+    /// K and V projections with their biases, the per-head norms, RoPE on q and k; K and V
+    /// stored at `layout.slots` of `layer`. Returns q `[num_tokens, n_heads * head_dim]`,
+    /// rotated.
     #[allow(clippy::too_many_arguments)]
     fn attention_input(
         &self,
-        h: &Self::Tensor,
+        x: &Self::Tensor,
+        norm: &Self::Weight,
         w: &QkvWeights<Self::Weight>,
         eps: f32,
         cache: &mut Self::KvCache,
@@ -422,12 +429,35 @@ pub trait Backend {
         factors: Option<&[f32]>,
     ) -> Result<Self::Tensor> {
         attention_input_by_ops(
-            self, h, w, eps, cache, layer, layout, head_dim, rope, factors,
+            self, x, norm, w, eps, cache, layer, layout, head_dim, rope, factors,
         )
     }
-    /// `act(h @ gate^T) * (h @ up^T)` for `w` = gate and up.
-    fn ffn_glu(&self, h: &Self::Tensor, w: &Stack<Self::Weight>, act: Glu) -> Result<Self::Tensor> {
-        ffn_glu_by_ops(self, h, w, act)
+    /// `act(h @ gate^T) * (h @ up^T)` for `h` = RMSNorm(x) by `norm` (`eps`) and `w` = gate
+    /// and up.
+    fn ffn_glu(
+        &self,
+        x: &Self::Tensor,
+        norm: &Self::Weight,
+        eps: f32,
+        w: &Stack<Self::Weight>,
+        act: Glu,
+    ) -> Result<Self::Tensor> {
+        ffn_glu_by_ops(self, x, norm, eps, w, act)
+    }
+    /// `RMSNorm(x) @ w^T`, the norm by `norm` (`eps`) over whole rows.
+    fn matmul_normed(
+        &self,
+        x: &Self::Tensor,
+        norm: &Self::Weight,
+        eps: f32,
+        w: &Self::Weight,
+    ) -> Self::Tensor {
+        self.matmul(&self.rms_norm(x, norm, eps), w, None)
+    }
+    /// `residual += x @ w^T` (an output projection into the residual stream).
+    fn matmul_add(&self, residual: &mut Self::Tensor, x: &Self::Tensor, w: &Self::Weight) {
+        let y = self.matmul(x, w, None);
+        self.add(residual, &y);
     }
     /// `act(gate) * up`.
     fn glu(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Glu) -> Self::Tensor;

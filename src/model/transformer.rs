@@ -323,13 +323,22 @@ impl<B: Backend> Transformer<B> {
             bail!("forward: tokens, positions and slots differ in length");
         }
         let mut x = be.embed(&self.tok_embd, step.tokens, self.spec.embed_scale)?; // [n, hidden]
-        let mut h = be.rms_norm(&x, &self.layers[0].attn_norm, eps);
         for (l, layer) in self.layers.iter().enumerate() {
             let rope = &self.spec.rope[l];
             let factors = self.rope_factors.as_deref();
             // [n, n_heads * hd], rotated; K and V are in the cache
-            let q =
-                be.attention_input(&h, &layer.qkv, eps, kv, l, lay, c.head_dim, rope, factors)?;
+            let q = be.attention_input(
+                &x,
+                &layer.attn_norm,
+                &layer.qkv,
+                eps,
+                kv,
+                l,
+                lay,
+                c.head_dim,
+                rope,
+                factors,
+            )?;
             let p = AttnParams {
                 n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,
@@ -338,34 +347,31 @@ impl<B: Backend> Transformer<B> {
                 window: self.spec.window[l],
             };
             let a = be.attention(kv, l, &q, lay, &p)?; // [n, n_heads * hd]
-            let mut o = be.matmul(&a, &layer.wo, None); // [n, hidden]
-            if let Some([post_attn, _]) = &layer.post_norm {
-                o = be.rms_norm(&o, post_attn, eps);
+            match &layer.post_norm {
+                Some([post_attn, _]) => {
+                    let o = be.matmul(&a, &layer.wo, None);
+                    be.add(&mut x, &be.rms_norm(&o, post_attn, eps));
+                }
+                None => be.matmul_add(&mut x, &a, &layer.wo),
             }
-            h = be.add_rms_norm(&mut x, &o, &layer.ffn_norm, eps);
-            let act = be.ffn_glu(&h, &layer.gate_up, self.spec.glu)?; // [n, ffn]
-            let mut d = be.matmul(&act, &layer.down, None); // [n, hidden]
-            if let Some([_, post_ffn]) = &layer.post_norm {
-                d = be.rms_norm(&d, post_ffn, eps);
-            }
-            match self.layers.get(l + 1) {
-                Some(next) => h = be.add_rms_norm(&mut x, &d, &next.attn_norm, eps),
-                None => be.add(&mut x, &d),
+            let act = be.ffn_glu(&x, &layer.ffn_norm, eps, &layer.gate_up, self.spec.glu)?; // [n, ffn]
+            match &layer.post_norm {
+                Some([_, post_ffn]) => {
+                    let d = be.matmul(&act, &layer.down, None);
+                    be.add(&mut x, &be.rms_norm(&d, post_ffn, eps));
+                }
+                None => be.matmul_add(&mut x, &act, &layer.down),
             }
         }
         // [rows, hidden]; every row in order (as in decoding) needs no gather
         let every_row = step.logit_rows.len() == step.tokens.len()
             && step.logit_rows.iter().enumerate().all(|(i, &r)| i == r);
-        let normed = if every_row {
-            be.rms_norm(&x, &self.output_norm, eps)
+        let output = self.output.as_ref().unwrap_or(&self.tok_embd);
+        Ok(if every_row {
+            be.matmul_normed(&x, &self.output_norm, eps, output)
         } else {
             let last = be.gather_rows(&x, step.logit_rows);
-            be.rms_norm(&last, &self.output_norm, eps)
-        };
-        Ok(be.matmul(
-            &normed,
-            self.output.as_ref().unwrap_or(&self.tok_embd),
-            None,
-        ))
+            be.matmul_normed(&last, &self.output_norm, eps, output)
+        })
     }
 }

@@ -219,6 +219,17 @@ impl Lab<'_> {
         }
     }
 
+    /// A norm weight of ones.
+    fn ones(&self, n: usize) -> Result<GpuWeight> {
+        let v: Vec<u8> = (0..n).flat_map(|_| 1f32.to_le_bytes()).collect();
+        self.gpu.load_weight(&HostWeight {
+            name: "lab norm".into(),
+            ty: GgmlType::F32,
+            dims: vec![n],
+            data: v.into(),
+        })
+    }
+
     fn copy(&mut self) -> Result<()> {
         let n = self.sh.copy_bytes;
         let (a, b) = (self.gpu.try_alloc(n)?, self.gpu.try_alloc(n)?);
@@ -269,6 +280,7 @@ impl Lab<'_> {
             let wo = self.weights(ty, &[h], h)?;
             let down = self.weights(ty, &[h], f)?;
             let gate_up = Stack::One(self.weights(ty, &[f, f], h)?);
+            let norm = self.ones(h)?;
             for n in self.sh.batches.clone() {
                 let xh = self.activations(n, h);
                 let xf = self.activations(n, f);
@@ -283,7 +295,7 @@ impl Lab<'_> {
                     self.push(&format!("{name} {tn}"), shape, secs, bytes, 0.0);
                 }
                 let secs = time(gpu, &self.sh, || {
-                    gpu.ffn_glu(&xh, &gate_up, Glu::Silu).map(drop)
+                    gpu.ffn_glu(&xh, &norm, 1e-5, &gate_up, Glu::Silu).map(drop)
                 })?;
                 let bytes = (2 * f * row(h) + 4 * n * (h + f)) as f64;
                 let shape = format!("n={n}, 2 x {f} x {h}");
@@ -388,6 +400,7 @@ impl Lab<'_> {
             qk_norm: None,
         };
         let x = self.activations(n, h);
+        let norm = self.ones(h)?;
         let rope = Rope {
             layout: RopeLayout::Halves,
             n_rot: hd,
@@ -396,7 +409,7 @@ impl Lab<'_> {
         };
         let gpu = self.gpu;
         let secs = time(gpu, &sh, || {
-            gpu.attention_input(&x, &w, 1e-5, &mut cache, 0, &lay, hd, &rope, None)
+            gpu.attention_input(&x, &norm, &w, 1e-5, &mut cache, 0, &lay, hd, &rope, None)
                 .map(drop)
         })?;
         let bytes = ((q_dim + 2 * kv_cols) * h * 2) as f64;
@@ -409,13 +422,7 @@ impl Lab<'_> {
     fn row_ops(&mut self) -> Result<()> {
         let h = self.sh.hidden;
         let n = *self.sh.batches.last().unwrap_or(&1);
-        let norm: Vec<u8> = (0..h).flat_map(|_| 1f32.to_le_bytes()).collect();
-        let w = self.gpu.load_weight(&HostWeight {
-            name: "lab norm".into(),
-            ty: GgmlType::F32,
-            dims: vec![h],
-            data: norm.into(),
-        })?;
+        let w = self.ones(h)?;
         let x = self.activations(n, h);
         let mut r = self.activations(n, h);
         let gpu = self.gpu;

@@ -904,6 +904,89 @@ impl GpuBackend {
         }
     }
 
+    /// `out (+)= P(x) @ w^T (+ bias)`, `P(x)` = RMSNorm(x) by `norm` when given, else x;
+    /// added into `out` when `accumulate`.
+    fn project(
+        &self,
+        out: &GpuTensor,
+        accumulate: bool,
+        x: &GpuTensor,
+        w: &GpuWeight,
+        bias: Option<&GpuWeight>,
+        norm: Option<(&GpuWeight, f32)>,
+    ) {
+        assert_eq!(
+            x.cols, w.cols,
+            "matmul: x has {} columns, weight {}",
+            x.cols, w.cols
+        );
+        assert_eq!(
+            (out.rows, out.cols),
+            (x.rows, w.rows),
+            "matmul: output shape"
+        );
+        if let Some(b) = bias {
+            assert_eq!(
+                b.rows * b.cols,
+                w.rows,
+                "matmul: bias of {} for {} rows",
+                b.cols,
+                w.rows
+            );
+        }
+        if let Some((nw, _)) = norm {
+            assert_eq!(
+                nw.cols, x.cols,
+                "matmul: a norm of {} over rows of {}",
+                nw.cols, x.cols
+            );
+        }
+        if let Some(gt) = gemm_type(w.ty).filter(|_| x.rows >= GEMM_MIN_TOKENS && !self.failed()) {
+            // the library takes plain inputs and overwrites its output
+            let h = norm.map(|(nw, eps)| self.norm(x, None, nw, eps));
+            let xin = h.as_ref().unwrap_or(x);
+            let tmp = accumulate.then(|| self.tensor(out.rows, out.cols));
+            if self.library_gemm(gt, xin, w, bias, tmp.as_ref().unwrap_or(out)) {
+                if let Some(t) = tmp {
+                    let n = t.rows * t.cols;
+                    self.elementwise(
+                        "add_inplace",
+                        n,
+                        &[
+                            Arg::Ptr(out.buf.ptr),
+                            Arg::Ptr(t.buf.ptr),
+                            Arg::U32(n as u32),
+                        ],
+                    );
+                }
+                return;
+            }
+        }
+        let name = format!("matmul_{}", kernel_type(w.ty).unwrap());
+        let (nw, eps) = norm.map_or((0, 0.0), |(nw, eps)| (nw.buf.ptr, eps));
+        // SAFETY: x [n, k], w [m, k] of row_bytes, bias [m], norm [k], out [n, m]
+        unsafe {
+            self.launch(
+                &name,
+                [w.rows.div_ceil(4), x.rows.div_ceil(MM_TOKENS), 1],
+                128,
+                &[
+                    Arg::Ptr(out.buf.ptr),
+                    Arg::Ptr(x.buf.ptr),
+                    Arg::Ptr(w.buf.ptr),
+                    Arg::Ptr(bias.map_or(0, |b| b.buf.ptr)),
+                    Arg::Ptr(nw),
+                    Arg::U32(x.rows as u32),
+                    Arg::U32(x.cols as u32),
+                    Arg::U32(w.rows as u32),
+                    Arg::U32(w.row_bytes as u32),
+                    Arg::F32(eps),
+                    Arg::U32(accumulate as u32),
+                ],
+            )
+        };
+    }
+
     /// RMSNorm of every `w.cols`-wide segment of `r` (after `r += x` when `x` is given).
     fn norm(&self, r: &GpuTensor, x: Option<&GpuTensor>, w: &GpuWeight, eps: f32) -> GpuTensor {
         assert_eq!(
@@ -1231,7 +1314,8 @@ impl Backend for GpuBackend {
 
     fn attention_input(
         &self,
-        h: &GpuTensor,
+        x: &GpuTensor,
+        norm: &GpuWeight,
         w: &QkvWeights<GpuWeight>,
         eps: f32,
         cache: &mut GpuKvCache,
@@ -1243,7 +1327,7 @@ impl Backend for GpuBackend {
     ) -> Result<GpuTensor> {
         let Stack::One(wqkv) = &w.w else {
             return attention_input_by_ops(
-                self, h, w, eps, cache, layer, layout, head_dim, rope, factors,
+                self, x, norm, w, eps, cache, layer, layout, head_dim, rope, factors,
             );
         };
         let bias = match &w.bias {
@@ -1280,7 +1364,7 @@ impl Backend for GpuBackend {
             }
             None => (0, 0),
         };
-        let n = h.rows;
+        let n = x.rows;
         if layout.positions.len() != n || layout.slots.len() != n {
             bail!(
                 "attention_input: {n} tokens, {} positions, {} slots",
@@ -1292,7 +1376,8 @@ impl Backend for GpuBackend {
         if let Some(&s) = layout.slots.iter().find(|&&s| s as usize >= capacity) {
             bail!("attention_input: slot {s} beyond the cache's {capacity}");
         }
-        let qkv = self.matmul(h, wqkv, bias);
+        let qkv = self.tensor(n, wqkv.rows);
+        self.project(&qkv, false, x, wqkv, bias, Some((norm, eps)));
         let cs = self.rope_table(layout.positions, rope, factors)?;
         let slots = self.with_layout(layout, |l| Ok(l.slots))?;
         let q = self.tensor(n, n_heads * head_dim);
@@ -1325,25 +1410,34 @@ impl Backend for GpuBackend {
         Ok(q)
     }
 
-    fn ffn_glu(&self, h: &GpuTensor, w: &Stack<GpuWeight>, act: Glu) -> Result<GpuTensor> {
+    fn ffn_glu(
+        &self,
+        x: &GpuTensor,
+        norm: &GpuWeight,
+        eps: f32,
+        w: &Stack<GpuWeight>,
+        act: Glu,
+    ) -> Result<GpuTensor> {
         let Stack::One(w) = w else {
-            return ffn_glu_by_ops(self, h, w, act);
+            return ffn_glu_by_ops(self, x, norm, eps, w, act);
         };
-        if w.rows % 2 != 0 || h.cols != w.cols {
+        if w.rows % 2 != 0 || x.cols != w.cols || norm.cols != x.cols {
             bail!(
-                "ffn_glu: stacked gate/up of {}x{} for x of {} columns",
+                "ffn_glu: stacked gate/up of {}x{} and a norm of {} for x of {} columns",
                 w.rows,
                 w.cols,
-                h.cols
+                norm.cols,
+                x.cols
             );
         }
         self.check()?;
-        let (n, m) = (h.rows, w.rows / 2);
+        let (n, m) = (x.rows, w.rows / 2);
         let act = glu_id(act);
         let out = self.tensor(n, m);
         if let Some(gt) = gemm_type(w.ty).filter(|_| n >= GEMM_MIN_TOKENS) {
+            let h = self.norm(x, None, norm, eps);
             let gu = self.tensor(n, 2 * m);
-            if self.library_gemm(gt, h, w, None, &gu) {
+            if self.library_gemm(gt, &h, w, None, &gu) {
                 self.elementwise(
                     "glu",
                     n * m,
@@ -1362,7 +1456,7 @@ impl Backend for GpuBackend {
             }
         }
         let name = format!("matmul_glu_{}", kernel_type(w.ty).unwrap());
-        // SAFETY: x [n, k], w [2m, k] of row_bytes, out [n, m]
+        // SAFETY: x [n, k], w [2m, k] of row_bytes, norm [k], out [n, m]
         unsafe {
             self.launch(
                 &name,
@@ -1370,13 +1464,15 @@ impl Backend for GpuBackend {
                 128,
                 &[
                     Arg::Ptr(out.buf.ptr),
-                    Arg::Ptr(h.buf.ptr),
+                    Arg::Ptr(x.buf.ptr),
                     Arg::Ptr(w.buf.ptr),
+                    Arg::Ptr(norm.buf.ptr),
                     Arg::U32(n as u32),
-                    Arg::U32(h.cols as u32),
+                    Arg::U32(x.cols as u32),
                     Arg::U32(m as u32),
                     Arg::U32(w.row_bytes as u32),
                     Arg::U32(act),
+                    Arg::F32(eps),
                 ],
             )
         };
@@ -1550,45 +1646,19 @@ impl Backend for GpuBackend {
     }
 
     fn matmul(&self, x: &GpuTensor, w: &GpuWeight, bias: Option<&GpuWeight>) -> GpuTensor {
-        assert_eq!(
-            x.cols, w.cols,
-            "matmul: x has {} columns, weight {}",
-            x.cols, w.cols
-        );
-        if let Some(b) = bias {
-            assert_eq!(
-                b.rows * b.cols,
-                w.rows,
-                "matmul: bias of {} for {} rows",
-                b.cols,
-                w.rows
-            );
-        }
         let out = self.tensor(x.rows, w.rows);
-        if let Some(gt) = gemm_type(w.ty).filter(|_| x.rows >= GEMM_MIN_TOKENS && !self.failed()) {
-            if self.library_gemm(gt, x, w, bias, &out) {
-                return out;
-            }
-        }
-        let name = format!("matmul_{}", kernel_type(w.ty).unwrap());
-        // SAFETY: x [n, k], w [m, k] of row_bytes, bias [m], out [n, m]
-        unsafe {
-            self.launch(
-                &name,
-                [w.rows.div_ceil(4), x.rows.div_ceil(MM_TOKENS), 1],
-                128,
-                &[
-                    Arg::Ptr(out.buf.ptr),
-                    Arg::Ptr(x.buf.ptr),
-                    Arg::Ptr(w.buf.ptr),
-                    Arg::Ptr(bias.map_or(0, |b| b.buf.ptr)),
-                    Arg::U32(x.rows as u32),
-                    Arg::U32(x.cols as u32),
-                    Arg::U32(w.rows as u32),
-                    Arg::U32(w.row_bytes as u32),
-                ],
-            )
-        };
+        self.project(&out, false, x, w, bias, None);
+        out
+    }
+
+    fn matmul_add(&self, residual: &mut GpuTensor, x: &GpuTensor, w: &GpuWeight) {
+        assert_eq!((residual.rows, residual.cols), (x.rows, w.rows));
+        self.project(residual, true, x, w, None, None);
+    }
+
+    fn matmul_normed(&self, x: &GpuTensor, norm: &GpuWeight, eps: f32, w: &GpuWeight) -> GpuTensor {
+        let out = self.tensor(x.rows, w.rows);
+        self.project(&out, false, x, w, None, Some((norm, eps)));
         out
     }
 

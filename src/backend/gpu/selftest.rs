@@ -235,16 +235,18 @@ impl<'a> SelfTest<'a> {
         for (i, ty) in TYPES.into_iter().enumerate() {
             let (cw, gw) = self.stacked(ty, &[m, m], k)?;
             let cw = Stack::Parts(cw);
+            let (cn, gn) = self.vector("ffn_norm", k, 1.0, 0.3)?;
             let act = [Glu::Silu, Glu::GeluTanh][i % 2];
             for n in [1, 5, super::GEMM_MIN_TOKENS + 3] {
-                let x = self.vec(n * k, 1.0);
+                let x = self.vec(n * k, 3.0);
                 let (cx, gx) = self.both(&x, n, k);
-                let c = self.cpu.ffn_glu(&cx, &cw, act)?;
-                let g = self.gpu.ffn_glu(&gx, &gw, act)?;
+                let c = self.cpu.ffn_glu(&cx, &cn, 1e-5, &cw, act)?;
+                let g = self.gpu.ffn_glu(&gx, &gn, 1e-5, &gw, act)?;
                 let tol = match ty {
                     GgmlType::BF16 if n >= super::GEMM_MIN_TOKENS => 2e-2,
                     GgmlType::F16 if n >= super::GEMM_MIN_TOKENS => 4e-3,
-                    _ => 2e-5,
+                    // (the norm's scale applied after the dot product, not before)
+                    _ => 1e-4,
                 };
                 self.close(&format!("ffn_glu {} {act:?} n={n}", ty.name()), &c, &g, tol)?;
             }
@@ -280,6 +282,17 @@ impl<'a> SelfTest<'a> {
                     _ => 2e-5,
                 };
                 self.close(&format!("matmul {} n={n}", ty.name()), &c, &g, tol)?;
+                // the norm fused before it (on the residual stream), and the sum fused after
+                let (cn, gn) = self.vector("norm", k, 1.0, 0.3)?;
+                let c = self.cpu.matmul_normed(&cx, &cn, 1e-5, &cw);
+                let g = self.gpu.matmul_normed(&gx, &gn, 1e-5, &gw);
+                let tol_n = if tol > 2e-5 { tol } else { 1e-4 };
+                self.close(&format!("matmul_normed {} n={n}", ty.name()), &c, &g, tol_n)?;
+                let r = self.vec(n * m, 2.0);
+                let (mut cr, mut gr) = self.both(&r, n, m);
+                self.cpu.matmul_add(&mut cr, &cx, &cw);
+                self.gpu.matmul_add(&mut gr, &gx, &gw);
+                self.close(&format!("matmul_add {} n={n}", ty.name()), &cr, &gr, tol)?;
             }
         }
         Ok(())
@@ -534,6 +547,7 @@ impl<'a> SelfTest<'a> {
                 bias: gb,
                 qk_norm: gn,
             };
+            let (cnorm, gnorm) = self.vector("attn_norm", hidden, 1.0, 0.3)?;
             let mut ck = self.cpu.alloc_kv(shape)?;
             let mut gk = self.gpu.alloc_kv(shape)?;
             // sequence 0: 20 tokens from position 0 (blocks 3, 0); sequence 1: one token at
@@ -558,14 +572,14 @@ impl<'a> SelfTest<'a> {
                     slots: &slots,
                 };
                 let n = positions.len();
-                let x = self.vec(n * hidden, 1.0);
+                let x = self.vec(n * hidden, 3.0);
                 let (cx, gx) = self.both(&x, n, hidden);
                 let args = (eps, layer, hd, &rope, Some(&factors[..]));
                 let cq = self.cpu.attention_input(
-                    &cx, &cw, args.0, &mut ck, args.1, &lay, args.2, args.3, args.4,
+                    &cx, &cnorm, &cw, args.0, &mut ck, args.1, &lay, args.2, args.3, args.4,
                 )?;
                 let gq = self.gpu.attention_input(
-                    &gx, &gw, args.0, &mut gk, args.1, &lay, args.2, args.3, args.4,
+                    &gx, &gnorm, &gw, args.0, &mut gk, args.1, &lay, args.2, args.3, args.4,
                 )?;
                 let what = format!(
                     "attention_input {} {n_heads}/{n_kv} heads x {hd}, bias {bias}, head norms {qk_norm}, {n} tokens",
