@@ -720,6 +720,7 @@ fn kernel_lab_runs_on_the_executor() {
         "copy",
         "matmul bf16 prefill",
         "matmul q4_k",
+        "matmul_normed q4_k",
         "ffn_glu bf16",
         "attention decode",
         "attention prefill",
@@ -731,9 +732,9 @@ fn kernel_lab_runs_on_the_executor() {
             "{op} missing:\n{table}"
         );
     }
-    // 2 types x 2 batches x (2 matmuls + ffn_glu), copy, GEMM, 2 decode + 1 prefill attention,
-    // attention_input, add_rms_norm
-    assert_eq!(report.rows.len(), 12 + 2 + 3 + 1 + 1, "{table}");
+    // 2 types x 2 batches x (2 matmuls + matmul_normed + ffn_glu), copy, GEMM, 2 decode + 1
+    // prefill attention, attention_input, add_rms_norm
+    assert_eq!(report.rows.len(), 16 + 2 + 3 + 1 + 1, "{table}");
     assert!(report.copy_gb_s > 0.0 && report.gemm_tflop_s.is_some_and(|t| t > 0.0));
     for r in &report.rows {
         assert!(r.us > 0.0 && r.of_roofline > 0.0, "{r:?}");

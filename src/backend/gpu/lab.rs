@@ -270,8 +270,8 @@ impl Lab<'_> {
         Ok(())
     }
 
-    /// Each weight type: the attention output projection, the FFN down projection and the
-    /// fused gate/up at each decode batch.
+    /// Each weight type: the attention output projection (plain, and with the norm in its
+    /// prologue), the FFN down projection and the fused gate/up at each decode batch.
     fn matmuls(&mut self) -> Result<()> {
         let (h, f) = (self.sh.hidden, self.sh.ffn);
         for ty in self.sh.types.clone() {
@@ -294,6 +294,14 @@ impl Lab<'_> {
                     let shape = format!("n={n}, {} x {}", w.rows, w.cols);
                     self.push(&format!("{name} {tn}"), shape, secs, bytes, 0.0);
                 }
+                // the same projection with the RMSNorm in its prologue (the residual stream in)
+                let secs = time(gpu, &self.sh, || {
+                    gpu.matmul_normed(&xh, &norm, 1e-5, &wo);
+                    Ok(())
+                })?;
+                let bytes = (wo.rows * wo.row_bytes + 4 * n * (wo.rows + wo.cols)) as f64;
+                let shape = format!("n={n}, {} x {}", wo.rows, wo.cols);
+                self.push(&format!("matmul_normed {tn}"), shape, secs, bytes, 0.0);
                 let secs = time(gpu, &self.sh, || {
                     gpu.ffn_glu(&xh, &norm, 1e-5, &gate_up, Glu::Silu).map(drop)
                 })?;
