@@ -869,3 +869,33 @@ fn recorded_decode_steps_replay_exactly() {
         "device memory left after the backend went"
     );
 }
+
+/// The fusion, counted: one decode step of a llama whose Q/K/V and gate/up share a type
+/// launches 6 kernels per layer (QKV with the norm in its prologue, qkv_post, attn_split,
+/// the output projection into the residual, gate/up with norm and activation, down into the
+/// residual), one embedding gather and one output projection with the final norm: 14 for 2
+/// layers (it was 14 per layer plus 4 before issue 6).
+#[test]
+fn a_fused_decode_step_launches_six_kernels_per_layer() {
+    use GgmlType::*;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    let mut r = test_rnd();
+    let t = Tiny {
+        arch: "llama",
+        types: [Q4K, Q4K, Q4K, Q6K, Q5_0, Q5_0, Q8_0, Q8_0],
+        output: Some(Q6K),
+        layers: 2,
+        rope_freqs: true,
+        vocab: Some(96),
+    };
+    write_tiny(&t, &mut r, &path);
+    let src = ModelSource::open(&path).unwrap();
+    let gpu = GpuBackend::new(Arc::new(HostDevice::default())).without_graphs();
+    let gm = Transformer::load(&gpu, &src).unwrap();
+    let mut gs = Session::new(&gpu, &gm, 64, 8).unwrap();
+    gs.feed(&[1, 2, 3, 4, 5], Logits::Last).unwrap();
+    let before = gpu.launch_count();
+    gs.feed(&[6], Logits::Last).unwrap();
+    assert_eq!(gpu.launch_count() - before, 6 * 2 + 2);
+}

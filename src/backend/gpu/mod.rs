@@ -402,6 +402,8 @@ pub struct GpuBackend {
     use_graphs: bool,
     /// the device could not start a recording: never pad or record again
     cannot_record: std::sync::atomic::AtomicBool,
+    /// kernels and library calls submitted (recorded ones count when recorded)
+    launches: std::sync::atomic::AtomicUsize,
 }
 
 impl GpuBackend {
@@ -414,6 +416,7 @@ impl GpuBackend {
             graphs: Mutex::new(std::collections::HashMap::new()),
             use_graphs: std::env::var("KOJO_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             cannot_record: std::sync::atomic::AtomicBool::new(false),
+            launches: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -428,6 +431,12 @@ impl GpuBackend {
     pub fn without_graphs(mut self) -> Self {
         self.use_graphs = false;
         self
+    }
+
+    /// Kernels and matrix-library calls submitted so far (a step replayed from a recording
+    /// counts nothing: its launches were counted when recorded).
+    pub fn launch_count(&self) -> usize {
+        self.launches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn device(&self) -> &Arc<dyn Device> {
@@ -518,6 +527,8 @@ impl GpuBackend {
         if self.failed() || grid.contains(&0) {
             return;
         }
+        self.launches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let r = Grid::new(grid, block).and_then(|g| self.dev.launch(name, g, args));
         if let Err(e) = r.with_context(|| format!("kernel {name}")) {
             self.fail(e);
@@ -879,6 +890,8 @@ impl GpuBackend {
         if self.failed() {
             return true;
         }
+        self.launches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // SAFETY: a [n, k] and w [m, k] of the type, out [n, m] f32
         match unsafe { self.dev.gemm(gt, n, k, m, a.ptr, w.buf.ptr, out.buf.ptr) } {
             Ok(false) => false,
