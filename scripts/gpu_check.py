@@ -175,7 +175,7 @@ def table(out):
     for what, m, f, p, _ in rows:
         print(f"| {what} | {m} | {f} | {p} |")
     lab = text("lab.out")
-    if lab != "?":
+    if lab not in ("?", ""):
         print()
         print("## Kernel lab (kojo kernels bench)")
         print()
