@@ -408,15 +408,22 @@ fn every_kernel_is_tested() {
     );
 }
 
+/// `t` written as a GGUF file (random weights from `r`) and opened; the folder lives as long as
+/// the returned guard.
+fn open_tiny(t: &Tiny, r: &mut kojo::model::random::Rnd) -> (tempfile::TempDir, ModelSource) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny(t, r, &path);
+    let src = ModelSource::open(&path).unwrap();
+    (dir, src)
+}
+
 /// A tiny random model on both backends: logits of a prompt and of greedy decoding. `fused`:
 /// Q/K/V and gate/up are of one type each, so the GPU stacks them and takes the fused path
 /// (checked by the kernels it launched); else it runs the separate ops.
 fn check_model(t: Tiny, fused: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
     let mut r = test_rnd();
-    write_tiny(&t, &mut r, &path);
-    let src = ModelSource::open(&path).unwrap();
+    let (_dir, src) = open_tiny(&t, &mut r);
     let cpu = CpuBackend::new(MatmulMode::Exact);
     let dev = Arc::new(HostDevice::default());
     let gpu = GpuBackend::new(dev.clone());
@@ -755,8 +762,6 @@ fn recorded_decode_steps_replay_exactly() {
     use kojo::model::transformer::Step;
     use std::sync::atomic::Ordering::Relaxed;
     use GgmlType::*;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
     let mut r = test_rnd();
     let t = Tiny {
         arch: "qwen2",
@@ -766,8 +771,7 @@ fn recorded_decode_steps_replay_exactly() {
         rope_freqs: false,
         vocab: Some(96),
     };
-    write_tiny(&t, &mut r, &path);
-    let src = ModelSource::open(&path).unwrap();
+    let (_dir, src) = open_tiny(&t, &mut r);
     let cpu = CpuBackend::new(MatmulMode::Exact);
     let rec_dev = Arc::new(HostDevice::default());
     let plain_dev = Arc::new(HostDevice::default());
@@ -878,8 +882,6 @@ fn recorded_decode_steps_replay_exactly() {
 #[test]
 fn a_fused_decode_step_launches_six_kernels_per_layer() {
     use GgmlType::*;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
     let mut r = test_rnd();
     let t = Tiny {
         arch: "llama",
@@ -889,8 +891,7 @@ fn a_fused_decode_step_launches_six_kernels_per_layer() {
         rope_freqs: true,
         vocab: Some(96),
     };
-    write_tiny(&t, &mut r, &path);
-    let src = ModelSource::open(&path).unwrap();
+    let (_dir, src) = open_tiny(&t, &mut r);
     let gpu = GpuBackend::new(Arc::new(HostDevice::default())).without_graphs();
     let gm = Transformer::load(&gpu, &src).unwrap();
     let mut gs = Session::new(&gpu, &gm, 64, 8).unwrap();

@@ -961,16 +961,7 @@ impl GpuBackend {
             let tmp = accumulate.then(|| self.tensor(out.rows, out.cols));
             if self.library_gemm(gt, xin, w, bias, tmp.as_ref().unwrap_or(out)) {
                 if let Some(t) = tmp {
-                    let n = t.rows * t.cols;
-                    self.elementwise(
-                        "add_inplace",
-                        n,
-                        &[
-                            Arg::Ptr(out.buf.ptr),
-                            Arg::Ptr(t.buf.ptr),
-                            Arg::U32(n as u32),
-                        ],
-                    );
+                    self.add_into(out, &t);
                 }
                 return;
             }
@@ -998,6 +989,21 @@ impl GpuBackend {
                 ],
             )
         };
+    }
+
+    /// `out += x`, element-wise (the device writes through the shared handle).
+    fn add_into(&self, out: &GpuTensor, x: &GpuTensor) {
+        assert_eq!((out.rows, out.cols), (x.rows, x.cols));
+        let n = x.rows * x.cols;
+        self.elementwise(
+            "add_inplace",
+            n,
+            &[
+                Arg::Ptr(out.buf.ptr),
+                Arg::Ptr(x.buf.ptr),
+                Arg::U32(n as u32),
+            ],
+        );
     }
 
     /// RMSNorm of every `w.cols`-wide segment of `r` (after `r += x` when `x` is given).
@@ -1645,17 +1651,7 @@ impl Backend for GpuBackend {
     }
 
     fn add(&self, residual: &mut GpuTensor, x: &GpuTensor) {
-        assert_eq!((residual.rows, residual.cols), (x.rows, x.cols));
-        let n = x.rows * x.cols;
-        self.elementwise(
-            "add_inplace",
-            n,
-            &[
-                Arg::Ptr(residual.buf.ptr),
-                Arg::Ptr(x.buf.ptr),
-                Arg::U32(n as u32),
-            ],
-        );
+        self.add_into(residual, x);
     }
 
     fn matmul(&self, x: &GpuTensor, w: &GpuWeight, bias: Option<&GpuWeight>) -> GpuTensor {
