@@ -97,14 +97,19 @@ enum Cmd {
 }
 
 fn main() {
-    // Behave like a Unix tool when stdout closes early (`kojo inspect m.gguf | head`).
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
+    // The one-shot tools behave like Unix tools when stdout closes early (`kojo inspect m.gguf
+    // | head`). The servers keep Rust's default (SIGPIPE ignored): a client that closes its
+    // socket, or a closed stderr, is a failed write to handle, never the end of the process.
+    if !matches!(cli.cmd, Cmd::Serve(_) | Cmd::BenchServe(_)) {
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "error: {e:#}");
         std::process::exit(1);
     }
 }

@@ -18,10 +18,18 @@ pub struct ServeArgs {
     /// The model id clients use (default: the file name without extension).
     #[arg(long)]
     pub served_model_name: Option<String>,
-    /// Require this API key (repeatable); every route but /health then needs
-    /// `Authorization: Bearer KEY`.
-    #[arg(long)]
+    /// Require this API key (repeatable; also `KOJO_API_KEY`, comma-separated); every route
+    /// but /health (and /metrics, unless --metrics-auth) then needs `Authorization: Bearer KEY`.
+    #[arg(
+        long,
+        env = "KOJO_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub api_key: Vec<String>,
+    /// /metrics needs an API key too (by default it is open, as Prometheus scrapes it).
+    #[arg(long)]
+    pub metrics_auth: bool,
     /// A file with one API key per line.
     #[arg(long)]
     pub api_key_file: Option<PathBuf>,
@@ -49,9 +57,30 @@ pub struct ServeArgs {
     /// Largest request body in bytes (413 above).
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
-    /// Seconds to drain in-flight requests after SIGTERM/SIGINT.
+    /// Seconds to drain in-flight requests after SIGTERM/SIGINT (exit status 1 when the
+    /// deadline cuts requests off).
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Open connections at most; past it a new connection gets a 503 and is closed.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a client may take to send a request's headers.
+    #[arg(long, default_value_t = 10.0)]
+    pub header_timeout: f64,
+    /// Seconds a client may take to send a request's body (408 after).
+    #[arg(long, default_value_t = 30.0)]
+    pub body_timeout: f64,
+    /// Seconds an idle keep-alive connection stays open.
+    #[arg(long, default_value_t = 5.0)]
+    pub keep_alive_timeout: f64,
+    /// Seconds a response may wait on a client that does not read (a stalled stream is then
+    /// closed, and its request aborted).
+    #[arg(long, default_value_t = 30.0)]
+    pub write_timeout: f64,
+    /// Tokenizing, detokenizing and template rendering run on at most this many threads
+    /// beside the async runtime (default: the CPU count).
+    #[arg(long)]
+    pub tokenizer_threads: Option<usize>,
     #[command(flatten)]
     pub cpu: crate::gen_cmd::CpuArgs,
     #[command(flatten)]
@@ -65,6 +94,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // a closed stderr loses log lines, nothing else
+        .log_internal_errors(false)
         .init();
     a.cpu.init_threads()?;
     // a machine without the device fails here, in one line, before listening
@@ -93,6 +124,20 @@ pub fn run(a: ServeArgs) -> Result<()> {
             bail!("{name} must be at least 1");
         }
     }
+    for (name, v) in [
+        ("--header-timeout", a.header_timeout),
+        ("--body-timeout", a.body_timeout),
+        ("--keep-alive-timeout", a.keep_alive_timeout),
+        ("--write-timeout", a.write_timeout),
+    ] {
+        if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+            bail!("{name} must be a number of seconds in (0, 86400], got {v}");
+        }
+    }
+    if a.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    let secs = Duration::from_secs_f64;
     let served = a.served_model_name.clone().unwrap_or_else(|| {
         a.model
             .file_stem()
@@ -114,6 +159,18 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_waiting_tokens: a.max_waiting_tokens,
         max_body_bytes: a.max_body_bytes,
         shutdown_timeout: Duration::from_secs(a.shutdown_timeout),
+        metrics_auth: a.metrics_auth,
+        conn: kojo::api::listen::ConnLimits {
+            max_connections: a.max_connections,
+            header_timeout: secs(a.header_timeout),
+            keep_alive_timeout: secs(a.keep_alive_timeout),
+            write_timeout: secs(a.write_timeout),
+        },
+        body_timeout: secs(a.body_timeout),
+        tokenizer_threads: a
+            .tokenizer_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1),
         matmul: a.cpu.matmul,
         target: a.device.device,
         kernel_dir: a.device.kernel_dir.clone(),

@@ -2,6 +2,7 @@
 //!
 //! - [`wire`]: request types as clients send them, validated into `Valid*` types
 //! - [`error`]: OpenAI-style error bodies
+//! - [`listen`]: the HTTP/1.1 accept loop: connection cap, header, keep-alive and write timeouts
 //! - [`serve`]: `kojo serve`: loading, routes, auth, shutdown
 //! - [`respond`]: running one request's choices on the engine: detokenizing, stop strings,
 //!   log-probabilities, SSE chunks and final bodies
@@ -10,6 +11,7 @@
 //! pool), submits to the engine, and turns each choice's event stream into text.
 
 pub mod error;
+pub mod listen;
 pub mod respond;
 pub mod serve;
 pub mod wire;

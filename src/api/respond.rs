@@ -5,7 +5,7 @@
 use super::error::ApiError;
 use super::wire::ValidParams;
 use crate::engine::metrics::Metrics;
-use crate::engine::{EngineHandle, EngineRequest, Event, Finish, TokenLogprob};
+use crate::engine::{EngineHandle, EngineRequest, EngineStatus, Event, Finish, TokenLogprob};
 use crate::sampling::stop::StopMatcher;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::stream::drain_utf8;
@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{StreamExt, StreamMap};
@@ -153,26 +153,118 @@ impl Choice {
     }
 }
 
-/// Counts the request's outcome once; a request dropped before finishing is an abort.
-struct Outcome {
+/// One request's metrics as its events arrive. The counters move at once: each prompt's tokens
+/// when one of its choices is first scheduled (so once, however many choices, cached tokens
+/// included, a recompute after a preemption not), each token as it arrives (so the sum is the
+/// usage's `completion_tokens`). The outcome and the per-request histograms are recorded once,
+/// when the request ends; a request dropped before that is an abort.
+///
+/// The request's phases are timed here on the HTTP side, not in the engine, from the arrival of
+/// its events: the first `Event::Scheduled` of any choice (the engine sends it when it first
+/// schedules a sequence), the first and the last `Event::Token` of any choice. Each lags the
+/// engine's own instant by one channel hop.
+struct Ledger {
     metrics: Arc<Metrics>,
+    arrived: Instant,
+    /// choices per prompt
+    n: usize,
+    /// `[prompts]` prompt tokens, until counted
+    uncounted: Vec<Option<usize>>,
+    scheduled: Option<Instant>,
+    /// the request's first and last token
+    first: Option<Instant>,
+    last: Option<Instant>,
+    /// `[choices]` first token, last token, tokens
+    per_choice: Vec<Option<(Instant, Instant, usize)>>,
     done: bool,
 }
 
-impl Outcome {
-    fn set(&mut self, o: &str) {
+impl Ledger {
+    fn new(metrics: Arc<Metrics>, job: &Job, total: usize) -> Self {
+        Ledger {
+            metrics,
+            arrived: job.arrived,
+            n: job.params.n,
+            uncounted: job.prompts.iter().map(|p| Some(p.len())).collect(),
+            scheduled: None,
+            first: None,
+            last: None,
+            per_choice: vec![None; total],
+            done: false,
+        }
+    }
+
+    /// Choice `i` was first scheduled, `cached` of its `prompt_len` tokens from the cache.
+    fn scheduled(&mut self, i: usize, prompt_len: usize, cached: usize) {
+        let m = &self.metrics;
+        self.scheduled.get_or_insert_with(Instant::now);
+        m.prefix_query_tokens.add(prompt_len as u64);
+        m.prefix_hit_tokens.add(cached as u64);
+        if let Some(len) = self.uncounted[i / self.n].take() {
+            m.prompt_tokens.add(len as u64);
+        }
+    }
+
+    fn token(&mut self, i: usize) {
+        let m = &self.metrics;
+        let now = Instant::now();
+        m.generation_tokens.add(1);
+        if self.first.is_none() {
+            m.ttft.observe((now - self.arrived).as_secs_f64());
+            self.first = Some(now);
+        }
+        self.last = Some(now);
+        self.per_choice[i] = Some(match self.per_choice[i] {
+            None => (now, now, 1),
+            Some((first, last, k)) => {
+                m.itl.observe((now - last).as_secs_f64());
+                (first, now, k + 1)
+            }
+        });
+    }
+
+    fn end(&mut self, outcome: &str) {
         if !self.done {
-            self.metrics.outcome(o);
+            self.metrics.outcome(outcome);
             self.done = true;
         }
     }
+
+    /// The request finished for `reason`: its histograms, its outcome.
+    fn finish(&mut self, reason: &str, prompt_tokens: usize, completion_tokens: usize) {
+        if self.done {
+            return;
+        }
+        let m = &self.metrics;
+        let now = Instant::now();
+        let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();
+        let scheduled = self.scheduled.unwrap_or(now);
+        let first = self.first.unwrap_or(now);
+        let last = self.last.unwrap_or(first);
+        m.e2e.observe(secs(self.arrived, now));
+        m.queue_time.observe(secs(self.arrived, scheduled));
+        m.prefill_time.observe(secs(scheduled, first));
+        m.decode_time.observe(secs(first, last));
+        m.inference_time.observe(secs(scheduled, last));
+        let tpots: Vec<f64> = self
+            .per_choice
+            .iter()
+            .flatten()
+            .filter(|c| c.2 > 1)
+            .map(|&(a, b, k)| secs(a, b) / (k - 1) as f64)
+            .collect();
+        m.request_tpot
+            .observe(tpots.iter().sum::<f64>() / tpots.len().max(1) as f64);
+        m.request_prompt_tokens.observe(prompt_tokens as f64);
+        m.request_generation_tokens
+            .observe(completion_tokens as f64);
+        self.end(reason);
+    }
 }
 
-impl Drop for Outcome {
+impl Drop for Ledger {
     fn drop(&mut self) {
-        if !self.done {
-            self.metrics.outcome("abort");
-        }
+        self.end("abort");
     }
 }
 
@@ -218,7 +310,7 @@ fn submit(
                     events: tx,
                     arrived: job.arrived,
                 })
-                .map_err(ApiError::internal)?;
+                .map_err(ApiError::unavailable)?;
             map.insert(index, UnboundedReceiverStream::new(rx));
         }
     }
@@ -243,6 +335,14 @@ fn completion_logprobs(entries: &[Value]) -> Value {
     })
 }
 
+/// Why the engine ended a request's stream unfinished (it stopped; its reason may take a
+/// moment to be set, as the stream ends while the engine thread unwinds).
+async fn why_stopped(status: &EngineStatus) -> String {
+    tokio::time::timeout(Duration::from_millis(500), status.stopped())
+        .await
+        .unwrap_or_else(|_| "the engine stopped before the request finished".into())
+}
+
 /// Run the job and answer: a JSON body, or an SSE stream.
 pub async fn respond(engine: EngineHandle, tok: Arc<Tokenizer>, job: Job) -> Response {
     let metrics = engine.metrics.clone();
@@ -250,75 +350,61 @@ pub async fn respond(engine: EngineHandle, tok: Arc<Tokenizer>, job: Job) -> Res
         Ok(s) => s,
         Err(e) => return e.into_response(),
     };
-    let outcome = Outcome {
-        metrics: metrics.clone(),
-        done: false,
-    };
+    let ledger = Ledger::new(metrics, &job, streams.len());
+    let status = engine.status.clone();
     if job.params.stream {
-        stream(job, tok, streams, outcome, metrics)
+        stream(job, tok, streams, ledger, status)
     } else {
-        whole(job, tok, streams, outcome, metrics).await
+        whole(job, tok, streams, ledger, status).await
     }
 }
 
-struct Timing {
-    first: Option<Instant>,
-    last: Option<Instant>,
-}
-
-impl Timing {
-    fn token(&mut self, m: &Metrics, arrived: Instant) {
-        let now = Instant::now();
-        match self.last {
-            None => m.ttft.observe((now - arrived).as_secs_f64()),
-            Some(t) => m.itl.observe((now - t).as_secs_f64()),
-        }
-        self.first.get_or_insert(now);
-        self.last = Some(now);
-    }
-}
-
-/// One request's choices as their events arrive: text, cached prompt tokens, latencies.
+/// One request's choices as their events arrive: text, cached prompt tokens, metrics.
 struct Progress {
     choices: Vec<Choice>,
     /// `[prompts]` prompt tokens found in the prefix cache
     cached: Vec<usize>,
-    timing: Timing,
+    ledger: Ledger,
 }
 
 impl Progress {
-    fn new(job: &Job, total: usize) -> Self {
+    fn new(job: &Job, total: usize, ledger: Ledger) -> Self {
         Progress {
             choices: (0..total)
                 .map(|i| Choice::new(i, &job.params.stop))
                 .collect(),
             cached: vec![0; job.prompts.len()],
-            timing: Timing {
-                first: None,
-                last: None,
-            },
+            ledger,
         }
     }
 
     /// Apply choice `i`'s event; `None` when there is nothing to tell the client.
-    fn on_event(
-        &mut self,
-        job: &Job,
-        tok: &Tokenizer,
-        m: &Metrics,
-        i: usize,
-        ev: Event,
-    ) -> Option<Step> {
+    fn on_event(&mut self, job: &Job, tok: &Tokenizer, i: usize, ev: Event) -> Option<Step> {
+        let n = job.params.n;
         if let Event::Scheduled { cached_tokens } = ev {
-            if i % job.params.n == 0 {
-                self.cached[i / job.params.n] = cached_tokens;
+            if i % n == 0 {
+                self.cached[i / n] = cached_tokens;
             }
+            self.ledger
+                .scheduled(i, job.prompts[i / n].len(), cached_tokens);
             return None;
         }
         if matches!(ev, Event::Token { .. }) {
-            self.timing.token(m, job.arrived);
+            self.ledger.token(i);
         }
         self.choices[i].on_event(job.kind, tok, ev)
+    }
+
+    fn fail(&mut self) {
+        self.ledger.end("error");
+    }
+
+    /// Record the finished request (its usage must be what the client got).
+    fn finish(&mut self, job: &Job) {
+        let prompt_tokens = job.prompts.iter().map(Vec::len).sum();
+        let completion = self.choices.iter().map(|c| c.tokens).sum();
+        self.ledger
+            .finish(self.outcome(), prompt_tokens, completion);
     }
 
     fn unfinished(&self) -> bool {
@@ -345,31 +431,28 @@ async fn whole(
     job: Job,
     tok: Arc<Tokenizer>,
     mut streams: StreamMap<usize, UnboundedReceiverStream<Event>>,
-    mut outcome: Outcome,
-    metrics: Arc<Metrics>,
+    ledger: Ledger,
+    status: Arc<EngineStatus>,
 ) -> Response {
-    let mut progress = Progress::new(&job, streams.len());
+    let mut progress = Progress::new(&job, streams.len(), ledger);
     while let Some((i, ev)) = streams.next().await {
-        match progress.on_event(&job, &tok, &metrics, i, ev) {
+        match progress.on_event(&job, &tok, i, ev) {
             Some(Step::Finished(..)) => {
                 streams.remove(&i); // a stop string: the engine aborts the rest
             }
             Some(Step::Error(e)) => {
-                outcome.set("error");
+                progress.fail();
                 return ApiError::internal(e).into_response();
             }
             _ => {}
         }
     }
     if progress.unfinished() {
-        outcome.set("error");
-        return ApiError::internal("the engine stopped before the request finished")
-            .into_response();
+        progress.fail();
+        return ApiError::unavailable(why_stopped(&status).await).into_response();
     }
     let usage = progress.usage(&job);
-    metrics.e2e.observe(job.arrived.elapsed().as_secs_f64());
-    let reason = progress.outcome();
-    outcome.set(reason);
+    progress.finish(&job);
     let choices = &progress.choices;
     let body = match job.kind {
         Kind::Chat => json!({
@@ -405,13 +488,13 @@ fn stream(
     job: Job,
     tok: Arc<Tokenizer>,
     mut streams: StreamMap<usize, UnboundedReceiverStream<Event>>,
-    mut outcome: Outcome,
-    metrics: Arc<Metrics>,
+    ledger: Ledger,
+    status: Arc<EngineStatus>,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
         let total = streams.len();
-        let mut progress = Progress::new(&job, total);
+        let mut progress = Progress::new(&job, total, ledger);
         let with_usage = job.params.include_usage;
         let object = match job.kind {
             Kind::Chat => "chat.completion.chunk",
@@ -460,7 +543,7 @@ fn stream(
             }
         }
         while let Some((i, ev)) = streams.next().await {
-            let out = match progress.on_event(&job, &tok, &metrics, i, ev) {
+            let out = match progress.on_event(&job, &tok, i, ev) {
                 None => continue,
                 Some(Step::Text(t, lp)) => {
                     if t.is_empty() && lp.is_none() {
@@ -488,7 +571,7 @@ fn stream(
                     v
                 }
                 Some(Step::Error(e)) => {
-                    outcome.set("error");
+                    progress.fail();
                     let _ = tx
                         .send(Ok(
                             SseEvent::default().data(ApiError::internal(e).body().to_string())
@@ -504,9 +587,16 @@ fn stream(
             }
         }
         if progress.unfinished() {
-            outcome.set("error");
+            // the engine dropped the request without a word: it died
+            progress.fail();
+            let e = ApiError::unavailable(why_stopped(&status).await);
+            let _ = tx
+                .send(Ok(SseEvent::default().data(e.body().to_string())))
+                .await;
             return;
         }
+        // counted before `[DONE]`: a client that reads /metrics next sees its request
+        progress.finish(&job);
         if with_usage {
             let u = json!({
                 "id": job.id, "object": object, "created": job.created, "model": job.model,
@@ -516,8 +606,6 @@ fn stream(
             let _ = tx.send(Ok(SseEvent::default().data(u.to_string()))).await;
         }
         let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
-        metrics.e2e.observe(job.arrived.elapsed().as_secs_f64());
-        outcome.set(progress.outcome());
     });
     Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
         .keep_alive(KeepAlive::default())

@@ -3,6 +3,7 @@
 //! control and graceful shutdown live here.
 
 use super::error::ApiError;
+use super::listen::ConnLimits;
 use super::respond::{respond, Job, Kind};
 use super::wire::{ChatRequest, CompletionRequest, PromptInput};
 use crate::backend::cpu::{CpuBackend, MatmulMode};
@@ -26,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
 
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -47,6 +49,13 @@ pub struct ServeConfig {
     pub max_waiting_tokens: usize,
     pub max_body_bytes: usize,
     pub shutdown_timeout: Duration,
+    /// /metrics needs a key too (when keys are configured)
+    pub metrics_auth: bool,
+    pub conn: ConnLimits,
+    /// time to read a request's whole body
+    pub body_timeout: Duration,
+    /// tokenizer, detokenizer and template jobs running at once
+    pub tokenizer_threads: usize,
     pub matmul: MatmulMode,
     pub target: Target,
     /// Kernel sources to compile instead of the embedded ones (GPU only).
@@ -60,6 +69,28 @@ pub struct Ready {
     pub engine: EngineHandle,
     pub max_model_len: usize,
     pub vocab: usize,
+    /// the longest token's bytes, plus one: a text of B bytes has at least B / this tokens
+    pub max_bytes_per_token: usize,
+}
+
+impl Ready {
+    /// A 400 for a text whose byte length alone proves it does not fit the context, before
+    /// anything tokenizes it.
+    fn precheck(&self, param: &str, text: &str) -> Result<(), ApiError> {
+        let least = text.len().div_ceil(self.max_bytes_per_token.max(1));
+        if least >= self.max_model_len {
+            return Err(ApiError::invalid(
+                param,
+                format!(
+                    "the prompt has {} bytes, so at least {least} tokens; this server's context \
+                     is {}",
+                    text.len(),
+                    self.max_model_len
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 pub struct AppState {
@@ -68,6 +99,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     next_id: AtomicU64,
     started: u64,
+    /// bounds the tokenizer work beside the async runtime
+    blocking: Arc<Semaphore>,
 }
 
 type St = State<Arc<AppState>>;
@@ -81,7 +114,28 @@ fn now_secs() -> u64 {
 
 impl AppState {
     fn ready(&self) -> Result<&Ready, ApiError> {
-        self.ready.get().ok_or_else(ApiError::loading)
+        let r = self.ready.get().ok_or_else(ApiError::loading)?;
+        match r.engine.status.failure() {
+            Some(why) => Err(ApiError::unavailable(why)),
+            None => Ok(r),
+        }
+    }
+
+    /// Run `f` (tokenizing, detokenizing, rendering a template) on the blocking pool, at most
+    /// `--tokenizer-threads` at once, so the async workers keep serving.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let _permit = self
+            .blocking
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| ApiError::internal(format!("tokenizer task: {e}")))?
     }
 
     fn new_id(&self, prefix: &str) -> String {
@@ -97,17 +151,34 @@ impl AppState {
         }
     }
 
-    /// 429 when the queue is full by requests or by prompt tokens.
-    fn admit(&self, new_tokens: usize) -> Result<(), ApiError> {
+    /// Admission by what the request adds to the queue: `seqs` sequences (prompts × n) and
+    /// their prompt tokens. 400 when the request alone exceeds a limit (it could never be
+    /// admitted), 429 when the queue is too full now.
+    fn admit(&self, seqs: usize, new_tokens: usize) -> Result<(), ApiError> {
         let m = &self.metrics;
-        if m.waiting.get() as usize >= self.cfg.max_waiting {
+        let (max_w, max_t) = (self.cfg.max_waiting, self.cfg.max_waiting_tokens);
+        if seqs > max_w {
+            m.outcome("invalid");
+            return Err(ApiError::invalid(
+                "n",
+                format!("the request has {seqs} sequences (prompts × n); this server queues {max_w} at most"),
+            ));
+        }
+        if new_tokens > max_t {
+            m.outcome("invalid");
+            return Err(ApiError::invalid(
+                "prompt",
+                format!("the request queues {new_tokens} prompt tokens (prompts × n); this server queues {max_t} at most"),
+            ));
+        }
+        if m.waiting.get() as usize + seqs > max_w {
             m.outcome("rejected");
             return Err(ApiError::overloaded(format!(
-                "{} requests are already waiting; retry later",
+                "{} sequences are already waiting; retry later",
                 m.waiting.get()
             )));
         }
-        if m.waiting_tokens.get() as usize + new_tokens > self.cfg.max_waiting_tokens {
+        if m.waiting_tokens.get() as usize + new_tokens > max_t {
             m.outcome("rejected");
             return Err(ApiError::overloaded(
                 "too many prompt tokens are waiting; retry later",
@@ -162,29 +233,42 @@ async fn chat(State(st): St, body: Bytes) -> Result<Response, ApiError> {
     if v.params.max_tokens.is_none() {
         v.params.max_tokens = st.cfg.default_max_tokens;
     }
-    let Some(tmpl) = r.template.as_ref() else {
+    if r.template.is_none() {
+        st.metrics.outcome("invalid");
         return Err(ApiError::bad_request(
             "this model has no chat template; use /v1/completions",
         ));
-    };
-    let text = tmpl
-        .render(&v.messages, true, None)
-        .map_err(|e| ApiError::bad_request(format!("the chat template failed: {e}")))?;
-    let tok = r.tok.clone();
-    let ids = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, String> {
-        let mut ids = tok.encode(&text, false, true).map_err(|e| e.to_string())?;
-        if let (true, Some(bos)) = (tok.adds_bos(), tok.bos()) {
-            if ids.first() != Some(&bos) {
-                ids.insert(0, bos);
+    }
+    let messages = std::mem::take(&mut v.messages);
+    let st2 = st.clone();
+    let ids = st
+        .blocking(move || {
+            let r = st2.ready()?;
+            let Some(tmpl) = r.template.as_ref() else {
+                return Err(ApiError::bad_request(
+                    "this model has no chat template; use /v1/completions",
+                ));
+            };
+            let text = tmpl
+                .render(&messages, true, None)
+                .map_err(|e| ApiError::bad_request(format!("the chat template failed: {e}")))?;
+            r.precheck("messages", &text)?;
+            let tok = &r.tok;
+            let mut ids = tok
+                .encode(&text, false, true)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            if let (true, Some(bos)) = (tok.adds_bos(), tok.bos()) {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
             }
-        }
-        Ok(ids)
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
-    .map_err(ApiError::bad_request)?;
-    check_length(ids.len(), v.params.max_tokens, r.max_model_len)?;
-    st.admit(ids.len() * v.params.n)?;
+            Ok(ids)
+        })
+        .await
+        .inspect_err(|_| st.metrics.outcome("invalid"))?;
+    check_length(ids.len(), v.params.max_tokens, r.max_model_len)
+        .inspect_err(|_| st.metrics.outcome("invalid"))?;
+    st.admit(v.params.n, ids.len() * v.params.n)?;
     let job = Job {
         kind: Kind::Chat,
         id: st.new_id("chatcmpl"),
@@ -207,23 +291,31 @@ async fn completions(State(st): St, body: Bytes) -> Result<Response, ApiError> {
     );
     let model = req.common.model()?;
     st.check_model(&model)?;
-    let v = req
+    let mut v = req
         .validate(r.vocab)
         .inspect_err(|_| st.metrics.outcome("invalid"))?;
-    let tok = r.tok.clone();
-    let inputs = v.prompts.clone();
-    let (prompts, texts) =
-        tokio::task::spawn_blocking(move || -> Result<(Vec<Vec<u32>>, Vec<String>), String> {
+    let inputs = std::mem::take(&mut v.prompts);
+    let st2 = st.clone();
+    let (prompts, texts) = st
+        .blocking(move || {
+            let r = st2.ready()?;
+            let tok = &r.tok;
+            let bad = |e: crate::tokenizer::TokenizerError| ApiError::bad_request(e.to_string());
+            for p in &inputs {
+                if let PromptInput::Text(t) = p {
+                    r.precheck("prompt", t)?;
+                }
+            }
             let mut ids = Vec::new();
             let mut texts = Vec::new();
             for p in inputs {
                 match p {
                     PromptInput::Text(t) => {
-                        ids.push(tok.encode(&t, true, true).map_err(|e| e.to_string())?);
+                        ids.push(tok.encode(&t, true, true).map_err(bad)?);
                         texts.push(t);
                     }
                     PromptInput::Ids(i) => {
-                        texts.push(tok.decode(&i, false).map_err(|e| e.to_string())?);
+                        texts.push(tok.decode(&i, false).map_err(bad)?);
                         ids.push(i);
                     }
                 }
@@ -231,8 +323,7 @@ async fn completions(State(st): St, body: Bytes) -> Result<Response, ApiError> {
             Ok((ids, texts))
         })
         .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(ApiError::bad_request)?;
+        .inspect_err(|_| st.metrics.outcome("invalid"))?;
     for p in &prompts {
         check_length(p.len(), v.params.max_tokens, r.max_model_len).map_err(|mut e| {
             if e.param.as_deref() == Some("messages") {
@@ -241,7 +332,11 @@ async fn completions(State(st): St, body: Bytes) -> Result<Response, ApiError> {
             e
         })?;
     }
-    st.admit(prompts.iter().map(Vec::len).sum::<usize>() * v.params.n)?;
+    let n = v.params.n;
+    st.admit(
+        prompts.len() * n,
+        prompts.iter().map(Vec::len).sum::<usize>() * n,
+    )?;
     let job = Job {
         kind: Kind::Completion,
         id: st.new_id("cmpl"),
@@ -263,10 +358,11 @@ async fn models(State(st): St) -> Json<Value> {
     }]}))
 }
 
+/// 200 while the engine can serve; 503 while loading and from the moment the engine stops.
 async fn health(State(st): St) -> Response {
-    match st.ready.get() {
-        Some(_) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
-        None => ApiError::loading().into_response(),
+    match st.ready() {
+        Ok(_) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -279,43 +375,53 @@ async fn metrics(State(st): St) -> Response {
 }
 
 async fn tokenize(State(st): St, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let v: Value = parse(&body)?;
-    let r = st.ready()?;
+    let mut v: Value = parse(&body)?;
+    drop(body);
+    st.ready()?;
     if let Some(m) = v.get("model").and_then(|m| m.as_str()) {
         st.check_model(m)?;
     }
-    let text = match (v.get("prompt").or_else(|| v.get("text")), v.get("messages")) {
-        (Some(Value::String(s)), _) => s.clone(),
-        (_, Some(msgs)) => {
-            let req: ChatRequest =
-                serde_json::from_value(json!({"model": st.cfg.served_name, "messages": msgs}))
-                    .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-            let valid = req.validate(r.vocab)?;
-            let tmpl = r
-                .template
-                .as_ref()
-                .ok_or_else(|| ApiError::bad_request("this model has no chat template"))?;
-            tmpl.render(&valid.messages, true, None)
-                .map_err(|e| ApiError::bad_request(e.to_string()))?
-        }
-        _ => {
-            return Err(ApiError::invalid(
-                "prompt",
-                "`prompt` (a string) or `messages` is required",
-            ))
-        }
-    };
-    let add_special = v
-        .get("add_special_tokens")
-        .and_then(|b| b.as_bool())
-        .unwrap_or(true);
-    let ids = r
-        .tok
-        .encode(&text, add_special, true)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    Ok(Json(
-        json!({"tokens": ids, "count": ids.len(), "max_model_len": r.max_model_len}),
-    ))
+    let st2 = st.clone();
+    st.blocking(move || {
+        let r = st2.ready()?;
+        let text = match (
+            v.get_mut("prompt").map(Value::take),
+            v.get_mut("text").map(Value::take),
+            v.get("messages"),
+        ) {
+            (Some(Value::String(s)), _, _) | (None, Some(Value::String(s)), _) => s,
+            (_, _, Some(msgs)) => {
+                let req: ChatRequest =
+                    serde_json::from_value(json!({"model": st2.cfg.served_name, "messages": msgs}))
+                        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+                let valid = req.validate(r.vocab)?;
+                let tmpl = r
+                    .template
+                    .as_ref()
+                    .ok_or_else(|| ApiError::bad_request("this model has no chat template"))?;
+                tmpl.render(&valid.messages, true, None)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "`prompt` (a string) or `messages` is required",
+                ))
+            }
+        };
+        let add_special = v
+            .get("add_special_tokens")
+            .and_then(|b| b.as_bool())
+            .unwrap_or(true);
+        let ids = r
+            .tok
+            .encode(&text, add_special, true)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Ok(Json(
+            json!({"tokens": ids, "count": ids.len(), "max_model_len": r.max_model_len}),
+        ))
+    })
+    .await
 }
 
 async fn detokenize(State(st): St, body: Bytes) -> Result<Json<Value>, ApiError> {
@@ -339,23 +445,37 @@ async fn detokenize(State(st): St, body: Bytes) -> Result<Json<Value>, ApiError>
                 format!("`tokens` must be a list of token ids below {}", r.vocab),
             )
         })?;
-    let text = r
-        .tok
-        .decode(&ids, false)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let st2 = st.clone();
+    let text = st
+        .blocking(move || {
+            st2.ready()?
+                .tok
+                .decode(&ids, false)
+                .map_err(|e| ApiError::bad_request(e.to_string()))
+        })
+        .await?;
     Ok(Json(json!({"prompt": text})))
 }
 
-/// Every route but /health needs a key when keys are configured (constant-time compare).
+/// Every route but /health (and /metrics, unless `--metrics-auth`) needs a key when keys are
+/// configured: `Authorization: Bearer KEY`, the scheme in any case (RFC 9110), the key
+/// compared in constant time.
 async fn auth(State(st): St, req: Request, next: Next) -> Response {
-    if st.cfg.api_keys.is_empty() || req.uri().path() == "/health" {
+    let path = req.uri().path();
+    if st.cfg.api_keys.is_empty()
+        || path == "/health"
+        || (path == "/metrics" && !st.cfg.metrics_auth)
+    {
         return next.run(req).await;
     }
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
+        .and_then(|h| {
+            let (scheme, key) = h.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+        })
         .unwrap_or("");
     let mut ok = 0u8;
     for k in &st.cfg.api_keys {
@@ -366,6 +486,49 @@ async fn auth(State(st): St, req: Request, next: Next) -> Response {
     } else {
         ApiError::unauthorized().into_response()
     }
+}
+
+/// Read a request's whole body under one deadline (`--body-timeout`: 408 after it), refusing
+/// at once one whose `Content-Length` is over `--max-body-bytes` (413 before a byte of it is
+/// read, so a client that sent `Expect: 100-continue` never gets its 100).
+async fn read_body(State(st): St, req: Request, next: Next) -> Response {
+    let max = st.cfg.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return ApiError::too_large(format!(
+            "the body has {} bytes; this server takes {max} at most (--max-body-bytes)",
+            declared.unwrap_or(0)
+        ))
+        .into_response();
+    }
+    let (parts, body) = req.into_parts();
+    let bytes =
+        match tokio::time::timeout(st.cfg.body_timeout, axum::body::to_bytes(body, max)).await {
+            Err(_) => {
+                return ApiError::timeout(format!(
+                    "the body did not arrive within {:?} (--body-timeout)",
+                    st.cfg.body_timeout
+                ))
+                .into_response()
+            }
+            Ok(Err(e)) => {
+                let too_large = std::error::Error::source(&e)
+                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+                return if too_large {
+                    ApiError::too_large(format!("the body is over {max} bytes (--max-body-bytes)"))
+                } else {
+                    ApiError::bad_request(format!("reading the body: {e}"))
+                }
+                .into_response();
+            }
+            Ok(Ok(b)) => b,
+        };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// Errors axum produces itself (404, 405, 413, 415) get OpenAI-style JSON bodies too; every
@@ -401,6 +564,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
         .layer(middleware::from_fn(finish))
@@ -449,9 +613,17 @@ where
 {
     let model = Transformer::load(&be, src)?;
     let max_model_len = cfg.max_model_len.min(model.cfg.context_length);
+    if cfg.kv_tokens < max_model_len {
+        anyhow::bail!(
+            "--kv-cache-tokens {} is less than the context of {max_model_len} tokens \
+             (--max-model-len, capped at the model's): one full-length request would not fit; \
+             raise --kv-cache-tokens or lower --max-model-len",
+            cfg.kv_tokens
+        );
+    }
     let block_size = crate::model::session::BLOCK_SIZE;
     let sched = SchedulerConfig {
-        num_blocks: cfg.kv_tokens.max(max_model_len).div_ceil(block_size),
+        num_blocks: cfg.kv_tokens.div_ceil(block_size),
         block_size,
         max_num_seqs: cfg.max_num_seqs,
         max_batch_tokens: cfg.max_batch_tokens,
@@ -461,6 +633,7 @@ where
     let eog = tok.end_of_generation();
     let (engine, _join) = crate::engine::start(be, model, sched, eog, metrics)?;
     Ok(Ready {
+        max_bytes_per_token: tok.max_bytes_per_token(),
         tok: Arc::new(tok),
         template,
         engine,
@@ -469,13 +642,23 @@ where
     })
 }
 
+/// How long a server whose engine died keeps answering (503) before it exits.
+const ENGINE_DEATH_GRACE: Duration = Duration::from_secs(1);
+
 pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    let fds = super::listen::raise_fd_limit();
     let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", cfg.host, cfg.port))?;
-    tracing::info!("listening on http://{}", listener.local_addr()?);
+    tracing::info!(
+        open_files = fds,
+        max_connections = cfg.conn.max_connections,
+        "listening on http://{}",
+        listener.local_addr()?
+    );
     let state = Arc::new(AppState {
         metrics: Arc::new(Metrics::new(&cfg.served_name)),
+        blocking: Arc::new(Semaphore::new(cfg.tokenizer_threads)),
         cfg: cfg.clone(),
         ready: OnceLock::new(),
         next_id: AtomicU64::new(0),
@@ -491,28 +674,52 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
                     tracing::info!("model loaded in {:.2} s; ready", t.elapsed().as_secs_f64());
                 }
                 Err(e) => {
-                    eprintln!("error: {e:#}");
+                    use std::io::Write as _;
+                    let _ = writeln!(std::io::stderr(), "error: {e:#}");
                     std::process::exit(1);
                 }
             }
         });
     }
+    // the engine's death ends the process (non-zero), after the requests it failed are told
+    let engine_stopped = {
+        let state = state.clone();
+        async move {
+            loop {
+                if let Some(r) = state.ready.get() {
+                    break r.engine.status.stopped().await;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let died = Arc::new(OnceLock::<String>::new());
     let app = router(state.clone());
     let timeout = cfg.shutdown_timeout;
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        tracing::info!(
-            "shutting down: no new connections; draining for up to {:?}",
-            timeout
-        );
+    let d = died.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown_signal() => tracing::info!(
+                "shutting down: no new connections; draining for up to {timeout:?}"
+            ),
+            why = engine_stopped => {
+                tracing::error!("{why}; /health answers 503; exiting so that the process is restarted");
+                let _ = d.set(why);
+                // a moment for the failed requests' last events and for probes to see 503
+                tokio::time::sleep(ENGINE_DEATH_GRACE).await;
+            }
+        }
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
-            tracing::warn!("drain deadline passed; aborting what is left");
-            std::process::exit(0);
+            tracing::warn!("drain deadline passed; aborting the requests still open");
+            std::process::exit(1);
         });
-    });
-    server.await?;
-    Ok(())
+    };
+    super::listen::serve(listener, app, cfg.conn, shutdown).await;
+    match died.get() {
+        Some(why) => Err(anyhow::anyhow!("{why}")),
+        None => Ok(()),
+    }
 }
 
 async fn shutdown_signal() {

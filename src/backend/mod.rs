@@ -461,6 +461,12 @@ pub trait Backend {
     }
     /// `act(gate) * up`.
     fn glu(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Glu) -> Self::Tensor;
+    /// After a failed step: `Ok` when the backend can run the next one (a failure of that step
+    /// alone, such as running out of memory, is cleared), `Err` naming the fault when it cannot
+    /// (the device is lost: the engine stops and the process exits).
+    fn recover(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
     /// One token per row of logits, drawn as `picks[row]` says ([`crate::sampling::pick`]),
     /// where the logits are: only the ids come back. Default: copy the logits back and pick on
     /// the host.

@@ -15,7 +15,7 @@ use crate::sampling::SamplingParams;
 use metrics::Metrics;
 use scheduler::{Scheduler, SchedulerConfig};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -70,22 +70,70 @@ pub enum Event {
     Error(String),
 }
 
-/// What the HTTP side holds: a way to submit requests.
+/// Whether the engine thread can still serve: set once, when it stops for good (a panic, a
+/// device fault, or its request channel closing).
+#[derive(Default)]
+pub struct EngineStatus {
+    failure: OnceLock<String>,
+    notify: tokio::sync::Notify,
+}
+
+impl EngineStatus {
+    /// Why the engine stopped, once it has.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+
+    /// Wait until the engine stops; its reason.
+    pub async fn stopped(&self) -> String {
+        loop {
+            let wait = self.notify.notified();
+            if let Some(f) = self.failure() {
+                return f.to_string();
+            }
+            wait.await;
+        }
+    }
+
+    fn set(&self, why: String) {
+        let _ = self.failure.set(why);
+        self.notify.notify_waiters();
+    }
+}
+
+/// What the HTTP side holds: a way to submit requests, and the engine's health.
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<EngineRequest>,
     pub metrics: Arc<Metrics>,
+    pub status: Arc<EngineStatus>,
 }
 
 impl EngineHandle {
     /// Hand a request to the engine; `Err` if the engine has stopped.
     pub fn submit(&self, r: EngineRequest) -> Result<(), String> {
+        if let Some(f) = self.status.failure() {
+            return Err(f.to_string());
+        }
         self.metrics.waiting.add(1);
         self.metrics.waiting_tokens.add(r.prompt.len() as u64);
-        self.tx
-            .send(r)
-            .map_err(|_| "the engine has stopped".to_string())
+        self.tx.send(r).map_err(|e| {
+            let m = &self.metrics;
+            m.waiting.set(m.waiting.get().saturating_sub(1));
+            let len = e.0.prompt.len() as u64;
+            m.waiting_tokens
+                .set(m.waiting_tokens.get().saturating_sub(len));
+            "the engine has stopped".to_string()
+        })
     }
+}
+
+/// The text of a panic's payload.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 /// Start the engine thread. `eog` are the end-of-generation token ids.
@@ -104,11 +152,30 @@ where
     metrics.kv_blocks_total.set(cfg.num_blocks as u64);
     let (tx, rx) = mpsc::channel::<EngineRequest>();
     let m = metrics.clone();
+    let status = Arc::new(EngineStatus::default());
+    let st = status.clone();
     let join = std::thread::Builder::new()
         .name("kojo-engine".into())
         .spawn(move || {
-            let mut sched = Scheduler::new(cfg, eog, m);
-            sched.run(&be, &model, kv, rx);
+            // Scheduler::run fails every request it holds before it returns an error; a panic
+            // drops them (their streams end unfinished, which the HTTP side reports).
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut sched = Scheduler::new(cfg, eog, m);
+                sched.run(&be, &model, kv, rx)
+            }));
+            let why = match r {
+                Ok(Ok(())) => "the engine has stopped".to_string(),
+                Ok(Err(e)) => format!("the engine failed: {e}"),
+                Err(p) => format!("the engine panicked: {}", panic_message(&*p)),
+            };
+            st.set(why);
         })?;
-    Ok((EngineHandle { tx, metrics }, join))
+    Ok((
+        EngineHandle {
+            tx,
+            metrics,
+            status,
+        },
+        join,
+    ))
 }

@@ -105,23 +105,31 @@ impl Scheduler {
         }
     }
 
-    /// The step loop; returns when the request channel is closed and all work is done.
+    /// The step loop; returns `Ok` when the request channel is closed and all work is done,
+    /// `Err` when the backend cannot run another step (a device fault: every request it held
+    /// has been failed). A step that fails on its own (e.g. out of memory) fails that step's
+    /// requests and the loop goes on.
     pub fn run<B: Backend>(
         &mut self,
         be: &B,
         model: &Transformer<B>,
         mut kv: B::KvCache,
         rx: Receiver<EngineRequest>,
-    ) {
+    ) -> Result<(), String> {
         let mut open = true;
+        // fault injection for the tests of engine death (KOJO_TEST_ENGINE_PANIC_AT_STEP=N)
+        let panic_at: Option<u64> = std::env::var("KOJO_TEST_ENGINE_PANIC_AT_STEP")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        let mut steps = 0u64;
         loop {
             if self.waiting.is_empty() && self.running.is_empty() {
                 if !open {
-                    return;
+                    return Ok(());
                 }
                 match rx.recv() {
                     Ok(r) => self.add(r),
-                    Err(_) => return,
+                    Err(_) => return Ok(()),
                 }
             }
             loop {
@@ -145,9 +153,18 @@ impl Scheduler {
                 }
                 continue;
             }
+            steps += 1;
+            if panic_at == Some(steps) {
+                panic!("injected engine panic at step {steps} (KOJO_TEST_ENGINE_PANIC_AT_STEP)");
+            }
             match self.execute(be, model, &mut kv, &plan) {
                 Ok(out) => self.update(&plan, &out),
                 Err(e) => {
+                    if let Err(fatal) = be.recover() {
+                        let msg = format!("{fatal} (after: {e:#})");
+                        self.fail_all(&msg);
+                        return Err(msg);
+                    }
                     let msg = format!("forward pass failed: {e:#}");
                     let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
                     idx.sort_unstable();
@@ -160,6 +177,18 @@ impl Scheduler {
             }
             self.publish();
         }
+    }
+
+    /// Fail every request held, running or waiting.
+    fn fail_all(&mut self, msg: &str) {
+        for mut s in std::mem::take(&mut self.running) {
+            let _ = s.req.events.send(Event::Error(msg.to_string()));
+            self.pool.release_all(&mut s.blocks);
+        }
+        while let Some(s) = self.waiting.pop_front() {
+            self.finish_waiting(s, Some(msg));
+        }
+        self.publish();
     }
 
     fn add(&mut self, req: EngineRequest) {
@@ -322,9 +351,6 @@ impl Scheduler {
             self.leave_waiting_gauges(&s);
             if !s.started {
                 s.started = true;
-                self.metrics
-                    .queue_time
-                    .observe(s.req.arrived.elapsed().as_secs_f64());
                 let _ = s.req.events.send(Event::Scheduled {
                     cached_tokens: s.cached_tokens,
                 });
@@ -390,6 +416,9 @@ impl Scheduler {
 
     fn update(&mut self, plan: &Plan, out: &StepOutput) {
         let bs = self.cfg.block_size;
+        // tokens per step (the HTTP side counts prompt and generated tokens, times requests)
+        let step_tokens: usize = plan.iter().map(|&(_, n)| n).sum();
+        self.metrics.iteration_tokens.observe(step_tokens as f64);
         let rows = plan
             .iter()
             .filter(|&&(i, n)| self.running[i].computed + n == self.running[i].known())
@@ -404,8 +433,6 @@ impl Scheduler {
         for &(i, n) in plan {
             let s = &mut self.running[i];
             let samples = s.computed + n == s.known();
-            let prompt_part = s.prompt_len.saturating_sub(s.computed).min(n);
-            self.metrics.prompt_tokens.add(prompt_part as u64);
             s.computed += n;
             // register the blocks this step filled
             while (s.hashes.len() + 1) * bs <= s.computed {
@@ -420,6 +447,20 @@ impl Scheduler {
             }
             if !samples {
                 continue;
+            }
+            if let StepOutput::Logits(_) = out {
+                if logits[row * vocab..(row + 1) * vocab]
+                    .iter()
+                    .all(|x| x.is_nan())
+                {
+                    // nothing to draw from: this request fails, the others go on
+                    row += 1;
+                    let _ = s.req.events.send(Event::Error(
+                        "the model produced NaN logits for this request".into(),
+                    ));
+                    done.push(i);
+                    continue;
+                }
             }
             let (id, logprob) = match out {
                 // plain (checked when the step was built): the backend's draw
@@ -468,7 +509,6 @@ impl Scheduler {
             }
             s.tokens.push(id);
             s.generated += 1;
-            self.metrics.generation_tokens.add(1);
             if s.req.events.send(Event::Token { id, logprob }).is_err() {
                 done.push(i);
                 continue;
@@ -485,9 +525,6 @@ impl Scheduler {
         done.sort_unstable();
         for i in done.into_iter().rev() {
             let mut s = self.running.remove(i);
-            self.metrics
-                .e2e
-                .observe(s.req.arrived.elapsed().as_secs_f64());
             self.pool.release_all(&mut s.blocks);
         }
     }

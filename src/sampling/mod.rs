@@ -143,8 +143,15 @@ pub struct Sampler {
     rng: Rng,
 }
 
+/// Temperatures below this are greedy (as vLLM's `_SAMPLING_EPS`): dividing logits by one
+/// overflows to infinities, whose softmax is NaN.
+pub const MIN_TEMPERATURE: f32 = 1e-5;
+
 impl Sampler {
-    pub fn new(params: SamplingParams) -> Self {
+    pub fn new(mut params: SamplingParams) -> Self {
+        if params.temperature < MIN_TEMPERATURE {
+            params.temperature = 0.0;
+        }
         let rng = Rng::new(params.seed);
         Sampler { params, rng }
     }

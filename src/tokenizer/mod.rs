@@ -238,6 +238,25 @@ impl Tokenizer {
         }
     }
 
+    /// An upper bound on the input bytes one token can cover, so that `text.len() / bound`
+    /// tokens is a lower bound on `encode(text)`'s length, known without tokenizing. GGUF
+    /// vocabularies decode to exactly the bytes they cover (byte-level BPE, SentencePiece's
+    /// `▁` is one space of input): the longest token's bytes, plus one for a prefix space.
+    /// A tokenizer.json may normalize (NFKC can shrink input several-fold): four times that.
+    pub fn max_bytes_per_token(&self) -> usize {
+        let mut longest = 1;
+        let mut b = Vec::new();
+        for id in 0..self.vocab_size() as u32 {
+            b.clear();
+            self.token_bytes(id, true, &mut b);
+            longest = longest.max(b.len());
+        }
+        match &self.inner {
+            Inner::Gguf { .. } => longest + 1,
+            Inner::Hf(_) => 4 * (longest + 1),
+        }
+    }
+
     /// Ids → text (invalid UTF-8 becomes U+FFFD). Errors on ids outside the vocabulary.
     pub fn decode(&self, ids: &[u32], render_special: bool) -> Result<String, TokenizerError> {
         let n = self.vocab_size();

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: the `kojo` binary, the real models, the references.
 #![allow(dead_code)]
 
+pub mod server;
 pub mod tiny;
 
 use std::path::{Path, PathBuf};

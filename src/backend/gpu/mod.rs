@@ -404,6 +404,8 @@ pub struct GpuBackend {
     cannot_record: std::sync::atomic::AtomicBool,
     /// kernels and library calls submitted (recorded ones count when recorded)
     launches: std::sync::atomic::AtomicUsize,
+    /// the kept error is one step's (out of memory), not the device's
+    step_only: std::sync::atomic::AtomicBool,
 }
 
 impl GpuBackend {
@@ -417,6 +419,7 @@ impl GpuBackend {
             use_graphs: std::env::var("KOJO_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             cannot_record: std::sync::atomic::AtomicBool::new(false),
             launches: std::sync::atomic::AtomicUsize::new(0),
+            step_only: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -456,10 +459,18 @@ impl GpuBackend {
     }
 
     fn fail(&self, e: anyhow::Error) {
+        self.fail_as(e, false);
+    }
+
+    /// Keep the first error; `step_only`: it ends the current step, not the device (an
+    /// allocation that did not fit), so [`Backend::recover`] clears it.
+    fn fail_as(&self, e: anyhow::Error, step_only: bool) {
         let mut err = self.error.lock().unwrap();
         if err.is_none() {
             tracing::error!("GPU: {e:#}");
             *err = Some(format!("{e:#}"));
+            self.step_only
+                .store(step_only, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -482,7 +493,7 @@ impl GpuBackend {
         if !self.failed() {
             match self.try_alloc(bytes) {
                 Ok(b) => return b,
-                Err(e) => self.fail(e),
+                Err(e) => self.fail_as(e, true),
             }
         }
         Buf {
@@ -1056,6 +1067,18 @@ impl Backend for GpuBackend {
     type Tensor = GpuTensor;
     type Weight = GpuWeight;
     type KvCache = GpuKvCache;
+
+    fn recover(&self) -> std::result::Result<(), String> {
+        let mut err = self.error.lock().unwrap();
+        match &*err {
+            None => Ok(()),
+            Some(_) if self.step_only.load(std::sync::atomic::Ordering::Relaxed) => {
+                *err = None;
+                Ok(())
+            }
+            Some(e) => Err(format!("GPU: {e}")),
+        }
+    }
 
     fn load_weight(&self, w: &HostWeight) -> Result<GpuWeight> {
         let (rows, cols) = (w.rows(), w.cols());
