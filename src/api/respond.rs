@@ -7,7 +7,6 @@ use super::wire::ValidParams;
 use crate::engine::metrics::Metrics;
 use crate::engine::{EngineHandle, EngineRequest, EngineStatus, Event, Finish, TokenLogprob};
 use crate::sampling::stop::StopMatcher;
-use crate::sampling::SamplingParams;
 use crate::tokenizer::stream::drain_utf8;
 use crate::tokenizer::Tokenizer;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -291,16 +290,7 @@ fn submit(
             engine
                 .submit(EngineRequest {
                     prompt: prompt.clone(),
-                    params: SamplingParams {
-                        temperature: p.temperature,
-                        top_k: p.top_k,
-                        top_p: p.top_p,
-                        min_p: p.min_p,
-                        repetition_penalty: p.repetition_penalty,
-                        presence_penalty: p.presence_penalty,
-                        frequency_penalty: p.frequency_penalty,
-                        seed: base_seed.wrapping_add(index as u64),
-                    },
+                    params: p.sampling(base_seed.wrapping_add(index as u64)),
                     max_tokens,
                     min_tokens: p.min_tokens,
                     ignore_eos: p.ignore_eos,

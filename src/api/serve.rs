@@ -5,7 +5,7 @@
 use super::error::ApiError;
 use super::listen::ConnLimits;
 use super::respond::{respond, Job, Kind};
-use super::wire::{ChatRequest, CompletionRequest, PromptInput};
+use super::wire::{parse_body, ChatRequest, CompletionRequest, PromptInput};
 use crate::backend::cpu::{CpuBackend, MatmulMode};
 use crate::backend::gpu::GpuBackend;
 use crate::backend::{Backend, Target};
@@ -188,15 +188,6 @@ impl AppState {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
-    if !v.is_object() {
-        return Err(ApiError::bad_request("the body must be a JSON object"));
-    }
-    serde_json::from_value(v).map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
-}
-
 /// Check the prompt fits with room for at least one token, and `max_tokens` fits after it.
 fn check_length(prompt: usize, max_tokens: Option<usize>, max_len: usize) -> Result<(), ApiError> {
     if prompt == 0 {
@@ -222,7 +213,7 @@ fn check_length(prompt: usize, max_tokens: Option<usize>, max_len: usize) -> Res
 async fn chat(State(st): St, body: Bytes) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let (req, r) = (
-        parse::<ChatRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?,
+        parse_body::<ChatRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?,
         st.ready()?,
     );
     let model = req.common.model()?;
@@ -286,7 +277,7 @@ async fn chat(State(st): St, body: Bytes) -> Result<Response, ApiError> {
 async fn completions(State(st): St, body: Bytes) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let (req, r) = (
-        parse::<CompletionRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?,
+        parse_body::<CompletionRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?,
         st.ready()?,
     );
     let model = req.common.model()?;
@@ -375,7 +366,7 @@ async fn metrics(State(st): St) -> Response {
 }
 
 async fn tokenize(State(st): St, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let mut v: Value = parse(&body)?;
+    let mut v: Value = parse_body(&body)?;
     drop(body);
     st.ready()?;
     if let Some(m) = v.get("model").and_then(|m| m.as_str()) {
@@ -425,7 +416,7 @@ async fn tokenize(State(st): St, body: Bytes) -> Result<Json<Value>, ApiError> {
 }
 
 async fn detokenize(State(st): St, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let v: Value = parse(&body)?;
+    let v: Value = parse_body(&body)?;
     let r = st.ready()?;
     let ids: Vec<u32> = v
         .get("tokens")

@@ -2,6 +2,7 @@
 //! validation that turns them into [`ValidRequest`]s with no options left.
 
 use super::error::ApiError;
+use crate::sampling::SamplingParams;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -158,6 +159,32 @@ pub struct ValidCompletion {
     pub prompts: Vec<PromptInput>,
     pub echo: bool,
     pub params: ValidParams,
+}
+
+/// A request body as every endpoint reads it: JSON, and an object, then the endpoint's type.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    }
+    serde_json::from_value(v).map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
+}
+
+impl ValidParams {
+    /// The sampler's settings for the choice drawn with `seed`.
+    pub fn sampling(&self, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed,
+        }
+    }
 }
 
 fn bad(param: &str, msg: impl Into<String>) -> ApiError {

@@ -88,6 +88,10 @@ pub struct Scheduler {
     running: Vec<Seq>,
     eog: Vec<u32>,
     metrics: Arc<Metrics>,
+    /// Test-only ([`model_test`]): called at the top of each turn of [`Scheduler::run`]'s
+    /// loop, i.e. after every step, with the scheduler at rest.
+    #[cfg(test)]
+    on_turn: Option<Box<dyn FnMut(&Scheduler) + Send>>,
 }
 
 /// One step's work: `(index into running, tokens to compute)`.
@@ -102,6 +106,17 @@ impl Scheduler {
             running: Vec::new(),
             eog,
             metrics,
+            #[cfg(test)]
+            on_turn: None,
+        }
+    }
+
+    /// Test-only: run the hook of [`model_test`], if one is set.
+    #[cfg(test)]
+    fn call_on_turn(&mut self) {
+        if let Some(mut f) = self.on_turn.take() {
+            f(self);
+            self.on_turn = Some(f);
         }
     }
 
@@ -123,6 +138,8 @@ impl Scheduler {
             .and_then(|v| v.parse().ok());
         let mut steps = 0u64;
         loop {
+            #[cfg(test)]
+            self.call_on_turn();
             if self.waiting.is_empty() && self.running.is_empty() {
                 if !open {
                     return Ok(());
@@ -529,3 +546,7 @@ impl Scheduler {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "scheduler_model_test.rs"]
+mod model_test;

@@ -144,6 +144,50 @@ impl BlockPool {
     }
 }
 
+/// Test-only views of the pool, for the scheduler's model-based test.
+#[cfg(test)]
+impl BlockPool {
+    pub(crate) fn refcount(&self, b: u32) -> u32 {
+        self.refs[b as usize]
+    }
+
+    /// The hash a block's contents were registered under (kept while free, until reused).
+    pub(crate) fn hash_of(&self, b: u32) -> Option<BlockHash> {
+        self.hashes[b as usize]
+    }
+
+    /// The pool's own bookkeeping agrees with itself: the free count, one live free-queue
+    /// entry per free block, and every prefix-cache entry naming a block that holds its hash.
+    pub(crate) fn check_invariants(&self) {
+        let n = self.num_blocks();
+        assert_eq!(self.hashes.len(), n);
+        assert_eq!(self.generation.len(), n);
+        let free = self.refs.iter().filter(|&&r| r == 0).count();
+        assert_eq!(self.num_free, free, "num_free against the blocks with no reference");
+        let mut live = vec![0usize; n];
+        for &(b, g) in &self.free {
+            if self.generation[b as usize] == g {
+                live[b as usize] += 1;
+            }
+        }
+        for b in 0..n {
+            let want = if self.refs[b] == 0 { 1 } else { live[b].min(1) };
+            assert_eq!(
+                live[b], want,
+                "block {b} (refs {}) has {} live free-queue entries",
+                self.refs[b], live[b]
+            );
+        }
+        for (h, &b) in &self.cached {
+            assert_eq!(
+                self.hashes[b as usize],
+                Some(*h),
+                "prefix-cache entry names block {b}, which holds another hash"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -156,8 +156,16 @@ impl CpuKvCache {
 
 /// `n` zero f16 values from zeroed memory (calloc), so pages cost nothing until written: the
 /// cache is sized for the most tokens it may hold, not the tokens it holds.
+/// `n` zeros, committed: every page is written now, so the cache's memory is resident from
+/// load (as llama.cpp clears its KV buffer) rather than faulted in block by block under load,
+/// where an overcommitted machine would OOM-kill a serving process instead of failing at start.
 fn zeroed(n: usize) -> Vec<f16> {
-    let v = std::mem::ManuallyDrop::new(vec![0u16; n]);
+    let mut v = std::mem::ManuallyDrop::new(vec![0u16; n]);
+    const PAGE: usize = 4096 / std::mem::size_of::<u16>();
+    for i in (0..v.len()).step_by(PAGE) {
+        // SAFETY: i < len; a volatile write is not elided as a store of what calloc gave
+        unsafe { std::ptr::write_volatile(v.as_mut_ptr().add(i), 0) };
+    }
     // SAFETY: f16 is a transparent u16 (same size and alignment), all bits valid; the
     // allocation moves over whole with its length and capacity.
     unsafe { Vec::from_raw_parts(v.as_ptr() as *mut f16, v.len(), v.capacity()) }
