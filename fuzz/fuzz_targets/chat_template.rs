@@ -1,8 +1,8 @@
 //! Hostile chat messages rendered through a real model's chat template (SmolLM2's ChatML,
 //! from `models/`, fetched by scripts/fetch-models) and tokenized as the server does: an error
 //! or a prompt, never a crash; every message lands in the prompt whole and in order (content
-//! cannot close its own turn early or drop another), and the tokenizer gives back exactly the
-//! rendered text.
+//! cannot close its own turn early or drop another), the prompt's control tokens are exactly
+//! the rendered turn markers, and the tokenizer gives back the rendered text.
 #![no_main]
 use kojo::api::wire::{parse_body, ChatRequest};
 use kojo::model::ModelSource;
@@ -61,5 +61,31 @@ fuzz_target!(|data: &[u8]| {
     }
     assert!(text[at..].ends_with("<|im_start|>assistant\n"), "{text:?}");
     let ids = tok.encode(&text, false, true).unwrap();
-    assert_eq!(tok.decode(&ids, true).unwrap(), text);
+    // the turns the model sees are the turns rendered: one control token per marker
+    for marker in ["<|im_start|>", "<|im_end|>"] {
+        let id = tok.encode(marker, false, true).unwrap();
+        assert_eq!(id.len(), 1);
+        let n = ids.iter().filter(|&&i| i == id[0]).count();
+        assert_eq!(n, text.matches(marker).count(), "{marker} in {text:?}");
+    }
+    // and the text comes back, less the bytes no token writes alone (SmolLM2's byte-level
+    // vocabulary lacks some control bytes; they are dropped, as Hugging Face's tokenizer does)
+    static WRITABLE: OnceLock<[bool; 256]> = OnceLock::new();
+    let writable = WRITABLE.get_or_init(|| {
+        let mut w = [false; 256];
+        for id in 0..tok.vocab_size() as u32 {
+            let mut b = Vec::new();
+            tok.token_bytes(id, false, &mut b);
+            if let [x] = b[..] {
+                w[x as usize] = true;
+            }
+        }
+        w
+    });
+    let written: Vec<u8> = text.bytes().filter(|&b| writable[b as usize]).collect();
+    let mut got = Vec::new();
+    for &id in &ids {
+        tok.token_bytes(id, true, &mut got);
+    }
+    assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&written));
 });

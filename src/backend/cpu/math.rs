@@ -52,13 +52,12 @@ unsafe fn exp_in_place_avx2(v: &mut [f32]) {
 }
 
 /// `v = e^v` over a slice, vectorized where the CPU allows.
-pub fn exp_in_place(v: &mut [f32], avx2: bool) {
+pub fn exp_in_place(v: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: the caller checked AVX2 and FMA
+    if super::matmul::has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just now)
         return unsafe { exp_in_place_avx2(v) };
     }
-    let _ = avx2;
     exp_in_place_body(v)
 }
 

@@ -458,7 +458,51 @@ impl Matrix {
         self.matmul_with(x, k, m, mode, Kernels::detect())
     }
 
+    /// Whether this matrix holds `m` rows of `k` weights in its layout: what every kernel
+    /// below reads through raw pointers relies on it.
+    pub fn fits(&self, k: usize, m: usize) -> bool {
+        if k == 0 {
+            return false;
+        }
+        match self {
+            Matrix::Dense(w) => m.checked_mul(k).is_some_and(|n| w.len() >= n),
+            Matrix::Blocks {
+                ty,
+                data,
+                row_bytes,
+            } => match (ty.block_size(), ty.type_size()) {
+                (Some(bs), Some(ts)) => {
+                    k % bs == 0
+                        && *row_bytes == k / bs * ts
+                        && m.checked_mul(*row_bytes).is_some_and(|n| data.len() >= n)
+                }
+                _ => false,
+            },
+            #[cfg(target_arch = "x86_64")]
+            Matrix::X8 { ty, data } => {
+                let (Some(bb), Some(bs)) = (super::x8::block_bytes(*ty), ty.block_size()) else {
+                    return false;
+                };
+                let per_row = if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) {
+                    256
+                } else {
+                    bs
+                };
+                m % 8 == 0
+                    && k % per_row == 0
+                    && (m / 8)
+                        .checked_mul(k / per_row)
+                        .and_then(|g| g.checked_mul(bb))
+                        .is_some_and(|n| data.len() >= n)
+            }
+        }
+    }
+
     /// [`Matrix::matmul`] with a chosen kernel set (benchmarks and tests compare them).
+    ///
+    /// Panics (never reads out of bounds or executes an instruction the CPU lacks) when the
+    /// matrix does not hold `m` rows of `k` ([`Matrix::fits`]), `x` is not whole rows of `k`,
+    /// or `kernels` names SIMD kernels this CPU cannot run.
     pub fn matmul_with(
         &self,
         x: &[f32],
@@ -467,6 +511,22 @@ impl Matrix {
         mode: MatmulMode,
         kernels: Kernels,
     ) -> Vec<f32> {
+        assert!(
+            self.fits(k, m),
+            "matmul: the matrix does not hold {m} rows of {k}"
+        );
+        assert!(
+            x.len() % k == 0,
+            "matmul: {} activations are not rows of {k}",
+            x.len()
+        );
+        #[cfg(target_arch = "x86_64")]
+        if let Kernels::Simd(isa) = kernels {
+            assert!(
+                isa.available(),
+                "matmul: this CPU cannot run {isa:?} kernels"
+            );
+        }
         let n = x.len() / k;
         let mut out = vec![0f32; n * m];
         let ptr = Out(out.as_mut_ptr());
@@ -485,8 +545,8 @@ impl Matrix {
                     let groups = m / 8;
                     pool.for_ranges(groups.div_ceil(2), |u| {
                         let (g0, g1) = (u.start * 2, (u.end * 2).min(groups));
-                        // SAFETY: the CPU has AVX-512 VNNI (detected), the matrix holds m / 8
-                        // groups (built by `x8::repack`), `out` n * m floats.
+                        // SAFETY: the CPU has AVX-512 VNNI (checked above), the matrix holds m / 8
+                        // groups of k (`fits`), `out` n * m floats.
                         unsafe { super::x8::matmul_groups(*ty, data, g0, g1, &acts, m, ptr) }
                     });
                 } else {
@@ -534,8 +594,8 @@ impl Matrix {
                     #[cfg(target_arch = "x86_64")]
                     {
                         if let (Kernels::Simd(isa), Some(a)) = (kernels, acts) {
-                            // SAFETY: `out` holds n * m floats, `data` m rows (checked at
-                            // load), and `isa` was detected on this CPU.
+                            // SAFETY: `out` holds n * m floats, `data` m rows (`fits`), and
+                            // this CPU runs `isa` (checked above).
                             if unsafe {
                                 simd::matmul_rows(isa, *ty, data, *row_bytes, r0, r1, a, m, ptr)
                             } {
@@ -579,6 +639,61 @@ impl Matrix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A matrix that does not hold the rows asked for, or activations that are not whole
+    /// rows, panic before any kernel reads; so do SIMD kernels the CPU lacks.
+    #[test]
+    fn shapes_and_kernels_are_checked_before_any_kernel_runs() {
+        let ty = GgmlType::Q8_0;
+        let rb = ty.type_size().unwrap(); // one block of 32 per row
+        let blocks = Matrix::Blocks {
+            ty,
+            data: vec![0u8; 4 * rb],
+            row_bytes: rb,
+        };
+        assert!(blocks.fits(32, 4) && !blocks.fits(32, 5) && !blocks.fits(64, 2));
+        assert!(!blocks.fits(0, 4));
+        let lying = Matrix::Blocks {
+            ty,
+            data: vec![0u8; 4 * rb],
+            row_bytes: 1,
+        };
+        assert!(!lying.fits(32, 4));
+        let x = vec![1f32; 64];
+        let panics = |f: &dyn Fn() -> Vec<f32>| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err()
+        };
+        for kernels in [Kernels::detect(), Kernels::Portable] {
+            for mode in [MatmulMode::Exact, MatmulMode::Quantized] {
+                assert!(!panics(&|| blocks.matmul_with(&x, 32, 4, mode, kernels)));
+                assert!(panics(&|| blocks.matmul_with(
+                    &x,
+                    32,
+                    1 << 20,
+                    mode,
+                    kernels
+                )));
+                assert!(panics(&|| lying.matmul_with(&x, 32, 4, mode, kernels)));
+                assert!(panics(&|| blocks.matmul_with(
+                    &x[..40],
+                    32,
+                    4,
+                    mode,
+                    kernels
+                )));
+                let dense = Matrix::Dense(vec![0f32; 32 * 3]);
+                assert!(!panics(&|| dense.matmul_with(&x, 32, 3, mode, kernels)));
+                assert!(panics(&|| dense.matmul_with(&x, 32, 4, mode, kernels)));
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        for isa in [simd::Isa::Avx2, simd::Isa::Vnni] {
+            let r = std::panic::catch_unwind(|| {
+                blocks.matmul_with(&x, 32, 4, MatmulMode::Quantized, Kernels::Simd(isa))
+            });
+            assert_eq!(r.is_ok(), isa.available(), "{isa:?}");
+        }
+    }
 
     /// Quantized and exact paths agree with a plain f64 product on random Q8_0 / Q4_K weights.
     #[test]

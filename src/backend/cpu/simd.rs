@@ -34,24 +34,32 @@ impl Isa {
     pub fn detect() -> Option<Isa> {
         static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
-            use std::is_x86_feature_detected as has;
             if std::env::var_os("KOJO_NO_SIMD").is_some() {
                 return None;
             }
-            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
-            if avx2
-                && has!("avx512vnni")
-                && has!("avx512vl")
-                && has!("avx512bw")
-                && std::env::var_os("KOJO_NO_VNNI").is_none()
-            {
+            if Isa::Vnni.available() && std::env::var_os("KOJO_NO_VNNI").is_none() {
                 Some(Isa::Vnni)
-            } else if avx2 {
+            } else if Isa::Avx2.available() {
                 Some(Isa::Avx2)
             } else {
                 None
             }
         })
+    }
+
+    /// Whether this CPU has every feature the kernels of `self` execute.
+    pub fn available(self) -> bool {
+        use std::is_x86_feature_detected as has;
+        let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+        match self {
+            Isa::Avx2 => avx2,
+            Isa::Vnni => {
+                avx2 && has!("avx512f")
+                    && has!("avx512vnni")
+                    && has!("avx512vl")
+                    && has!("avx512bw")
+            }
+        }
     }
 }
 
