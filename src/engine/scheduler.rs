@@ -91,8 +91,12 @@ pub struct Scheduler {
     /// Test-only ([`model_test`]): called at the top of each turn of [`Scheduler::run`]'s
     /// loop, i.e. after every step, with the scheduler at rest.
     #[cfg(test)]
-    on_turn: Option<Box<dyn FnMut(&Scheduler) + Send>>,
+    on_turn: Option<TurnHook>,
 }
+
+/// Test-only: what [`Scheduler::run`] calls after every step.
+#[cfg(test)]
+type TurnHook = Box<dyn FnMut(&Scheduler) + Send>;
 
 /// One step's work: `(index into running, tokens to compute)`.
 type Plan = Vec<(usize, usize)>;

@@ -163,19 +163,21 @@ impl BlockPool {
         assert_eq!(self.hashes.len(), n);
         assert_eq!(self.generation.len(), n);
         let free = self.refs.iter().filter(|&&r| r == 0).count();
-        assert_eq!(self.num_free, free, "num_free against the blocks with no reference");
+        assert_eq!(
+            self.num_free, free,
+            "num_free against the blocks with no reference"
+        );
         let mut live = vec![0usize; n];
         for &(b, g) in &self.free {
             if self.generation[b as usize] == g {
                 live[b as usize] += 1;
             }
         }
-        for b in 0..n {
-            let want = if self.refs[b] == 0 { 1 } else { live[b].min(1) };
+        for (b, (&r, &l)) in self.refs.iter().zip(&live).enumerate() {
+            let want = if r == 0 { 1 } else { l.min(1) };
             assert_eq!(
-                live[b], want,
-                "block {b} (refs {}) has {} live free-queue entries",
-                self.refs[b], live[b]
+                l, want,
+                "block {b} (refs {r}) has {l} live free-queue entries"
             );
         }
         for (h, &b) in &self.cached {
