@@ -453,6 +453,81 @@ fn a_declared_body_over_the_limit_is_413_before_it_is_sent() {
     );
 }
 
+/// Requests hyper cannot parse (it answers them before the router) still get OpenAI-style JSON
+/// errors, and a 100-continue request's own error response is left alone.
+#[test]
+fn malformed_requests_get_json_errors_from_below_the_router() {
+    let s = Server::start(&["--max-body-bytes", "1000"]);
+    let cases: [(Vec<u8>, &str, &str); 4] = [
+        (
+            format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(600_000)).into_bytes(),
+            "431",
+            "headers are too large",
+        ),
+        (
+            format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000)).into_bytes(),
+            "414",
+            "URI is too long",
+        ),
+        (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}".to_vec(),
+            "400",
+            "malformed HTTP request",
+        ),
+        (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n{}".to_vec(),
+            "400",
+            "malformed HTTP request",
+        ),
+    ];
+    for (req, code, msg) in cases {
+        let mut c = connect(s.port);
+        let _ = c.write_all(&req);
+        let (text, _) = read_to_close(&mut c);
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {code} ")),
+            "{code}: {:.200}",
+            text
+        );
+        assert!(
+            text.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{text}"
+        );
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{text}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(msg)),
+            "{text}"
+        );
+    }
+    // after a 100 Continue, the router's own 400 comes through as it is
+    let mut c = connect(s.port);
+    let body = br#"{"model": "nope", "prompt": "hi"}"#;
+    c.write_all(
+        format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut buf = [0u8; 256];
+    let n = c.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 100"));
+    c.write_all(body).unwrap();
+    let (text, _) = read_to_close(&mut c);
+    assert!(text.contains("HTTP/1.1 404"), "{text}");
+    assert!(
+        text.contains("model_not_found") || text.contains("does not exist"),
+        "{text}"
+    );
+    assert_eq!(health(&s), 200);
+}
+
 #[test]
 fn a_kv_cache_smaller_than_the_context_is_a_clear_error() {
     let out = common::kojo(&[

@@ -61,6 +61,8 @@ struct ConnState {
     head_started: AtomicU64,
     /// requests served so far
     served: AtomicU64,
+    /// requests hyper handed to the router (each gets one response head)
+    dispatched: AtomicU64,
     /// the pending read, woken when the connection turns idle (its deadline starts then)
     reader: std::sync::Mutex<Option<std::task::Waker>>,
 }
@@ -96,6 +98,7 @@ struct Busy(Arc<ConnState>);
 impl Busy {
     fn begin(st: &Arc<ConnState>) -> Busy {
         st.busy.fetch_add(1, Relaxed);
+        st.dispatched.fetch_add(1, Relaxed);
         st.head_started.store(0, Relaxed);
         Busy(st.clone())
     }
@@ -152,6 +155,51 @@ struct TimedIo {
     lim: ConnLimits,
     read_timer: Option<Pin<Box<Sleep>>>,
     write_timer: Option<Pin<Box<Sleep>>>,
+    /// response heads written so far
+    heads: u64,
+    /// hyper's own error response (a request it could not parse), rewritten with a JSON body:
+    /// the bytes and how many have gone out
+    rewritten: Option<(Vec<u8>, usize)>,
+    /// closing: until when (ms) the client's late bytes are read and dropped, and how many
+    linger: Option<(u64, usize)>,
+}
+
+/// How long a closing connection keeps reading what the client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+/// How much of it, at most.
+const LINGER_BYTES: usize = 16 << 20;
+
+/// hyper answers a request it cannot parse (431 headers too large, 414 URI too long, 400 bad
+/// framing such as an invalid Content-Length) itself, with an empty body, before the router
+/// sees anything. The same answer with an OpenAI-style JSON body, or `None` when `head` is not
+/// such a response.
+fn rewrite_parse_error(head: &[u8]) -> Option<Vec<u8>> {
+    let code: u16 = std::str::from_utf8(head.strip_prefix(b"HTTP/1.1 ")?.get(..3)?)
+        .ok()?
+        .parse()
+        .ok()?;
+    let status = axum::http::StatusCode::from_u16(code).ok()?;
+    if !(status.is_client_error() || status.is_server_error()) {
+        return None;
+    }
+    let msg = match code {
+        431 => "the request's headers are too large".to_string(),
+        414 => "the request's URI is too long".to_string(),
+        400 => "malformed HTTP request (request line, headers or Content-Length)".to_string(),
+        _ => status.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let mut e = ApiError::bad_request(msg);
+    e.status = status;
+    let body = e.body().to_string();
+    Some(
+        format!(
+            "HTTP/1.1 {code} {}\r\ncontent-type: application/json\r\nconnection: close\r\n\
+             content-length: {}\r\n\r\n{body}",
+            status.canonical_reason().unwrap_or(""),
+            body.len()
+        )
+        .into_bytes(),
+    )
 }
 
 /// Arm `timer` for `at_ms` (re-arming it when the deadline moved); true when it has fired.
@@ -171,6 +219,46 @@ fn expired(timer: &mut Option<Pin<Box<Sleep>>>, at_ms: u64, cx: &mut Context<'_>
 }
 
 impl TimedIo {
+    /// Sees the start of every write: counts response heads, and swaps hyper's own error
+    /// answer (a head with no request dispatched for it) for [`rewrite_parse_error`]'s.
+    /// `Some(n)`: the write of `n` bytes is taken (swallowed, the rewrite goes out instead).
+    fn intercept(&mut self, first: &[u8], total: usize) -> Option<usize> {
+        if self.rewritten.is_some() {
+            return Some(total); // hyper closes after its error; nothing else goes out
+        }
+        // an interim `100 Continue` is not the request's response
+        if !first.starts_with(b"HTTP/1.1 ") || first.starts_with(b"HTTP/1.1 1") {
+            return None;
+        }
+        if self.heads < self.st.dispatched.load(Relaxed) {
+            self.heads += 1;
+            return None;
+        }
+        let r = rewrite_parse_error(first)?;
+        self.rewritten = Some((r, 0));
+        Some(total)
+    }
+
+    /// Writes out what is left of the rewritten error response.
+    fn poll_rewritten(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some((bytes, off)) = self.rewritten.as_mut() {
+            if *off == bytes.len() {
+                break;
+            }
+            let (b, o) = (std::mem::take(bytes), *off);
+            let r = self.poll_write_with(cx, |s, cx| s.poll_write(cx, &b[o..]));
+            let (bytes, off) = self.rewritten.as_mut().unwrap();
+            *bytes = b;
+            match r {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => *off += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
     fn poll_write_with<R>(
         &mut self,
         cx: &mut Context<'_>,
@@ -242,8 +330,11 @@ impl AsyncWrite for TimedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut()
-            .poll_write_with(cx, |s, cx| s.poll_write(cx, buf))
+        let this = self.get_mut();
+        if let Some(n) = this.intercept(buf, buf.len()) {
+            return Poll::Ready(Ok(n));
+        }
+        this.poll_write_with(cx, |s, cx| s.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -251,8 +342,16 @@ impl AsyncWrite for TimedIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut()
-            .poll_write_with(cx, |s, cx| s.poll_write_vectored(cx, bufs))
+        let this = self.get_mut();
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &b[..]);
+        let total = bufs.iter().map(|b| b.len()).sum();
+        if let Some(n) = this.intercept(first, total) {
+            return Poll::Ready(Ok(n));
+        }
+        this.poll_write_with(cx, |s, cx| s.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -260,11 +359,41 @@ impl AsyncWrite for TimedIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().poll_write_with(cx, |s, cx| s.poll_flush(cx))
+        let this = self.get_mut();
+        std::task::ready!(this.poll_rewritten(cx))?;
+        this.poll_write_with(cx, |s, cx| s.poll_flush(cx))
     }
 
+    /// A lingering close (as nginx's): send FIN, then read and drop what the client still
+    /// sends (a body we answered 413 to without reading, the rest of an oversized head) until
+    /// it closes too, for at most [`LINGER`] and [`LINGER_BYTES`]. Closing with unread bytes
+    /// would make the kernel send a reset, and a reset can destroy the response in flight.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        std::task::ready!(this.poll_rewritten(cx))?;
+        if this.linger.is_none() {
+            std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            this.linger = Some((now_ms() + LINGER.as_millis() as u64, 0));
+        }
+        let mut scratch = [0u8; 8192];
+        while let Some((until, dropped)) = this.linger.as_mut() {
+            if *dropped > LINGER_BYTES {
+                break;
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => *dropped += buf.filled().len(),
+                Poll::Ready(_) => break,
+                Poll::Pending => {
+                    let until = *until;
+                    if expired(&mut this.read_timer, until, cx) {
+                        break;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -358,6 +487,9 @@ pub async fn serve(
                 lim,
                 read_timer: None,
                 write_timer: None,
+                heads: 0,
+                rewritten: None,
+                linger: None,
             };
             let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                 let busy = Busy::begin(&st);
