@@ -179,7 +179,7 @@ impl Scheduler {
                 panic!("injected engine panic at step {steps} (KOJO_TEST_ENGINE_PANIC_AT_STEP)");
             }
             match self.execute(be, model, &mut kv, &plan) {
-                Ok(out) => self.update(&plan, &out),
+                Ok(out) => self.update(&plan, &out, model.cfg.vocab_size),
                 Err(e) => {
                     if let Err(fatal) = be.recover() {
                         let msg = format!("{fatal} (after: {e:#})");
@@ -435,7 +435,7 @@ impl Scheduler {
         Ok(StepOutput::Logits(be.download(&logits)?))
     }
 
-    fn update(&mut self, plan: &Plan, out: &StepOutput) {
+    fn update(&mut self, plan: &Plan, out: &StepOutput, n_vocab: usize) {
         let bs = self.cfg.block_size;
         // tokens per step (the HTTP side counts prompt and generated tokens, times requests)
         let step_tokens: usize = plan.iter().map(|&(_, n)| n).sum();
@@ -469,19 +469,22 @@ impl Scheduler {
             if !samples {
                 continue;
             }
-            if let StepOutput::Logits(_) = out {
-                if logits[row * vocab..(row + 1) * vocab]
+            // nothing to draw from: every logit NaN (the device's draw of such a row is no
+            // token id at all)
+            let nan_row = match out {
+                StepOutput::Logits(_) => logits[row * vocab..(row + 1) * vocab]
                     .iter()
-                    .all(|x| x.is_nan())
-                {
-                    // nothing to draw from: this request fails, the others go on
-                    row += 1;
-                    let _ = s.req.events.send(Event::Error(
-                        "the model produced NaN logits for this request".into(),
-                    ));
-                    done.push(i);
-                    continue;
-                }
+                    .all(|x| x.is_nan()),
+                StepOutput::Ids(_) => ids[row] as usize >= n_vocab,
+            };
+            if nan_row {
+                // this request fails, the others go on
+                row += 1;
+                let _ = s.req.events.send(Event::Error(
+                    "the model produced NaN logits for this request".into(),
+                ));
+                done.push(i);
+                continue;
             }
             let (id, logprob) = match out {
                 // plain (checked when the step was built): the backend's draw
