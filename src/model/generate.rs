@@ -88,6 +88,12 @@ pub fn generate<B: Backend>(
         }
         sampler.penalize(&mut logits, &req.prompt_ids, &out.output_ids);
         let id = sampler.sample(&logits);
+        if id == crate::sampling::NO_TOKEN {
+            anyhow::bail!(
+                "the model produced NaN logits at output token {}",
+                out.output_ids.len()
+            );
+        }
         if eog.contains(&id) {
             out.finish_reason = FinishReason::Stop;
             break;

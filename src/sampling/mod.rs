@@ -247,8 +247,12 @@ pub fn pick(logits: &[f32], p: &Pick) -> u32 {
     let mut cand: Vec<(u32, f32)> = logits
         .iter()
         .enumerate()
+        .filter(|(_, l)| !l.is_nan())
         .map(|(i, &l)| (i as u32, l / p.temperature))
         .collect();
+    if cand.is_empty() {
+        return NO_TOKEN;
+    }
     if p.top_k > 0 && p.top_k < cand.len() {
         cand.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
         cand.truncate(p.top_k);
@@ -286,20 +290,49 @@ pub fn pick(logits: &[f32], p: &Pick) -> u32 {
     cand[probs.len() - 1].0
 }
 
-/// Index of the largest logit; the lowest index among equals.
+/// Index of the largest logit; the lowest index among equals. NaNs are never chosen; a row
+/// with nothing else gives [`NO_TOKEN`] (as the GPU kernels do).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
+    let mut best: Option<usize> = None;
     for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+        if !l.is_nan() && best.is_none_or(|b| l > logits[b]) {
+            best = Some(i);
         }
     }
-    best as u32
+    best.map_or(NO_TOKEN, |b| b as u32)
 }
+
+/// What a draw from a row with no number in it (all NaN) gives: no token id at all.
+pub const NO_TOKEN: u32 = u32::MAX;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// NaNs are never drawn (the GPU kernels skip them too), and a row of nothing but NaN
+    /// draws no token, for the caller to fail that request.
+    #[test]
+    fn nan_is_never_drawn() {
+        let nan = f32::NAN;
+        assert_eq!(argmax(&[nan, 1.0, 3.0, nan, 2.0]), 2);
+        assert_eq!(argmax(&[nan, nan]), NO_TOKEN);
+        assert_eq!(argmax(&[]), NO_TOKEN);
+        let row = [nan, 0.5, nan, 0.4, 0.1, nan];
+        for seed in 0..50 {
+            for top_k in [0, 2, 3] {
+                let mut s = Sampler::new(SamplingParams {
+                    temperature: 1.0,
+                    top_k,
+                    seed,
+                    ..Default::default()
+                });
+                let id = s.sample(&row);
+                assert!([1, 3, 4].contains(&id), "seed {seed} top_k {top_k}: {id}");
+            }
+        }
+        let mut s = Sampler::new(SamplingParams::default());
+        assert_eq!(s.sample(&[nan; 8]), NO_TOKEN);
+    }
 
     #[test]
     fn greedy_and_seeded() {
