@@ -677,6 +677,328 @@ fn engine_batches_on_gpu_match_cpu() {
     );
 }
 
+/// A device that runs on [`HostDevice`] and fails when armed: the next `fail_allocs`
+/// allocations (as when the memory is full), every launch (`fail_launches`), or the next
+/// download and everything after it (`fault_at_download`: a kernel fault that CUDA reports at
+/// the next synchronizing copy, the context lost from then on). `hold` stops the engine in its
+/// next download (the end of a step) until the test lets it go.
+#[derive(Default)]
+struct FaultyDevice {
+    inner: HostDevice,
+    fail_allocs: std::sync::atomic::AtomicUsize,
+    fail_launches: std::sync::atomic::AtomicBool,
+    fault_at_download: std::sync::atomic::AtomicBool,
+    lost: std::sync::atomic::AtomicBool,
+    /// (tell the test the engine is here, wait for its go)
+    hold: Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
+}
+
+impl FaultyDevice {
+    /// Stop at the next download: returns (reached, go).
+    fn hold_next_download(&self) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+        let (reached_tx, reached) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        *self.hold.lock().unwrap() = Some((reached_tx, go_rx));
+        (reached, go)
+    }
+
+    fn check_lost(&self) -> anyhow::Result<()> {
+        if self.lost.load(std::sync::atomic::Ordering::SeqCst) {
+            anyhow::bail!("injected: the device is lost");
+        }
+        Ok(())
+    }
+
+    fn check_launch(&self) -> anyhow::Result<()> {
+        self.check_lost()?;
+        if self.fail_launches.load(std::sync::atomic::Ordering::SeqCst) {
+            anyhow::bail!("injected launch failure");
+        }
+        Ok(())
+    }
+}
+
+impl Device for FaultyDevice {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    fn alloc(&self, bytes: usize) -> anyhow::Result<u64> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let failing = self
+            .fail_allocs
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            anyhow::bail!("allocating {bytes} bytes: injected out of memory");
+        }
+        self.inner.alloc(bytes)
+    }
+
+    unsafe fn free(&self, ptr: u64) {
+        self.inner.free(ptr)
+    }
+
+    unsafe fn upload(&self, dst: u64, src: &[u8]) -> anyhow::Result<()> {
+        self.check_lost()?;
+        self.inner.upload(dst, src)
+    }
+
+    unsafe fn download(&self, src: u64, dst: &mut [u8]) -> anyhow::Result<()> {
+        let hold = self.hold.lock().unwrap().take();
+        if let Some((reached, go)) = hold {
+            reached.send(()).unwrap();
+            go.recv().unwrap();
+        }
+        self.check_lost()?;
+        if self
+            .fault_at_download
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.lost.store(true, std::sync::atomic::Ordering::SeqCst);
+            anyhow::bail!("GPU work failed: injected kernel fault");
+        }
+        self.inner.download(src, dst)
+    }
+
+    unsafe fn zero(&self, dst: u64, bytes: usize) -> anyhow::Result<()> {
+        self.check_lost()?;
+        self.inner.zero(dst, bytes)
+    }
+
+    unsafe fn copy(&self, dst: u64, src: u64, bytes: usize) -> anyhow::Result<()> {
+        self.check_lost()?;
+        self.inner.copy(dst, src, bytes)
+    }
+
+    fn synchronize(&self) -> anyhow::Result<()> {
+        self.check_lost()?;
+        self.inner.synchronize()
+    }
+
+    fn multiprocessors(&self) -> usize {
+        self.inner.multiprocessors()
+    }
+
+    fn begin_capture(&self) -> anyhow::Result<()> {
+        self.check_lost()?;
+        self.inner.begin_capture()
+    }
+
+    fn end_capture(&self) -> anyhow::Result<u64> {
+        self.inner.end_capture()
+    }
+
+    unsafe fn launch_graph(&self, graph: u64) -> anyhow::Result<()> {
+        self.check_launch()?;
+        self.inner.launch_graph(graph)
+    }
+
+    unsafe fn drop_graph(&self, graph: u64) {
+        self.inner.drop_graph(graph)
+    }
+
+    unsafe fn launch(&self, name: &str, g: Grid, args: &[Arg]) -> anyhow::Result<()> {
+        self.check_launch()?;
+        self.inner.launch(name, g, args)
+    }
+
+    unsafe fn gemm(
+        &self,
+        ty: GemmType,
+        n: usize,
+        k: usize,
+        m: usize,
+        a: u64,
+        b: u64,
+        c: u64,
+    ) -> anyhow::Result<bool> {
+        self.check_launch()?;
+        self.inner.gemm(ty, n, k, m, a, b, c)
+    }
+}
+
+/// Issue 14 through the engine on the GPU backend: running out of memory fails the step it
+/// happened in (its requests get an error) and the engine serves the next ones, the same
+/// tokens as before; a failed launch, or a kernel fault reported by the next download (the
+/// device lost), fails every request held, running or waiting, and ends the engine, which says
+/// why and refuses new requests. A hold at the end of a step lets the test place requests in
+/// the step that fails.
+#[test]
+fn one_steps_out_of_memory_fails_that_step_only_and_a_launch_failure_ends_the_engine() {
+    use kojo::engine::metrics::Metrics;
+    use kojo::engine::scheduler::SchedulerConfig;
+    use kojo::engine::{EngineHandle, EngineRequest, Event};
+    use kojo::sampling::SamplingParams;
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::time::Duration;
+    use GgmlType::*;
+
+    let mut r = test_rnd();
+    let t = Tiny {
+        arch: "llama",
+        types: [Q8_0, Q4K, Q6K, Q4_0, Q8_0, Q8_0, Q5K, Q8_0],
+        output: None,
+        layers: 2,
+        rope_freqs: false,
+        vocab: Some(96),
+    };
+    let (_dir, src) = open_tiny(&t, &mut r);
+    let prompts: Vec<Vec<u32>> = [9usize, 5, 12]
+        .iter()
+        .map(|&n| (0..n).map(|_| (r.u64() % 96) as u32).collect())
+        .collect();
+    let start = |dev: &Arc<FaultyDevice>| {
+        let gpu = GpuBackend::new(dev.clone());
+        let model = Transformer::load(&gpu, &src).unwrap();
+        let cfg = SchedulerConfig {
+            num_blocks: 32,
+            block_size: 16,
+            max_num_seqs: 3,
+            max_batch_tokens: 24,
+            max_model_len: 64,
+        };
+        let metrics = Arc::new(Metrics::new("tiny"));
+        kojo::engine::start(gpu, model, cfg, vec![], metrics).unwrap()
+    };
+    // greedy; a salt of its own per phase, so that no phase reads another's prefix cache
+    let submit = |e: &EngineHandle, p: &[u32], max_tokens: usize, salt: u64| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        e.submit(EngineRequest {
+            prompt: p.to_vec(),
+            params: SamplingParams::default(),
+            max_tokens,
+            min_tokens: 0,
+            ignore_eos: true,
+            logit_bias: vec![],
+            logprobs: None,
+            cache_salt: salt,
+            events: tx,
+            arrived: std::time::Instant::now(),
+        })
+        .map(|()| rx)
+    };
+    // the tokens, or the error that ended the request
+    let outcome = |mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>| {
+        let mut ids = Vec::new();
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                Event::Token { id, .. } => ids.push(id),
+                Event::Done { .. } => return Ok(ids),
+                Event::Error(e) => return Err(e),
+                Event::Scheduled { .. } => {}
+            }
+        }
+        panic!("the request's events ended without Done or Error");
+    };
+    let wait_failure = |e: &EngineHandle| {
+        for _ in 0..200 {
+            if let Some(f) = e.status.failure() {
+                return f.to_string();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the engine is still up after a device fault");
+    };
+    let timeout = Duration::from_secs(60);
+
+    let dev = Arc::new(FaultyDevice::default());
+    let (engine, join) = start(&dev);
+    // an un-faulted run: the tokens every later run must give
+    let rxs: Vec<_> = prompts
+        .iter()
+        .map(|p| submit(&engine, p, 4, 1).unwrap())
+        .collect();
+    let want: Vec<Vec<u32>> = rxs.into_iter().map(|rx| outcome(rx).unwrap()).collect();
+    assert!(want.iter().all(|w| w.len() == 4), "{want:?}");
+
+    // (a) out of memory: A's first step is held at its end; B and C arrive meanwhile, so the
+    // next step is A's decode with B's and C's prefill, and its first allocation fails
+    let (reached, go) = dev.hold_next_download();
+    let a = submit(&engine, &prompts[0], 4, 2).unwrap();
+    reached.recv_timeout(timeout).unwrap();
+    let b = submit(&engine, &prompts[1], 4, 2).unwrap();
+    let c = submit(&engine, &prompts[2], 4, 2).unwrap();
+    dev.fail_allocs.store(1, SeqCst);
+    go.send(()).unwrap();
+    for (name, rx) in [("A", a), ("B", b), ("C", c)] {
+        let e = outcome(rx).expect_err(name);
+        assert!(
+            e.starts_with("forward pass failed") && e.contains("injected out of memory"),
+            "{name}: {e}"
+        );
+    }
+    assert_eq!(
+        dev.fail_allocs.load(SeqCst),
+        0,
+        "the allocation did not fail"
+    );
+    assert_eq!(
+        engine.status.failure(),
+        None,
+        "out of memory ended the engine"
+    );
+    // the engine goes on: the same requests again, the same tokens
+    let rxs: Vec<_> = prompts
+        .iter()
+        .map(|p| submit(&engine, p, 4, 3).expect("a submit after out of memory"))
+        .collect();
+    for (i, rx) in rxs.into_iter().enumerate() {
+        assert_eq!(
+            outcome(rx).unwrap(),
+            want[i],
+            "request {i} after out of memory"
+        );
+    }
+    assert_eq!(engine.status.failure(), None);
+
+    // (b) a failed launch: D's first step is held; E and F join D in the next step, G waits
+    // (3 sequences at most); that step's first launch fails
+    let (reached, go) = dev.hold_next_download();
+    let d = submit(&engine, &prompts[0], 8, 4).unwrap();
+    reached.recv_timeout(timeout).unwrap();
+    let held: Vec<_> = [1, 2, 0]
+        .iter()
+        .map(|&p| submit(&engine, &prompts[p], 8, 4).unwrap())
+        .collect();
+    dev.fail_launches.store(true, SeqCst);
+    go.send(()).unwrap();
+    for (i, rx) in std::iter::once(d).chain(held).enumerate() {
+        let e = outcome(rx).expect_err("a request held when the launch failed");
+        assert!(e.contains("injected launch failure"), "request {i}: {e}");
+    }
+    let why = wait_failure(&engine);
+    assert!(
+        why.contains("GPU") && why.contains("injected launch failure"),
+        "{why}"
+    );
+    let refused = submit(&engine, &prompts[0], 4, 5).expect_err("a submit to a dead engine");
+    assert_eq!(refused, why);
+    drop(engine);
+    join.join().unwrap();
+    assert!(dev.inner.overruns.lock().unwrap().is_empty());
+    assert!(
+        dev.inner.live.lock().unwrap().is_empty(),
+        "device memory left after the engine went"
+    );
+
+    // (c) a kernel fault CUDA reports at the step's download, the device lost from then on
+    let dev = Arc::new(FaultyDevice::default());
+    let (engine, join) = start(&dev);
+    dev.fault_at_download.store(true, SeqCst);
+    let h = submit(&engine, &prompts[1], 4, 1).unwrap();
+    let e = outcome(h).expect_err("the request in the faulting step");
+    assert!(e.contains("injected kernel fault"), "{e}");
+    let why = wait_failure(&engine);
+    assert!(
+        why.contains("GPU") && why.contains("injected kernel fault"),
+        "{why}"
+    );
+    assert!(submit(&engine, &prompts[0], 4, 1).is_err());
+    drop(engine);
+    join.join().unwrap();
+}
+
 /// The real SmolLM2 (Q4_1) on the GPU backend over the executor: a reference prompt, logits
 /// against the CPU backend's exact path at every step, 4 greedy tokens equal (" Paris.").
 #[test]

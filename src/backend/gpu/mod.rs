@@ -474,6 +474,14 @@ impl GpuBackend {
         }
     }
 
+    /// A copy's error, kept as the device's (fatal, as a launch's: a download also reports
+    /// the faults of the work before it), and returned.
+    fn copy_failed(&self, e: anyhow::Error) -> anyhow::Error {
+        let returned = anyhow!("GPU: {e:#}");
+        self.fail(e);
+        returned
+    }
+
     fn try_alloc(&self, bytes: usize) -> Result<Buf> {
         let ptr = if bytes == 0 {
             0
@@ -516,7 +524,7 @@ impl GpuBackend {
         let b = self.try_alloc(data.len())?;
         if !data.is_empty() {
             // SAFETY: `b` holds `data.len()` bytes
-            unsafe { self.dev.upload(b.ptr, data)? };
+            unsafe { self.dev.upload(b.ptr, data) }.map_err(|e| self.copy_failed(e))?;
         }
         Ok(b)
     }
@@ -586,7 +594,7 @@ impl GpuBackend {
             if s.buf.bytes >= data.len() {
                 // SAFETY: the slot's buffer holds at least data.len() bytes; the copy is ordered
                 // after the work already queued that reads the old content
-                unsafe { self.dev.upload(s.buf.ptr, &data)? };
+                unsafe { self.dev.upload(s.buf.ptr, &data) }.map_err(|e| self.copy_failed(e))?;
                 s.key = key.to_vec();
                 s.len = data.len();
                 return Ok(s.buf.ptr);
@@ -594,7 +602,7 @@ impl GpuBackend {
         }
         let buf = self.try_alloc(data.len().next_power_of_two().max(256))?;
         // SAFETY: as above
-        unsafe { self.dev.upload(buf.ptr, &data)? };
+        unsafe { self.dev.upload(buf.ptr, &data) }.map_err(|e| self.copy_failed(e))?;
         let ptr = buf.ptr;
         inputs.generation += 1;
         inputs.slots.insert(
@@ -624,7 +632,7 @@ impl GpuBackend {
         let bytes = (n * 4).next_power_of_two().max(1024);
         let b = self.try_alloc(bytes)?;
         // SAFETY: the whole buffer
-        unsafe { self.dev.zero(b.ptr, bytes)? };
+        unsafe { self.dev.zero(b.ptr, bytes) }.map_err(|e| self.copy_failed(e))?;
         let ptr = b.ptr;
         inputs.counters = Some(b);
         inputs.generation += 1;
@@ -868,7 +876,7 @@ impl GpuBackend {
         let mut bytes = vec![0u8; n * 4];
         if n > 0 {
             // SAFETY: `b` holds n u32
-            unsafe { self.dev.download(b.ptr, &mut bytes)? };
+            unsafe { self.dev.download(b.ptr, &mut bytes) }.map_err(|e| self.copy_failed(e))?;
         }
         Ok(bytes
             .chunks_exact(4)
@@ -1549,7 +1557,7 @@ impl Backend for GpuBackend {
         let mut bytes = vec![0u8; t.rows * t.cols * 4];
         if !bytes.is_empty() {
             // SAFETY: the tensor's buffer holds rows * cols f32
-            unsafe { self.dev.download(t.buf.ptr, &mut bytes)? };
+            unsafe { self.dev.download(t.buf.ptr, &mut bytes) }.map_err(|e| self.copy_failed(e))?;
         }
         Ok(bytes
             .chunks_exact(4)
