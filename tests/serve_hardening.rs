@@ -362,12 +362,19 @@ fn admission_counts_sequences_not_requests() {
         assert!(t.elapsed() < Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(20));
     }
-    // 2 waiting + 2 more > 3
-    let (st, v) = s.post(
-        "/v1/completions",
-        &json!({"model": MODEL_ID, "prompt": "Hi", "n": 2, "max_tokens": 1}).to_string(),
-    );
-    assert_eq!(st, 429, "{v}");
+    // 2 waiting + 2 more > 3: an overload, with Retry-After and OpenAI's error type
+    match ureq::post(&s.url("/v1/completions"))
+        .send_json(json!({"model": MODEL_ID, "prompt": "Hi", "n": 2, "max_tokens": 1}))
+    {
+        Err(ureq::Error::Status(429, r)) => {
+            assert_eq!(r.header("retry-after"), Some("1"));
+            assert_eq!(
+                r.into_json::<Value>().unwrap()["error"]["type"],
+                "rate_limit_error"
+            );
+        }
+        other => panic!("a full queue: {other:?}"),
+    }
     // 2 waiting + 1 fits
     let (st, v) = s.post(
         "/v1/completions",
