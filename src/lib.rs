@@ -8,6 +8,7 @@
 //! - [`backend`]: the Backend trait and the CPU backend
 //! - [`model`]: architectures, weights, the forward pass, generation and perplexity
 //! - [`sampling`]: samplers, penalties, log-probabilities, stop strings
+//! - [`structured`]: grammars (JSON schema, regex, choice, Lark, tool calls) constraining output
 //! - [`tokenizer`]: tokenizers, streaming detokenizer, chat templates
 
 pub mod api;
@@ -17,4 +18,5 @@ pub mod formats;
 pub mod kv;
 pub mod model;
 pub mod sampling;
+pub mod structured;
 pub mod tokenizer;
