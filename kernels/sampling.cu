@@ -124,3 +124,15 @@ extern "C" __global__ void sample_top_k(u32* __restrict__ ids, const float* __re
     }
     ids[blockIdx.x] = cand_i[pick];
 }
+
+// A grammar's token mask: logits[r][t] = -inf where bit t % 32 of masks[r * words + t / 32] is
+// clear (tokens past the mask's words too). Rows without a constraint carry all-ones masks.
+// The CPU twin is sampling::apply_mask. grid (ceil(vocab / 256), rows), block 256.
+extern "C" __global__ void apply_token_mask(float* __restrict__ logits, const u32* __restrict__ masks,
+                                            u32 vocab, u32 words) {
+    u32 t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= vocab) return;
+    u32 w = t / 32;
+    bool allowed = w < words && ((masks[(u64)blockIdx.y * words + w] >> (t % 32)) & 1u);
+    if (!allowed) logits[(u64)blockIdx.y * vocab + t] = -KOJO_INF;
+}

@@ -296,6 +296,7 @@ fn submit(
                     ignore_eos: p.ignore_eos,
                     logit_bias: p.logit_bias.clone(),
                     logprobs: p.logprobs,
+                    constraint: None,
                     cache_salt: 0,
                     events: tx,
                     arrived: job.arrived,

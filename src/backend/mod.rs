@@ -467,6 +467,15 @@ pub trait Backend {
     fn recover(&self) -> std::result::Result<(), String> {
         Ok(())
     }
+    /// Set to -inf, in place, every logit whose bit is clear in its row's mask
+    /// ([`crate::sampling::apply_mask`]; `None` leaves a row as it is), so a constrained row
+    /// can still be drawn where the logits are.
+    fn mask_rows(&self, logits: &mut Self::Tensor, masks: &[Option<&[u32]>]) -> Result<()>;
+    /// The most candidates [`Backend::pick_rows`] draws from without copying the logits back
+    /// (a greedy draw always qualifies).
+    fn pick_max_k(&self) -> usize {
+        usize::MAX
+    }
     /// One token per row of logits, drawn as `picks[row]` says ([`crate::sampling::pick`]),
     /// where the logits are: only the ids come back. Default: copy the logits back and pick on
     /// the host.

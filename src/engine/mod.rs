@@ -30,6 +30,8 @@ pub struct EngineRequest {
     pub logit_bias: Vec<(u32, f32)>,
     /// `Some(k)`: report the chosen token's log-probability and the top `k`.
     pub logprobs: Option<usize>,
+    /// The grammar the output must match (structured outputs, tool calls).
+    pub constraint: Option<crate::structured::Constraint>,
     /// Prefix-cache key separating tenants (0 = shared).
     pub cache_salt: u64,
     pub events: UnboundedSender<Event>,

@@ -20,6 +20,7 @@ use crate::kv::{hash_block, BlockHash, BlockPool};
 use crate::model::transformer::{Step, Transformer};
 use crate::sampling::Pick;
 use crate::sampling::{log_softmax, Sampler};
+use crate::structured::Constraint;
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
@@ -46,6 +47,10 @@ struct Seq {
     /// hashes of the full blocks registered so far
     hashes: Vec<BlockHash>,
     sampler: Sampler,
+    /// the request's grammar state, if it has one
+    constraint: Option<Constraint>,
+    /// the grammar's mask for the token this step samples
+    mask: Option<Vec<u32>>,
     generated: usize,
     cached_tokens: usize,
     started: bool,
@@ -56,23 +61,13 @@ impl Seq {
         self.tokens.len()
     }
 
-    /// The next token depends on the raw logits alone (at most 64 candidates, or greedy):
-    /// nothing reads or changes them (log-probabilities, bias, penalties, end-of-generation
-    /// mask), so the backend can draw it where the logits are.
-    fn plain(&self) -> bool {
-        let p = &self.sampler.params;
-        (p.temperature == 0.0 || (1..=SAMPLE_MAX_K).contains(&p.top_k))
-            && p.repetition_penalty == 1.0
-            && p.presence_penalty == 0.0
-            && p.frequency_penalty == 0.0
-            && self.req.logprobs.is_none()
-            && self.req.logit_bias.is_empty()
-            && self.generated >= self.req.min_tokens
+    /// The next token depends on the raw logits alone, masked by the grammar if there is one
+    /// (nothing else reads or changes them: log-probabilities, bias, penalties, the
+    /// end-of-generation ban), so the backend can draw it where the logits are.
+    fn plain(&self, max_k: usize) -> bool {
+        self.sampler.plain(self.generated, max_k) && self.req.logprobs.is_none()
     }
 }
-
-/// The most candidates a backend's own top-k draw takes (kernels/sampling.cu).
-const SAMPLE_MAX_K: usize = 64;
 
 /// What a step gives back: the logits of the rows that sample, or (when every one of them is
 /// plain) the ids the backend drew.
@@ -212,12 +207,19 @@ impl Scheduler {
         self.publish();
     }
 
-    fn add(&mut self, req: EngineRequest) {
+    fn add(&mut self, mut req: EngineRequest) {
         let prompt_len = req.prompt.len();
-        let sampler = Sampler::new(req.params.clone());
+        let sampler = Sampler::new(req.params.clone()).with_rules(
+            std::mem::take(&mut req.logit_bias),
+            req.min_tokens,
+            &self.eog,
+        );
+        let constraint = req.constraint.take();
         self.waiting.push_back(Seq {
             tokens: req.prompt.clone(),
             req,
+            constraint,
+            mask: None,
             prompt_len,
             computed: 0,
             blocks: Vec::new(),
@@ -396,6 +398,18 @@ impl Scheduler {
         let mut tables: Vec<&[u32]> = Vec::with_capacity(plan.len());
         let mut rows = Vec::new();
         let mut all_plain = true;
+        let max_k = be.pick_max_k();
+        // the grammars of the rows that sample: their masks are computed while the forward
+        // pass runs (each constraint is taken out of its sequence meanwhile)
+        let mut grammars: Vec<(usize, Constraint)> = Vec::new();
+        for &(i, n) in plan {
+            let s = &mut self.running[i];
+            if s.computed + n == s.known() {
+                if let Some(c) = s.constraint.take() {
+                    grammars.push((i, c));
+                }
+            }
+        }
         for &(i, n) in plan {
             let s = &self.running[i];
             for p in s.computed..s.computed + n {
@@ -407,7 +421,7 @@ impl Scheduler {
             tables.push(&s.blocks);
             if s.computed + n == s.known() {
                 rows.push(tokens.len() - 1);
-                all_plain &= s.plain();
+                all_plain &= s.plain(max_k);
             }
         }
         let step = Step {
@@ -420,16 +434,49 @@ impl Scheduler {
             },
             logit_rows: &rows,
         };
-        let logits = model.forward(be, kv, &step)?;
+        let (forward, masks) = std::thread::scope(|scope| {
+            let masker = (!grammars.is_empty()).then(|| {
+                scope.spawn(|| {
+                    grammars
+                        .into_iter()
+                        .map(|(i, mut c)| {
+                            let m = c.mask();
+                            (i, c, m)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            });
+            let forward = model.forward(be, kv, &step);
+            let masks = masker.map(|h| h.join().expect("the grammar mask thread panicked"));
+            (forward, masks.unwrap_or_default())
+        });
+        for (i, c, m) in masks {
+            let s = &mut self.running[i];
+            s.constraint = Some(c);
+            s.mask = Some(m.unwrap_or_else(|e| {
+                tracing::warn!("grammar mask failed: {e}");
+                // nothing allowed: the request ends here (update reports it)
+                Vec::new()
+            }));
+        }
+        let mut logits = forward?;
         if all_plain {
-            // the backend draws the ids: the logits stay where they are
+            // the backend draws the ids (after the grammar masks): the logits stay where they are
             let mut picks: Vec<Pick> = Vec::with_capacity(rows.len());
+            let mut row_masks: Vec<Option<&[u32]>> = Vec::with_capacity(rows.len());
             for &(i, n) in plan {
                 let s = &mut self.running[i];
                 if s.computed + n == s.known() {
                     picks.push(s.sampler.next_pick());
                 }
             }
+            for &(i, n) in plan {
+                let s = &self.running[i];
+                if s.computed + n == s.known() {
+                    row_masks.push(s.mask.as_deref());
+                }
+            }
+            be.mask_rows(&mut logits, &row_masks)?;
             return Ok(StepOutput::Ids(be.pick_rows(&logits, &picks)?));
         }
         Ok(StepOutput::Logits(be.download(&logits)?))
@@ -469,6 +516,18 @@ impl Scheduler {
             if !samples {
                 continue;
             }
+            // the grammar allows nothing more (or failed): the output is complete
+            let mask = s.mask.take();
+            if mask.as_ref().is_some_and(|m| m.iter().all(|&w| w == 0)) {
+                row += 1;
+                let _ = s.req.events.send(Event::Done {
+                    finish: Finish::Eos,
+                    prompt_tokens: s.prompt_len,
+                    cached_tokens: s.cached_tokens,
+                });
+                done.push(i);
+                continue;
+            }
             // nothing to draw from: every logit NaN (the device's draw of such a row is no
             // token id at all)
             let nan_row = match out {
@@ -492,26 +551,15 @@ impl Scheduler {
                 StepOutput::Logits(_) => {
                     let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
                     let logprob_of = s.req.logprobs.map(|_| log_softmax(&l));
-                    for &(t, b) in &s.req.logit_bias {
-                        if let Some(x) = l.get_mut(t as usize) {
-                            *x += b;
-                        }
-                    }
-                    if s.generated < s.req.min_tokens {
-                        for &e in &self.eog {
-                            if let Some(x) = l.get_mut(e as usize) {
-                                *x = f32::NEG_INFINITY;
-                            }
-                        }
-                    }
-                    s.sampler.penalize(
+                    s.sampler.process(
                         &mut l,
                         &s.tokens[..s.prompt_len],
                         &s.tokens[s.prompt_len..],
+                        mask.as_deref(),
                     );
                     let id = s.sampler.sample(&l);
                     let logprob = match (s.req.logprobs, &logprob_of) {
-                        (Some(k), Some(lp)) => Some(TokenLogprob {
+                        (Some(k), Some(lp)) if (id as usize) < lp.len() => Some(TokenLogprob {
                             logprob: lp[id as usize],
                             top: crate::sampling::top_of(lp, k),
                         }),
@@ -521,8 +569,18 @@ impl Scheduler {
                 }
             };
             row += 1;
+            if id as usize >= n_vocab {
+                // every allowed logit was NaN or -inf (penalties and a grammar together)
+                let _ = s.req.events.send(Event::Error(
+                    "no token the request allows has a finite logit".into(),
+                ));
+                done.push(i);
+                continue;
+            }
             let eos_allowed = !s.req.ignore_eos && s.generated >= s.req.min_tokens;
-            if eos_allowed && self.eog.contains(&id) {
+            // under a grammar, an end-of-generation token was allowed only where the grammar
+            // may end
+            if (eos_allowed || s.constraint.is_some()) && self.eog.contains(&id) {
                 let _ = s.req.events.send(Event::Done {
                     finish: Finish::Eos,
                     prompt_tokens: s.prompt_len,
@@ -531,13 +589,31 @@ impl Scheduler {
                 done.push(i);
                 continue;
             }
+            if let Some(c) = &mut s.constraint {
+                if let Err(e) = c.consume(id) {
+                    let _ = s
+                        .req
+                        .events
+                        .send(Event::Error(format!("the grammar rejected a token: {e}")));
+                    done.push(i);
+                    continue;
+                }
+            }
             s.tokens.push(id);
             s.generated += 1;
             if s.req.events.send(Event::Token { id, logprob }).is_err() {
                 done.push(i);
                 continue;
             }
-            if s.generated >= s.req.max_tokens || s.known() >= self.cfg.max_model_len {
+            let complete = s.constraint.as_ref().is_some_and(Constraint::is_stopped);
+            if complete {
+                let _ = s.req.events.send(Event::Done {
+                    finish: Finish::Eos,
+                    prompt_tokens: s.prompt_len,
+                    cached_tokens: s.cached_tokens,
+                });
+                done.push(i);
+            } else if s.generated >= s.req.max_tokens || s.known() >= self.cfg.max_model_len {
                 let _ = s.req.events.send(Event::Done {
                     finish: Finish::Length,
                     prompt_tokens: s.prompt_len,

@@ -625,6 +625,7 @@ impl World {
                     ignore_eos: q.ignore_eos,
                     logit_bias: vec![],
                     logprobs: q.logprobs,
+                    constraint: None,
                     cache_salt: 0,
                     events: tx,
                     arrived: std::time::Instant::now(),

@@ -86,7 +86,7 @@ pub fn generate<B: Backend>(
             out.top_logprobs
                 .push(top_logprobs(&logits, req.top_logprobs));
         }
-        sampler.penalize(&mut logits, &req.prompt_ids, &out.output_ids);
+        sampler.process(&mut logits, &req.prompt_ids, &out.output_ids, None);
         let id = sampler.sample(&logits);
         if id == crate::sampling::NO_TOKEN {
             anyhow::bail!(

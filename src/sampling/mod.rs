@@ -1,7 +1,9 @@
 //! Choosing the next token: logits processors, samplers and a seeded RNG.
 //!
-//! Order (as vLLM applies them, the OpenAI semantics): repetition / presence / frequency
-//! penalties → temperature → top-k → top-p → min-p → draw. Temperature 0 is greedy (argmax of
+//! One pipeline, used by the engine and by `kojo generate` ([`Sampler::process`] then
+//! [`Sampler::sample`]): logit bias → end-of-generation ban until `min_tokens` → repetition /
+//! presence / frequency penalties → grammar mask ([`apply_mask`]) → temperature → top-k →
+//! top-p → min-p → draw (as vLLM orders them, the OpenAI semantics). Temperature 0 is greedy (argmax of
 //! the penalized logits; ties go to the lowest id). Each request owns its RNG, so its draws do
 //! not depend on what else runs in the batch.
 //!
@@ -137,10 +139,27 @@ pub fn top_of(lp: &[f32], k: usize) -> Vec<(u32, f32)> {
     idx.into_iter().map(|i| (i, lp[i as usize])).collect()
 }
 
-/// The sampler of one request.
+/// The sampler of one request: its settings, its rules on the logits, its RNG.
 pub struct Sampler {
     pub params: SamplingParams,
     rng: Rng,
+    /// `(token, bias)` added to the raw logits
+    pub logit_bias: Vec<(u32, f32)>,
+    /// end-of-generation ids are banned until this many tokens were generated
+    pub min_tokens: usize,
+    eog: Vec<u32>,
+}
+
+/// Set to -inf every logit whose bit is clear in `mask` (bit `t % 32` of word `t / 32` for
+/// token `t`; tokens past the mask are cleared too). The CPU twin of the `apply_token_mask`
+/// kernel.
+pub fn apply_mask(logits: &mut [f32], mask: &[u32]) {
+    for (t, l) in logits.iter_mut().enumerate() {
+        let allowed = mask.get(t / 32).is_some_and(|w| w >> (t % 32) & 1 == 1);
+        if !allowed {
+            *l = f32::NEG_INFINITY;
+        }
+    }
 }
 
 /// Temperatures below this are greedy (as vLLM's `_SAMPLING_EPS`): dividing logits by one
@@ -153,12 +172,61 @@ impl Sampler {
             params.temperature = 0.0;
         }
         let rng = Rng::new(params.seed);
-        Sampler { params, rng }
+        Sampler {
+            params,
+            rng,
+            logit_bias: Vec::new(),
+            min_tokens: 0,
+            eog: Vec::new(),
+        }
+    }
+
+    /// Add the rules on the logits: a bias, and the end-of-generation ids banned until
+    /// `min_tokens` tokens were generated.
+    pub fn with_rules(mut self, logit_bias: Vec<(u32, f32)>, min_tokens: usize, eog: &[u32]) -> Self {
+        self.logit_bias = logit_bias;
+        self.min_tokens = min_tokens;
+        self.eog = eog.to_vec();
+        self
+    }
+
+    /// Whether the next draw depends on the raw logits alone (and a mask), so a backend can
+    /// draw it where the logits are: no bias, penalty or ban applies now, and the draw keeps
+    /// at most `max_k` candidates (or is greedy).
+    pub fn plain(&self, generated: usize, max_k: usize) -> bool {
+        let p = &self.params;
+        (p.temperature == 0.0 || (1..=max_k).contains(&p.top_k))
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+            && self.logit_bias.is_empty()
+            && (generated >= self.min_tokens || self.eog.is_empty())
+    }
+
+    /// Every rule on the logits, in place, in order: bias, the end-of-generation ban before
+    /// `min_tokens`, penalties (`prompt` counts for the repetition penalty only), the mask.
+    pub fn process(&self, logits: &mut [f32], prompt: &[u32], generated: &[u32], mask: Option<&[u32]>) {
+        for &(t, b) in &self.logit_bias {
+            if let Some(x) = logits.get_mut(t as usize) {
+                *x += b;
+            }
+        }
+        if generated.len() < self.min_tokens {
+            for &e in &self.eog {
+                if let Some(x) = logits.get_mut(e as usize) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
+        self.penalize(logits, prompt, generated);
+        if let Some(m) = mask {
+            apply_mask(logits, m);
+        }
     }
 
     /// Apply the penalties in place. `prompt` counts for the repetition penalty only (as in
     /// vLLM); presence and frequency penalties count generated tokens.
-    pub fn penalize(&self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) {
+    fn penalize(&self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             let mut seen = vec![false; logits.len()];

@@ -188,6 +188,19 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn mask_rows(&self, logits: &mut CpuTensor, masks: &[Option<&[u32]>]) -> Result<()> {
+        if masks.len() != logits.rows {
+            anyhow::bail!("mask_rows: {} masks for {} rows", masks.len(), logits.rows);
+        }
+        let cols = logits.cols;
+        for (r, m) in masks.iter().enumerate() {
+            if let Some(m) = m {
+                crate::sampling::apply_mask(&mut logits.data[r * cols..(r + 1) * cols], m);
+            }
+        }
+        Ok(())
+    }
+
     fn download(&self, t: &CpuTensor) -> Result<Vec<f32>> {
         Ok(t.data.clone())
     }

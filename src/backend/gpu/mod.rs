@@ -1071,6 +1071,10 @@ impl Drop for GpuBackend {
     }
 }
 
+/// The most candidates `sample_top_k` keeps (`SAMPLE_MAX_K` in kernels/sampling.cu; a test
+/// reads it there).
+pub const SAMPLE_MAX_K: usize = 64;
+
 impl Backend for GpuBackend {
     type Tensor = GpuTensor;
     type Weight = GpuWeight;
@@ -1870,6 +1874,46 @@ impl Backend for GpuBackend {
         Ok(out)
     }
 
+    fn mask_rows(&self, logits: &mut GpuTensor, masks: &[Option<&[u32]>]) -> Result<()> {
+        if masks.len() != logits.rows {
+            bail!("mask_rows: {} masks for {} rows", masks.len(), logits.rows);
+        }
+        if masks.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        // one u32 per 32 tokens per row, all-ones for rows without a mask (stream-ordered:
+        // the buffer is freed after the kernel has read it)
+        let words = logits.cols.div_ceil(32);
+        let mut packed = vec![u32::MAX; logits.rows * words];
+        for (r, m) in masks.iter().enumerate() {
+            if let Some(m) = m {
+                for (i, d) in packed[r * words..(r + 1) * words].iter_mut().enumerate() {
+                    *d = m.get(i).copied().unwrap_or(0);
+                }
+            }
+        }
+        let buf = self.upload_u32(&packed)?;
+        // SAFETY: `packed` holds `words` per row; rows of `cols` logits, written in place
+        unsafe {
+            self.launch(
+                "apply_token_mask",
+                [logits.cols.div_ceil(256), logits.rows, 1],
+                256,
+                &[
+                    Arg::Ptr(logits.buf.ptr),
+                    Arg::Ptr(buf.ptr),
+                    Arg::U32(logits.cols as u32),
+                    Arg::U32(words as u32),
+                ],
+            )
+        };
+        Ok(())
+    }
+
+    fn pick_max_k(&self) -> usize {
+        SAMPLE_MAX_K
+    }
+
     fn pick_rows(&self, logits: &GpuTensor, picks: &[Pick]) -> Result<Vec<u32>> {
         if picks.len() != logits.rows {
             bail!("pick_rows: {} picks for {} rows", picks.len(), logits.rows);
@@ -1879,7 +1923,7 @@ impl Backend for GpuBackend {
         }
         if picks
             .iter()
-            .all(|p| p.is_greedy() || ((1..=64).contains(&p.top_k) && p.temperature > 0.0))
+            .all(|p| p.is_greedy() || ((1..=SAMPLE_MAX_K).contains(&p.top_k) && p.temperature > 0.0))
         {
             return self.top_k_kernel(logits, picks);
         }
@@ -1917,6 +1961,13 @@ impl Backend for GpuBackend {
 #[cfg(test)]
 mod tests {
     use super::{attn_splits, ATTN_MIN_CHUNK};
+
+    #[test]
+    fn sample_max_k_is_the_kernels() {
+        let src = include_str!("../../../kernels/sampling.cu");
+        let want = format!("#define SAMPLE_MAX_K {}\n", super::SAMPLE_MAX_K);
+        assert!(src.contains(&want), "kernels/sampling.cu does not define {want}");
+    }
 
     #[test]
     fn attention_splits_cover_the_context_and_fill_the_device() {

@@ -648,6 +648,36 @@ impl<'a> SelfTest<'a> {
                 );
             }
         }
+        // a grammar's mask on some rows (one row allows only a tie-free few, one nothing
+        // past a short mask), then the draws on the masked logits
+        let words = vocab.div_ceil(32);
+        let masks: Vec<Option<Vec<u32>>> = (0..rows)
+            .map(|r| match r % 3 {
+                0 => None,
+                1 => Some((0..words).map(|_| self.r.u64() as u32).collect()),
+                _ => Some(vec![0xA5A5_0F0F; words / 2]),
+            })
+            .collect();
+        let refs: Vec<Option<&[u32]>> = masks.iter().map(|m| m.as_deref()).collect();
+        let mut gm = self.gpu.upload(&logits, rows, vocab);
+        self.gpu.mask_rows(&mut gm, &refs)?;
+        let mut cm = self.cpu.upload(&logits, rows, vocab);
+        self.cpu.mask_rows(&mut cm, &refs)?;
+        let (gv, cv) = (self.gpu.download(&gm)?, self.cpu.download(&cm)?);
+        self.expect(
+            "apply_token_mask: -inf exactly where the mask's bit is clear",
+            gv.iter().zip(&cv).all(|(a, b)| a.to_bits() == b.to_bits()),
+        );
+        let picks: Vec<Pick> = (0..rows)
+            .map(|r| if r % 2 == 0 { Pick::GREEDY } else {
+                Pick { top_k: 20, temperature: 0.8, top_p: 1.0, min_p: 0.0, u: 0.37 }
+            })
+            .collect();
+        let got = self.gpu.pick_rows(&gm, &picks)?;
+        for (r, p) in picks.iter().enumerate() {
+            let want = pick(&cv[r * vocab..(r + 1) * vocab], p);
+            self.expect(&format!("masked draw row {r}"), got[r] == want);
+        }
         Ok(())
     }
 }
