@@ -81,6 +81,14 @@ pub struct ServeArgs {
     /// beside the async runtime (default: the CPU count).
     #[arg(long)]
     pub tokenizer_threads: Option<usize>,
+    /// The largest grammar a request may send (a JSON schema's text, a regex, a Lark grammar,
+    /// tool definitions), in bytes; larger is a 400.
+    #[arg(long, default_value_t = 262_144)]
+    pub max_grammar_bytes: usize,
+    /// Seconds a request's grammar may take to compile (off the engine, on the tokenizer
+    /// threads); slower is a 400.
+    #[arg(long, default_value_t = 10.0)]
+    pub grammar_timeout: f64,
     #[command(flatten)]
     pub cpu: crate::gen_cmd::CpuArgs,
     #[command(flatten)]
@@ -119,6 +127,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         ("--kv-cache-tokens", a.kv_cache_tokens),
         ("--max-num-seqs", a.max_num_seqs),
         ("--max-batch-tokens", a.max_batch_tokens),
+        ("--max-grammar-bytes", a.max_grammar_bytes),
     ] {
         if v == 0 {
             bail!("{name} must be at least 1");
@@ -129,6 +138,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         ("--body-timeout", a.body_timeout),
         ("--keep-alive-timeout", a.keep_alive_timeout),
         ("--write-timeout", a.write_timeout),
+        ("--grammar-timeout", a.grammar_timeout),
     ] {
         if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
             bail!("{name} must be a number of seconds in (0, 86400], got {v}");
@@ -174,6 +184,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         matmul: a.cpu.matmul,
         target: a.device.device,
         kernel_dir: a.device.kernel_dir.clone(),
+        grammar_limits: kojo::structured::GrammarLimits {
+            max_bytes: a.max_grammar_bytes,
+        },
+        grammar_timeout: secs(a.grammar_timeout),
     };
     if !cfg.model.exists() {
         bail!("{}: no such file or folder", cfg.model.display());

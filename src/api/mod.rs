@@ -1,6 +1,7 @@
 //! HTTP: the OpenAI-compatible API over the engine.
 //!
 //! - [`wire`]: request types as clients send them, validated into `Valid*` types
+//! - [`tools`]: `tools`/`tool_choice` validated, tool-call history rendered for the template
 //! - [`error`]: OpenAI-style error bodies
 //! - [`listen`]: the HTTP/1.1 accept loop: connection cap, header, keep-alive and write timeouts
 //! - [`serve`]: `kojo serve`: loading, routes, auth, shutdown
@@ -14,6 +15,7 @@ pub mod error;
 pub mod listen;
 pub mod respond;
 pub mod serve;
+pub mod tools;
 pub mod wire;
 
 pub use error::ApiError;

@@ -7,6 +7,8 @@ use super::wire::ValidParams;
 use crate::engine::metrics::Metrics;
 use crate::engine::{EngineHandle, EngineRequest, EngineStatus, Event, Finish, TokenLogprob};
 use crate::sampling::stop::StopMatcher;
+use crate::structured::tools::{ToolCallParser, ToolDelta, ToolOutput};
+use crate::structured::Constraint;
 use crate::tokenizer::stream::drain_utf8;
 use crate::tokenizer::Tokenizer;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -38,6 +40,18 @@ pub struct Job {
     pub echo: Option<Vec<String>>,
     pub max_model_len: usize,
     pub arrived: Instant,
+    /// the grammar every choice starts from (each gets its own copy)
+    pub constraint: Option<Constraint>,
+    /// the output is read for tool calls (`tools` offered, `tool_choice` not none)
+    pub tool_calls: bool,
+}
+
+impl Job {
+    /// The id of choice `i`'s call `k` (stable across stream and whole responses).
+    fn call_id(&self, i: usize, k: usize) -> String {
+        let suffix = self.id.rsplit('-').next().unwrap_or("");
+        format!("call_{suffix}_{i}_{k}")
+    }
 }
 
 pub const FINGERPRINT: &str = concat!("kojo-", env!("CARGO_PKG_VERSION"));
@@ -53,10 +67,16 @@ struct Choice {
     /// chat: `logprobs.content` entries; completions: (token, logprob, top, offset)
     logprobs: Vec<Value>,
     offset: usize,
+    /// reads tool calls out of the text (tool requests only)
+    tools: Option<ToolCallParser>,
+    /// content and calls summed from the parser's deltas
+    parsed: ToolOutput,
+    /// the parser's deltas not yet streamed
+    deltas: Vec<ToolDelta>,
 }
 
 impl Choice {
-    fn new(index: usize, stop: &[String]) -> Self {
+    fn new(index: usize, stop: &[String], tools: bool) -> Self {
         Choice {
             index,
             pending: Vec::new(),
@@ -66,6 +86,32 @@ impl Choice {
             finish: None,
             logprobs: Vec::new(),
             offset: 0,
+            tools: tools.then(ToolCallParser::new),
+            parsed: ToolOutput::default(),
+            deltas: Vec::new(),
+        }
+    }
+
+    /// Text that became final: to the tool-call parser, if there is one (`end`: the output
+    /// ended, so what it held back is decided too).
+    fn route(&mut self, text: &str, end: bool) {
+        let Some(p) = &mut self.tools else { return };
+        let mut d = p.push(text);
+        if end {
+            d.extend(p.finish());
+        }
+        for x in &d {
+            self.parsed.apply(x);
+        }
+        self.deltas.extend(d);
+    }
+
+    /// The finish reason: a tool request that ended on its own after a whole call ends in
+    /// `tool_calls`.
+    fn reason(&self, reason: &'static str) -> &'static str {
+        match &self.tools {
+            Some(p) if reason == "stop" && p.complete_calls() > 0 => "tool_calls",
+            _ => reason,
         }
     }
 }
@@ -121,9 +167,12 @@ impl Choice {
                 if let Some(lp) = &lp {
                     self.logprobs.push(lp.clone());
                 }
-                if pushed.stopped.is_some() {
-                    self.finish = Some("stop");
-                    return Some(Step::Finished(pushed.emit, "stop"));
+                let stopped = pushed.stopped.is_some();
+                self.route(&pushed.emit, stopped);
+                if stopped {
+                    let reason = self.reason("stop");
+                    self.finish = Some(reason);
+                    return Some(Step::Finished(pushed.emit, reason));
                 }
                 Some(Step::Text(pushed.emit, lp))
             }
@@ -141,6 +190,8 @@ impl Choice {
                     }
                 };
                 self.text += &tail;
+                self.route(&tail, true);
+                let reason = self.reason(reason);
                 self.finish = Some(reason);
                 Some(Step::Finished(tail, reason))
             }
@@ -296,7 +347,7 @@ fn submit(
                     ignore_eos: p.ignore_eos,
                     logit_bias: p.logit_bias.clone(),
                     logprobs: p.logprobs,
-                    constraint: None,
+                    constraint: job.constraint.as_ref().map(Constraint::fork),
                     cache_salt: 0,
                     events: tx,
                     arrived: job.arrived,
@@ -362,7 +413,7 @@ impl Progress {
     fn new(job: &Job, total: usize, ledger: Ledger) -> Self {
         Progress {
             choices: (0..total)
-                .map(|i| Choice::new(i, &job.params.stop))
+                .map(|i| Choice::new(i, &job.params.stop, job.tool_calls))
                 .collect(),
             cached: vec![0; job.prompts.len()],
             ledger,
@@ -449,12 +500,29 @@ async fn whole(
         Kind::Chat => json!({
             "id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
             "system_fingerprint": FINGERPRINT,
-            "choices": choices.iter().map(|c| json!({
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text, "refusal": null, "annotations": []},
-                "logprobs": job.params.logprobs.map(|_| json!({"content": c.logprobs, "refusal": null})),
-                "finish_reason": c.finish,
-            })).collect::<Vec<_>>(),
+            "choices": choices.iter().map(|c| {
+                let mut message = json!({"role": "assistant", "content": c.text, "refusal": null, "annotations": []});
+                if c.tools.is_some() {
+                    let calls = &c.parsed.calls;
+                    message["content"] = if c.parsed.content.is_empty() && !calls.is_empty() {
+                        Value::Null
+                    } else {
+                        json!(c.parsed.content)
+                    };
+                    if !calls.is_empty() {
+                        message["tool_calls"] = calls.iter().enumerate().map(|(k, (name, args))| json!({
+                            "id": job.call_id(c.index, k), "type": "function",
+                            "function": {"name": name, "arguments": args},
+                        })).collect();
+                    }
+                }
+                json!({
+                    "index": c.index,
+                    "message": message,
+                    "logprobs": job.params.logprobs.map(|_| json!({"content": c.logprobs, "refusal": null})),
+                    "finish_reason": c.finish,
+                })
+            }).collect::<Vec<_>>(),
             "usage": usage,
         }),
         Kind::Completion => json!({
@@ -533,8 +601,54 @@ fn stream(
                 }
             }
         }
+        // a tool-call delta as OpenAI streams it: the first of a call carries its index, id,
+        // type and name; the later ones append to its arguments
+        let tool_delta = |i: usize, d: &ToolDelta| -> Value {
+            let d = match d {
+                ToolDelta::Content(t) => json!({"content": t}),
+                ToolDelta::Start { index, name } => json!({"tool_calls": [{
+                    "index": index, "id": job.call_id(i, *index), "type": "function",
+                    "function": {"name": name, "arguments": ""},
+                }]}),
+                ToolDelta::Args { index, fragment } => json!({"tool_calls": [{
+                    "index": index, "function": {"arguments": fragment},
+                }]}),
+            };
+            json!({"index": i, "delta": d, "logprobs": null, "finish_reason": null})
+        };
         while let Some((i, ev)) = streams.next().await {
-            let out = match progress.on_event(&job, &tok, i, ev) {
+            let step = progress.on_event(&job, &tok, i, ev);
+            if job.tool_calls {
+                // the text goes out as the parser's deltas
+                let mut v: Vec<SseEvent> = progress.choices[i]
+                    .deltas
+                    .drain(..)
+                    .map(|d| chunk(tool_delta(i, &d)))
+                    .collect();
+                let mut last = false;
+                match step {
+                    Some(Step::Finished(_, reason)) => {
+                        streams.remove(&i);
+                        v.push(chunk(delta(i, None, false, None, Some(reason))));
+                    }
+                    Some(Step::Error(e)) => {
+                        progress.fail();
+                        v.push(SseEvent::default().data(ApiError::internal(e).body().to_string()));
+                        last = true;
+                    }
+                    _ => {}
+                }
+                for ev in v {
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                }
+                if last {
+                    return;
+                }
+                continue;
+            }
+            let out = match step {
                 None => continue,
                 Some(Step::Text(t, lp)) => {
                     if t.is_empty() && lp.is_none() {

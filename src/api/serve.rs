@@ -13,6 +13,8 @@ use crate::engine::metrics::Metrics;
 use crate::engine::scheduler::SchedulerConfig;
 use crate::engine::EngineHandle;
 use crate::model::{ModelSource, Transformer};
+use crate::structured::tools::grammar as tool_grammar;
+use crate::structured::{Constraint, GrammarLimits, GrammarSpec, Grammars};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -60,6 +62,9 @@ pub struct ServeConfig {
     pub target: Target,
     /// Kernel sources to compile instead of the embedded ones (GPU only).
     pub kernel_dir: Option<PathBuf>,
+    /// What a request's grammar may be, and how long it may take to compile.
+    pub grammar_limits: GrammarLimits,
+    pub grammar_timeout: Duration,
 }
 
 /// What exists once the model has loaded.
@@ -71,6 +76,7 @@ pub struct Ready {
     pub vocab: usize,
     /// the longest token's bytes, plus one: a text of B bytes has at least B / this tokens
     pub max_bytes_per_token: usize,
+    pub grammars: Arc<Grammars>,
 }
 
 impl Ready {
@@ -136,6 +142,44 @@ impl AppState {
         tokio::task::spawn_blocking(f)
             .await
             .map_err(|e| ApiError::internal(format!("tokenizer task: {e}")))?
+    }
+
+    /// Compile a request's grammar on the blocking pool within `--grammar-timeout` (a slow
+    /// one holds its pool slot until it ends, never the engine or the async workers). A
+    /// grammar that does not compile, or not in time, is a 400 naming `param`.
+    async fn compile(
+        &self,
+        grammars: Arc<Grammars>,
+        param: &str,
+        spec: GrammarSpec,
+    ) -> Result<Constraint, ApiError> {
+        let permit = self
+            .blocking
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let _ = tx.send(grammars.compile(&spec));
+        });
+        let limit = self.cfg.grammar_timeout;
+        match tokio::time::timeout(limit, rx).await {
+            Err(_) => Err(ApiError::invalid(
+                param,
+                format!(
+                    "the grammar did not compile within {:.1} s (--grammar-timeout)",
+                    limit.as_secs_f64()
+                ),
+            )),
+            Ok(Err(_)) => Err(ApiError::internal("the grammar compiler stopped")),
+            Ok(Ok(Err(e))) => Err(ApiError::invalid(
+                param,
+                format!("`{param}`: the grammar does not compile: {e}"),
+            )),
+            Ok(Ok(Ok(c))) => Ok(c),
+        }
     }
 
     fn new_id(&self, prefix: &str) -> String {
@@ -231,7 +275,9 @@ async fn chat(State(st): St, body: Bytes) -> Result<Response, ApiError> {
         ));
     }
     let messages = std::mem::take(&mut v.messages);
+    let tools = v.tools.take();
     let st2 = st.clone();
+    let tools2 = tools.clone();
     let ids = st
         .blocking(move || {
             let r = st2.ready()?;
@@ -240,8 +286,10 @@ async fn chat(State(st): St, body: Bytes) -> Result<Response, ApiError> {
                     "this model has no chat template; use /v1/completions",
                 ));
             };
+            let (messages, extra) =
+                super::tools::template_messages(messages, tools2.as_ref(), tmpl.native_tools);
             let text = tmpl
-                .render(&messages, true, None)
+                .render(&messages, true, extra.as_ref())
                 .map_err(|e| ApiError::bad_request(format!("the chat template failed: {e}")))?;
             r.precheck("messages", &text)?;
             let tok = &r.tok;
@@ -259,6 +307,19 @@ async fn chat(State(st): St, body: Bytes) -> Result<Response, ApiError> {
         .inspect_err(|_| st.metrics.outcome("invalid"))?;
     check_length(ids.len(), v.params.max_tokens, r.max_model_len)
         .inspect_err(|_| st.metrics.outcome("invalid"))?;
+    let tool_mode = tools.as_ref().and_then(|t| t.mode.clone().map(|m| (t, m)));
+    let grammar = match (&tool_mode, v.params.grammar.take()) {
+        (Some((t, mode)), _) => Some(("tools", GrammarSpec::Lark(tool_grammar(&t.tools, mode, t.parallel)))),
+        (None, g) => g,
+    };
+    let constraint = match grammar {
+        Some((param, spec)) => Some(
+            st.compile(r.grammars.clone(), param, spec)
+                .await
+                .inspect_err(|_| st.metrics.outcome("invalid"))?,
+        ),
+        None => None,
+    };
     st.admit(v.params.n, ids.len() * v.params.n)?;
     let job = Job {
         kind: Kind::Chat,
@@ -270,6 +331,8 @@ async fn chat(State(st): St, body: Bytes) -> Result<Response, ApiError> {
         echo: None,
         max_model_len: r.max_model_len,
         arrived,
+        constraint,
+        tool_calls: tool_mode.is_some(),
     };
     Ok(respond(r.engine.clone(), r.tok.clone(), job).await)
 }
@@ -323,6 +386,14 @@ async fn completions(State(st): St, body: Bytes) -> Result<Response, ApiError> {
             e
         })?;
     }
+    let constraint = match v.params.grammar.take() {
+        Some((param, spec)) => Some(
+            st.compile(r.grammars.clone(), param, spec)
+                .await
+                .inspect_err(|_| st.metrics.outcome("invalid"))?,
+        ),
+        None => None,
+    };
     let n = v.params.n;
     st.admit(
         prompts.len() * n,
@@ -338,6 +409,8 @@ async fn completions(State(st): St, body: Bytes) -> Result<Response, ApiError> {
         echo: v.echo.then_some(texts),
         max_model_len: r.max_model_len,
         arrived,
+        constraint,
+        tool_calls: false,
     };
     Ok(respond(r.engine.clone(), r.tok.clone(), job).await)
 }
@@ -622,10 +695,13 @@ where
     };
     let vocab = tok.vocab_size().min(model.cfg.vocab_size);
     let eog = tok.end_of_generation();
+    let n_logits = model.cfg.vocab_size;
     let (engine, _join) = crate::engine::start(be, model, sched, eog, metrics)?;
+    let tok = Arc::new(tok);
     Ok(Ready {
         max_bytes_per_token: tok.max_bytes_per_token(),
-        tok: Arc::new(tok),
+        grammars: Arc::new(Grammars::new(tok.clone(), n_logits, cfg.grammar_limits)),
+        tok,
         template,
         engine,
         max_model_len,

@@ -2,7 +2,9 @@
 //! validation that turns them into [`ValidRequest`]s with no options left.
 
 use super::error::ApiError;
+use super::tools::{parse_tools, ToolSetup};
 use crate::sampling::SamplingParams;
+use crate::structured::GrammarSpec;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -35,6 +37,17 @@ pub struct Common {
     pub ignore_eos: Option<Value>,
     pub min_tokens: Option<Value>,
     pub user: Option<Value>,
+    /// structured outputs: OpenAI's, and vLLM's extra parameters (new and old names)
+    pub response_format: Option<Value>,
+    pub structured_outputs: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    /// tool calling (chat only)
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<Value>,
     /// Every other field, checked by [`check_other_fields`].
     #[serde(flatten)]
     pub other: serde_json::Map<String, Value>,
@@ -51,10 +64,16 @@ fn check_other_fields(other: &serde_json::Map<String, Value>) -> Result<(), ApiE
         }
         let ok = match k.as_str() {
             // features kojo does not have: allowed only in their "off" form
-            "tools" | "functions" => v.as_array().is_some_and(|a| a.is_empty()),
-            "tool_choice" => v.as_str() == Some("none"),
+            // the deprecated forms of tools: allowed only in their "off" form
+            "functions" => v.as_array().is_some_and(|a| a.is_empty()),
             "function_call" => v.as_str() == Some("none"),
-            "response_format" => v.get("type").and_then(|t| t.as_str()) == Some("text"),
+            // vLLM's choice of grammar engine and whitespace: kojo has one engine
+            "guided_decoding_backend" | "guided_whitespace_pattern" => {
+                if !v.is_string() {
+                    return Err(bad(k, format!("`{k}` must be a string")));
+                }
+                true
+            }
             "modalities" => v
                 .as_array()
                 .is_some_and(|a| a.iter().all(|m| m.as_str() == Some("text"))),
@@ -66,7 +85,7 @@ fn check_other_fields(other: &serde_json::Map<String, Value>) -> Result<(), ApiE
             }
             "best_of" => v.as_u64() == Some(1),
             // accepted and ignored, but of the right type
-            "store" | "parallel_tool_calls" => {
+            "store" => {
                 if !v.is_boolean() {
                     return Err(bad(k, format!("`{k}` must be a boolean")));
                 }
@@ -147,12 +166,19 @@ pub struct ValidParams {
     pub min_tokens: usize,
     /// Top log-probabilities per token (`Some(0)`: only the chosen token's).
     pub logprobs: Option<usize>,
+    /// The grammar the output must match (`response_format`, `structured_outputs`,
+    /// `guided_*`).
+    pub grammar: Option<(&'static str, GrammarSpec)>,
 }
 
 pub struct ValidChat {
-    /// `[{role, content}]` with content flattened to a string
+    /// `[{role, content}]` with content flattened to a string (or null beside tool calls);
+    /// assistant messages may carry `tool_calls` (arguments as sent), tool messages
+    /// `tool_call_id`
     pub messages: Vec<Value>,
     pub params: ValidParams,
+    /// `tools` and `tool_choice`, when tools are offered
+    pub tools: Option<ToolSetup>,
 }
 
 pub struct ValidCompletion {
@@ -420,7 +446,138 @@ impl Common {
             ignore_eos: boolean(&self.ignore_eos, "ignore_eos")?,
             min_tokens,
             logprobs,
+            grammar: self.grammar()?,
         })
+    }
+
+    /// The one grammar the request asks for, from whichever field names it.
+    fn grammar(&self) -> Result<Option<(&'static str, GrammarSpec)>, ApiError> {
+        let mut found: Vec<(&'static str, GrammarSpec)> = Vec::new();
+        if let Some(rf) = self.response_format.as_ref().filter(|v| !v.is_null()) {
+            if let Some(g) = response_format(rf)? {
+                found.push(("response_format", g));
+            }
+        }
+        if let Some(so) = self.structured_outputs.as_ref().filter(|v| !v.is_null()) {
+            let Value::Object(m) = so else {
+                return Err(bad("structured_outputs", "`structured_outputs` must be an object"));
+            };
+            for (k, v) in m {
+                if v.is_null() || v == &Value::Bool(false) {
+                    continue;
+                }
+                let name = format!("structured_outputs.{k}");
+                let g = match k.as_str() {
+                    "json" => json_schema_value(v, &name)?,
+                    "json_object" => GrammarSpec::JsonObject,
+                    "regex" => GrammarSpec::Regex(string(v, &name)?),
+                    "choice" => choice(v, &name)?,
+                    "grammar" => GrammarSpec::Lark(string(v, &name)?),
+                    "whitespace_pattern" | "disable_any_whitespace" | "disable_additional_properties" => continue,
+                    other => {
+                        return Err(bad(
+                            "structured_outputs",
+                            format!("`structured_outputs.{other}` is not supported (json, json_object, regex, choice, grammar)"),
+                        ))
+                    }
+                };
+                found.push(("structured_outputs", g));
+            }
+        }
+        for (name, v) in [
+            ("guided_json", &self.guided_json),
+            ("guided_regex", &self.guided_regex),
+            ("guided_choice", &self.guided_choice),
+            ("guided_grammar", &self.guided_grammar),
+        ] {
+            let Some(v) = v.as_ref().filter(|v| !v.is_null()) else { continue };
+            let g = match name {
+                "guided_json" => json_schema_value(v, name)?,
+                "guided_regex" => GrammarSpec::Regex(string(v, name)?),
+                "guided_choice" => choice(v, name)?,
+                _ => GrammarSpec::Lark(string(v, name)?),
+            };
+            found.push((name, g));
+        }
+        if found.len() > 1 {
+            let names: Vec<&str> = found.iter().map(|f| f.0).collect();
+            return Err(bad(
+                found[1].0,
+                format!("a request takes one grammar; this one names {}", names.join(", ")),
+            ));
+        }
+        Ok(found.pop())
+    }
+}
+
+fn string(v: &Value, param: &str) -> Result<String, ApiError> {
+    match v {
+        Value::String(s) if !s.is_empty() => Ok(s.clone()),
+        _ => Err(bad(param, format!("`{param}` must be a non-empty string"))),
+    }
+}
+
+fn choice(v: &Value, param: &str) -> Result<GrammarSpec, ApiError> {
+    let items = v
+        .as_array()
+        .filter(|a| !a.is_empty() && a.len() <= 4096)
+        .ok_or_else(|| bad(param, format!("`{param}` must be a list of 1 to 4096 strings")))?;
+    let strs = items
+        .iter()
+        .map(|x| x.as_str().filter(|s| !s.is_empty()).map(str::to_string))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| bad(param, format!("`{param}` must be a list of non-empty strings")))?;
+    Ok(GrammarSpec::Choice(strs))
+}
+
+/// A JSON schema given as an object (or a boolean), or as a string holding one (vLLM accepts
+/// both).
+fn json_schema_value(v: &Value, param: &str) -> Result<GrammarSpec, ApiError> {
+    let schema = match v {
+        Value::String(s) => serde_json::from_str(s)
+            .map_err(|e| bad(param, format!("`{param}` is not valid JSON: {e}")))?,
+        other => other.clone(),
+    };
+    match schema {
+        Value::Object(_) => Ok(GrammarSpec::JsonSchema(schema)),
+        Value::Bool(true) => Ok(GrammarSpec::JsonSchema(serde_json::json!({}))),
+        _ => Err(bad(param, format!("`{param}` must be a JSON schema object"))),
+    }
+}
+
+/// OpenAI's `response_format`: text (no grammar), json_object, json_schema.
+fn response_format(rf: &Value) -> Result<Option<GrammarSpec>, ApiError> {
+    const P: &str = "response_format";
+    let ty = rf
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad(P, "`response_format.type` must be text, json_object or json_schema"))?;
+    match ty {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(GrammarSpec::JsonObject)),
+        "json_schema" => {
+            let js = rf.get("json_schema").filter(|v| v.is_object()).ok_or_else(|| {
+                bad(P, "`response_format.json_schema` must be an object with `name` and `schema`")
+            })?;
+            if let Some(n) = js.get("name") {
+                if !n.as_str().is_some_and(|n| (1..=64).contains(&n.len())) {
+                    return Err(bad(P, "`response_format.json_schema.name` must be a string of 1 to 64 characters"));
+                }
+            }
+            match js.get("strict") {
+                None | Some(Value::Null) | Some(Value::Bool(_)) => {}
+                _ => return Err(bad(P, "`response_format.json_schema.strict` must be a boolean")),
+            }
+            match js.get("schema") {
+                // OpenAI's default: any JSON value... as an object
+                None | Some(Value::Null) => Ok(Some(GrammarSpec::JsonObject)),
+                Some(s) => json_schema_value(s, "response_format.json_schema.schema").map(Some),
+            }
+        }
+        other => Err(bad(
+            P,
+            format!("`response_format.type` '{other}' is not supported (text, json_object, json_schema)"),
+        )),
     }
 }
 
@@ -451,14 +608,22 @@ impl ChatRequest {
                     format!("unknown role '{role}'"),
                 ));
             }
-            for field in ["tool_calls", "function_call"] {
-                if m.get(field).is_some_and(|v| !v.is_null()) {
-                    return Err(bad(
-                        &format!("messages[{i}].{field}"),
-                        format!("`{field}` is not supported (no tool calling yet)"),
-                    ));
-                }
+            if m.get("function_call").is_some_and(|v| !v.is_null()) {
+                return Err(bad(
+                    &format!("messages[{i}].function_call"),
+                    "`function_call` is deprecated and not supported; use `tool_calls`",
+                ));
             }
+            let tool_calls = match m.get("tool_calls") {
+                None | Some(Value::Null) => None,
+                Some(v) if role == "assistant" => Some(super::tools::history_calls(v, i)?),
+                Some(_) => {
+                    return Err(bad(
+                        &format!("messages[{i}].tool_calls"),
+                        "only assistant messages carry `tool_calls`",
+                    ))
+                }
+            };
             let content = match m.get("content") {
                 None | Some(Value::Null) if role == "assistant" => String::new(),
                 Some(Value::String(s)) => s.clone(),
@@ -485,7 +650,26 @@ impl ChatRequest {
                 }
             };
             let role = if role == "developer" { "system" } else { role };
-            messages.push(serde_json::json!({"role": role, "content": content}));
+            let mut msg = serde_json::json!({"role": role, "content": content});
+            if let Some(calls) = tool_calls {
+                msg["tool_calls"] = calls;
+            }
+            if role == "tool" {
+                match m.get("tool_call_id") {
+                    Some(Value::String(id)) => msg["tool_call_id"] = Value::String(id.clone()),
+                    None | Some(Value::Null) => {}
+                    Some(_) => {
+                        return Err(bad(
+                            &format!("messages[{i}].tool_call_id"),
+                            "`tool_call_id` must be a string",
+                        ))
+                    }
+                }
+                if let Some(Value::String(n)) = m.get("name") {
+                    msg["name"] = Value::String(n.clone());
+                }
+            }
+            messages.push(msg);
         }
         let logprobs = if boolean(&self.logprobs, "logprobs")? {
             Some(int(&self.top_logprobs, "top_logprobs", 0, 20)?.unwrap_or(0) as usize)
@@ -495,9 +679,25 @@ impl ChatRequest {
             }
             None
         };
+        let params = self.common.validate(vocab, logprobs)?;
+        let tools = parse_tools(
+            &self.common.tools,
+            &self.common.tool_choice,
+            &self.common.parallel_tool_calls,
+        )?;
+        if let (Some(t), Some(_)) = (&tools, &params.grammar) {
+            if t.mode.is_some() {
+                return Err(bad(
+                    "tool_choice",
+                    "tool calls and a grammar (response_format, structured_outputs, guided_*) \
+                     cannot be combined; set tool_choice to none",
+                ));
+            }
+        }
         Ok(ValidChat {
             messages,
-            params: self.common.validate(vocab, logprobs)?,
+            params,
+            tools,
         })
     }
 }
@@ -557,6 +757,11 @@ impl CompletionRequest {
             return Err(bad("prompt", "at most 64 prompts per request"));
         }
         let logprobs = int(&self.logprobs, "logprobs", 0, 5)?.map(|k| k as usize);
+        for (name, v) in [("tools", &self.common.tools), ("tool_choice", &self.common.tool_choice)] {
+            if v.as_ref().is_some_and(|v| !v.is_null()) {
+                return Err(bad(name, format!("`{name}` is for /v1/chat/completions")));
+            }
+        }
         let mut params = self.common.validate(vocab, logprobs)?;
         if params.max_tokens.is_none() {
             params.max_tokens = Some(16); // OpenAI's default for legacy completions

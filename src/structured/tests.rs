@@ -154,6 +154,9 @@ fn tool_grammars_accept_calls_and_only_calls() {
     assert!(accepts(&g, &req, &call), "{req}");
     assert!(accepts(&g, &req, &format!("{call}\n{time}")));
     assert!(!accepts(&g, &req, "Sure, here you go."));
+    let many = |n: usize| vec![time.clone(); n].join("\n");
+    assert!(accepts(&g, &req, &many(tools::MAX_CALLS)));
+    assert!(!accepts(&g, &req, &many(tools::MAX_CALLS + 1)));
     assert!(!accepts(&g, &req, &tools::render_call("get_wetter", r#"{"city": "Paris"}"#)));
     assert!(!accepts(&g, &req, &tools::render_call("get_weather", r#"{"town": "Paris"}"#)));
     let single = tools::grammar(&tl, &ToolMode::Required, false);

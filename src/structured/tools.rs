@@ -33,6 +33,10 @@ const HEAD: &str = "\n{\"name\": \"";
 /// What ends a call: the body's closing brace and [`CLOSE`].
 const TERM: &str = "}\n</tool_call>";
 
+/// The most calls one response may make: a small model asked for calls tends to repeat its
+/// call until it runs out of tokens; the grammar ends the response after this many.
+pub const MAX_CALLS: usize = 8;
+
 /// One function a request offers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tool {
@@ -86,9 +90,9 @@ pub fn grammar(tools: &[Tool], mode: &ToolMode, parallel: bool) -> String {
     g += &format!("body: {}\n", bodies.join(" | "));
     g += &format!("call: {} body\n", lit(OPEN));
     let more = if parallel && !matches!(mode, ToolMode::Named(_)) {
-        "(\"\\n\" call)*"
+        format!("(\"\\n\" call) ~ 0..{}", MAX_CALLS - 1)
     } else {
-        ""
+        String::new()
     };
     match mode {
         ToolMode::Required | ToolMode::Named(_) => {

@@ -13,6 +13,9 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     pub bos_token: String,
     pub eos_token: String,
+    /// The template writes tool calls itself in kojo's layout (`<tool_call>` tags, as Hermes-
+    /// and Qwen-style templates do): tool requests render through it natively.
+    pub native_tools: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +71,7 @@ impl ChatTemplate {
             env,
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+            native_tools: source.contains("<tool_call>") && source.contains("tools"),
         })
     }
 
