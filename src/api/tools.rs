@@ -30,8 +30,10 @@ pub fn parse_tools(
     choice: &Option<Value>,
     parallel: &Option<Value>,
 ) -> Result<Option<ToolSetup>, ApiError> {
+    // off unless asked for, as llama.cpp's server has it: a small model asked for one call
+    // tends to repeat it until it runs out of tokens
     let parallel = match parallel {
-        None | Some(Value::Null) => true,
+        None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(bad("parallel_tool_calls", "`parallel_tool_calls` must be a boolean")),
     };

@@ -50,4 +50,25 @@ try {
 } catch (e) {
   check(e.status === 400 && e.error?.param === "temperature", "400 names the parameter");
 }
+// structured outputs and tool calls
+const schema = { type: "object", properties: { city: { type: "string", maxLength: 20 }, rank: { type: "integer", minimum: 1, maximum: 9 } },
+                 required: ["city", "rank"], additionalProperties: false };
+const js = await c.chat.completions.create({ model, messages: msgs, max_tokens: 100, temperature: 1, seed: 4,
+  response_format: { type: "json_schema", json_schema: { name: "city", schema, strict: true } } });
+const parsed = JSON.parse(js.choices[0].message.content);
+check(typeof parsed.city === "string" && parsed.rank >= 1 && parsed.rank <= 9, "response_format json_schema parses and fits");
+const tools = [{ type: "function", function: { name: "lookup", description: "Look a city up", parameters: schema } }];
+const tc = await c.chat.completions.create({ model, messages: msgs, max_tokens: 200, temperature: 0, tools, tool_choice: "required" });
+const call = tc.choices[0].message.tool_calls?.[0];
+check(tc.choices[0].finish_reason === "tool_calls" && call?.function.name === "lookup" && typeof JSON.parse(call.function.arguments).city === "string",
+      "tool_choice required: a lookup call");
+const acc = {};
+for await (const k of await c.chat.completions.create({ model, messages: msgs, max_tokens: 200, temperature: 0, tools, tool_choice: "required", stream: true })) {
+  for (const d of k.choices[0]?.delta?.tool_calls ?? []) {
+    acc[d.index] ??= { name: d.function?.name, arguments: "" };
+    acc[d.index].arguments += d.function?.arguments ?? "";
+  }
+}
+const want = tc.choices[0].message.tool_calls.map((t) => t.function.name + t.function.arguments).join("|");
+check(Object.values(acc).map((t) => t.name + t.arguments).join("|") === want, "streamed tool calls equal the whole ones");
 console.log("all checks passed");
