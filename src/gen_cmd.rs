@@ -126,6 +126,56 @@ pub struct GenerateArgs {
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// End-of-generation tokens are banned until this many tokens were generated.
+    #[arg(long, default_value_t = 0)]
+    pub min_tokens: usize,
+    /// `ID=BIAS` added to token ID's logit (repeatable; BIAS in [-100, 100]).
+    #[arg(long, value_parser = parse_bias)]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// The output matches the JSON schema in this file.
+    #[arg(long, conflicts_with_all = ["regex", "grammar"])]
+    pub json_schema: Option<PathBuf>,
+    /// The output matches this regular expression.
+    #[arg(long, conflicts_with = "grammar")]
+    pub regex: Option<String>,
+    /// The output matches the Lark grammar in this file (llguidance's dialect).
+    #[arg(long)]
+    pub grammar: Option<PathBuf>,
+}
+
+fn parse_bias(s: &str) -> Result<(u32, f32), String> {
+    let (id, b) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not ID=BIAS"))?;
+    let id: u32 = id.trim().parse().map_err(|_| format!("'{id}' is not a token id"))?;
+    let b: f32 = b.trim().parse().map_err(|_| format!("'{b}' is not a number"))?;
+    if !(b.is_finite() && (-100.0..=100.0).contains(&b)) {
+        return Err(format!("bias {b} is outside [-100, 100]"));
+    }
+    Ok((id, b))
+}
+
+/// The grammar `a` asks for, compiled for `tok`; errors name the file.
+fn constraint_of(a: &GenerateArgs, tok: &std::sync::Arc<Tokenizer>, n_vocab: usize) -> Result<Option<kojo::structured::Constraint>> {
+    use kojo::structured::{GrammarLimits, GrammarSpec, Grammars};
+    let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("{}", p.display()));
+    let spec = if let Some(p) = &a.json_schema {
+        let v: serde_json::Value = serde_json::from_str(&read(p)?)
+            .with_context(|| format!("{}: not JSON", p.display()))?;
+        GrammarSpec::JsonSchema(v)
+    } else if let Some(r) = &a.regex {
+        GrammarSpec::Regex(r.clone())
+    } else if let Some(p) = &a.grammar {
+        GrammarSpec::Lark(read(p)?)
+    } else {
+        return Ok(None);
+    };
+    let g = Grammars::new(tok.clone(), n_vocab, GrammarLimits { max_bytes: usize::MAX });
+    let c = g.compile(&spec).map_err(|e| {
+        let src = a.json_schema.as_ref().or(a.grammar.as_ref()).map(|p| p.display().to_string());
+        anyhow::anyhow!("{}: the grammar does not compile: {e}", src.unwrap_or_else(|| "--regex".into()))
+    })?;
+    Ok(Some(c))
 }
 
 #[derive(Args)]
@@ -181,12 +231,12 @@ struct Loaded<B: Backend> {
     backend: B,
     model: Transformer<B>,
     /// `None` for random-weight models
-    tok: Option<Tokenizer>,
+    tok: Option<std::sync::Arc<Tokenizer>>,
     src: ModelSource,
 }
 
 impl<B: Backend> Loaded<B> {
-    fn tok(&self) -> Result<&Tokenizer> {
+    fn tok(&self) -> Result<&std::sync::Arc<Tokenizer>> {
         self.tok.as_ref().ok_or_else(|| {
             anyhow::anyhow!(
                 "{}: a random-weight model has no tokenizer",
@@ -200,7 +250,7 @@ fn load<B: Backend>(a: &ModelArgs, backend: B) -> Result<Loaded<B>> {
     let src = ModelSource::open(&a.model)?;
     let tok = match &src {
         ModelSource::Random(..) => None,
-        _ => Some(src.tokenizer()?),
+        _ => Some(std::sync::Arc::new(src.tokenizer()?)),
     };
     let model = Transformer::load(&backend, &src)
         .with_context(|| format!("loading {}", a.model.display()))?;
@@ -292,7 +342,13 @@ fn generate_on<B: Backend>(l: &Loaded<B>, a: &GenerateArgs) -> Result<()> {
         stop: a.stop.clone(),
         ignore_eos: a.ignore_eos,
         top_logprobs: if a.json { 5 } else { 0 },
+        min_tokens: a.min_tokens,
+        logit_bias: a.logit_bias.clone(),
+        constraint: constraint_of(a, l.tok()?, l.model.cfg.vocab_size)?,
     };
+    if let Some(&(id, _)) = req.logit_bias.iter().find(|b| b.0 as usize >= l.model.cfg.vocab_size) {
+        anyhow::bail!("--logit-bias: token id {id} is outside the vocabulary ({})", l.model.cfg.vocab_size);
+    }
     let stdout = std::io::stdout();
     let streaming = !a.json;
     let out = generate(&mut session, l.tok()?, &req, |text| {

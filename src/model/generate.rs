@@ -8,7 +8,6 @@ use crate::sampling::{top_logprobs, Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use anyhow::{bail, Result};
 
-#[derive(Debug, Clone)]
 pub struct GenerateRequest {
     pub prompt_ids: Vec<u32>,
     pub max_tokens: usize,
@@ -18,6 +17,12 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// How many top log-probabilities to record per position (0 = none).
     pub top_logprobs: usize,
+    /// End-of-generation tokens are banned until this many tokens were generated.
+    pub min_tokens: usize,
+    /// `(token, bias)` added to the logits.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// The grammar the output must match.
+    pub constraint: Option<crate::structured::Constraint>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -60,12 +65,19 @@ pub fn generate<B: Backend>(
             session.max_ctx()
         );
     }
-    let eog = if req.ignore_eos {
+    let all_eog = tok.end_of_generation();
+    let eog = if req.ignore_eos && req.constraint.is_none() {
         Vec::new()
     } else {
-        tok.end_of_generation()
+        all_eog.clone()
     };
-    let mut sampler = Sampler::new(req.sampling.clone());
+    // the same pipeline as the engine's (bias, min_tokens, penalties, grammar mask, draw)
+    let mut sampler = Sampler::new(req.sampling.clone()).with_rules(
+        req.logit_bias.clone(),
+        req.min_tokens,
+        &all_eog,
+    );
+    let mut constraint = req.constraint.as_ref().map(|c| c.fork());
     let mut stops = StopMatcher::new(&req.stop);
     let mut decoder = StreamDecoder::new(tok, false);
     let mut out = Generated {
@@ -86,7 +98,16 @@ pub fn generate<B: Backend>(
             out.top_logprobs
                 .push(top_logprobs(&logits, req.top_logprobs));
         }
-        sampler.process(&mut logits, &req.prompt_ids, &out.output_ids, None);
+        let mask = match &mut constraint {
+            Some(c) => Some(c.mask().map_err(|e| anyhow::anyhow!("grammar: {e}"))?),
+            None => None,
+        };
+        if mask.as_ref().is_some_and(|m| m.iter().all(|&w| w == 0)) {
+            // the grammar is complete
+            out.finish_reason = FinishReason::Stop;
+            break;
+        }
+        sampler.process(&mut logits, &req.prompt_ids, &out.output_ids, mask.as_deref());
         let id = sampler.sample(&logits);
         if id == crate::sampling::NO_TOKEN {
             anyhow::bail!(
@@ -98,6 +119,9 @@ pub fn generate<B: Backend>(
             out.finish_reason = FinishReason::Stop;
             break;
         }
+        if let Some(c) = &mut constraint {
+            c.consume(id).map_err(|e| anyhow::anyhow!("grammar: {e}"))?;
+        }
         out.output_ids.push(id);
         let pushed = stops.push(&decoder.push(id));
         on_text(&pushed.emit);
@@ -108,6 +132,10 @@ pub fn generate<B: Backend>(
             break;
         }
         if out.output_ids.len() >= max_new {
+            break;
+        }
+        if constraint.as_ref().is_some_and(|c| c.is_stopped()) {
+            out.finish_reason = FinishReason::Stop;
             break;
         }
         logits = session.feed(&[id], Logits::Last)?;
