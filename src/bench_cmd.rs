@@ -37,6 +37,10 @@ pub struct BenchServeArgs {
     pub prompt: String,
     #[arg(long)]
     pub api_key: Option<String>,
+    /// A JSON object merged into every request body (e.g. `{"guided_json": {...}}` to time
+    /// constrained decoding).
+    #[arg(long)]
+    pub extra_body: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -159,9 +163,17 @@ pub fn run(a: BenchServeArgs) -> Result<()> {
         Some(m) => m.clone(),
         None => model_id(&hp, key)?,
     };
-    let body = json!({"model": model, "prompt": a.prompt, "max_tokens": a.max_tokens, "temperature": 0,
-                      "stream": true, "stream_options": {"include_usage": true}, "ignore_eos": true})
-    .to_string();
+    let mut body = json!({"model": model, "prompt": a.prompt, "max_tokens": a.max_tokens, "temperature": 0,
+                      "stream": true, "stream_options": {"include_usage": true}, "ignore_eos": true});
+    if let Some(extra) = &a.extra_body {
+        let Ok(Value::Object(m)) = serde_json::from_str::<Value>(extra) else {
+            bail!("--extra-body must be a JSON object");
+        };
+        for (k, v) in m {
+            body[k] = v;
+        }
+    }
+    let body = body.to_string();
     let mut rows = Vec::new();
     if !a.json {
         println!("| concurrency | requests | TTFT p50 (s) | TTFT p90 (s) | ITL p50 (ms) | tok/s per stream | tok/s aggregate |");

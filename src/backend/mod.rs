@@ -471,6 +471,12 @@ pub trait Backend {
     /// ([`crate::sampling::apply_mask`]; `None` leaves a row as it is), so a constrained row
     /// can still be drawn where the logits are.
     fn mask_rows(&self, logits: &mut Self::Tensor, masks: &[Option<&[u32]>]) -> Result<()>;
+    /// Whether the host's cores are idle while a forward pass runs (a device computes it), so
+    /// host work such as grammar masks is best done beside it. The CPU backend's forward pass
+    /// uses every core itself.
+    fn host_idle_during_forward(&self) -> bool {
+        false
+    }
     /// The most candidates [`Backend::pick_rows`] draws from without copying the logits back
     /// (a greedy draw always qualifies).
     fn pick_max_k(&self) -> usize {

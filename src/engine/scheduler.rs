@@ -434,22 +434,28 @@ impl Scheduler {
             },
             logit_rows: &rows,
         };
-        let (forward, masks) = std::thread::scope(|scope| {
-            let masker = (!grammars.is_empty()).then(|| {
-                scope.spawn(|| {
-                    grammars
-                        .into_iter()
-                        .map(|(i, mut c)| {
-                            let m = c.mask();
-                            (i, c, m)
-                        })
-                        .collect::<Vec<_>>()
+        let compute = |g: Vec<(usize, Constraint)>| {
+            g.into_iter()
+                .map(|(i, mut c)| {
+                    let m = c.mask();
+                    (i, c, m)
                 })
-            });
-            let forward = model.forward(be, kv, &step);
-            let masks = masker.map(|h| h.join().expect("the grammar mask thread panicked"));
-            (forward, masks.unwrap_or_default())
-        });
+                .collect::<Vec<_>>()
+        };
+        let (forward, masks) = if grammars.is_empty() {
+            (model.forward(be, kv, &step), Vec::new())
+        } else if be.host_idle_during_forward() {
+            // a device runs the step: the masks are computed meanwhile
+            std::thread::scope(|scope| {
+                let masker = scope.spawn(|| compute(grammars));
+                let forward = model.forward(be, kv, &step);
+                (forward, masker.join().expect("the grammar mask thread panicked"))
+            })
+        } else {
+            // the forward pass needs every core: masks first, then the step
+            let masks = compute(grammars);
+            (model.forward(be, kv, &step), masks)
+        };
         for (i, c, m) in masks {
             let s = &mut self.running[i];
             s.constraint = Some(c);

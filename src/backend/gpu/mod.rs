@@ -1914,6 +1914,10 @@ impl Backend for GpuBackend {
         SAMPLE_MAX_K
     }
 
+    fn host_idle_during_forward(&self) -> bool {
+        true
+    }
+
     fn pick_rows(&self, logits: &GpuTensor, picks: &[Pick]) -> Result<Vec<u32>> {
         if picks.len() != logits.rows {
             bail!("pick_rows: {} picks for {} rows", picks.len(), logits.rows);
