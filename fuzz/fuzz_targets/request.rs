@@ -20,7 +20,8 @@ fn check(p: &ValidParams, data: &[u8]) {
     assert!(p.include_usage <= p.stream);
     let sp = p.sampling(data.len() as u64);
     sp.validate().expect("validated parameters the sampler refuses");
-    let mut s = Sampler::new(sp);
+    // the engine's pipeline: bias, the end-of-generation ban (id 0 here), penalties, draw
+    let mut s = Sampler::new(sp).with_rules(p.logit_bias.clone(), p.min_tokens, &[0]);
     // logits from the body's bytes, with the extremes a model can give
     let mut logits: Vec<f32> = (0..VOCAB)
         .map(|i| match data.get(i).copied().unwrap_or(0) {
@@ -29,11 +30,8 @@ fn check(p: &ValidParams, data: &[u8]) {
             b => (b as f32 - 128.0) / 8.0,
         })
         .collect();
-    for &(id, b) in &p.logit_bias {
-        logits[id as usize] += b;
-    }
     let generated: Vec<u32> = data.iter().take(32).map(|&b| b as u32 % VOCAB as u32).collect();
-    s.penalize(&mut logits, &[1, 2, 3], &generated);
+    s.process(&mut logits, &[1, 2, 3], &generated, None);
     for _ in 0..4 {
         let id = s.sample(&logits);
         assert!((id as usize) < VOCAB, "sampled id {id}");
