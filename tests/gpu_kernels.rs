@@ -1224,3 +1224,126 @@ fn a_fused_decode_step_launches_six_kernels_per_layer() {
     gs.feed(&[6], Logits::Last).unwrap();
     assert_eq!(gpu.launch_count() - before, 6 * 2 + 2);
 }
+
+/// Constrained decoding through the engine on the GPU backend (over the executor) against the
+/// CPU backend: a tiny random llama with SmolLM2's tokenizer, grammars masking rows where the
+/// logits are (`apply_token_mask`, then the device's argmax or top-k draw) and on the host
+/// (log-probabilities bring the logits back). Same ids on both, and every output matches.
+#[test]
+fn constrained_engine_on_gpu_matches_cpu() {
+    use kojo::engine::metrics::Metrics;
+    use kojo::engine::scheduler::SchedulerConfig;
+    use kojo::engine::{EngineRequest, Event};
+    use kojo::sampling::SamplingParams;
+    use kojo::structured::{GrammarLimits, GrammarSpec, Grammars};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    let mut r = test_rnd();
+    use GgmlType::*;
+    let t = Tiny {
+        arch: "llama",
+        types: [Q8_0, Q4K, Q6K, Q4_0, Q8_0, F16, Q5K, Q8_0],
+        output: None,
+        layers: 1,
+        rope_freqs: false,
+        vocab: None,
+    };
+    write_tiny(&t, &mut r, &path);
+    let src = ModelSource::open(&path).unwrap();
+    let tok = Arc::new(src.tokenizer().unwrap());
+    let eog = tok.end_of_generation();
+    let prompt = tok.encode("Answer:", false, false).unwrap();
+    // (grammar, temperature, top_k, logprobs)
+    let reqs: Vec<(GrammarSpec, f32, usize, Option<usize>)> = vec![
+        (GrammarSpec::Regex("[0-9]{3}-[a-z]{4}".into()), 0.0, 0, None),
+        (GrammarSpec::Choice(vec!["yes".into(), "no".into(), "maybe".into()]), 0.9, 20, None),
+        (GrammarSpec::JsonSchema(serde_json::json!({"type": "object",
+            "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}},
+            "required": ["n", "ok"], "additionalProperties": false})), 1.0, 8, None),
+        (GrammarSpec::Regex("[a-c]{2,5}".into()), 0.7, 0, Some(2)),
+    ];
+
+    fn run<B: kojo::backend::Backend + Send + 'static>(
+        be: B,
+        path: &std::path::Path,
+        prompt: &[u32],
+        eog: &[u32],
+        grammars: &Grammars,
+        reqs: &[(GrammarSpec, f32, usize, Option<usize>)],
+    ) -> Vec<Vec<u32>>
+    where
+        B::KvCache: Send,
+        Transformer<B>: Send,
+    {
+        let src = ModelSource::open(path).unwrap();
+        let model = Transformer::load(&be, &src).unwrap();
+        let cfg = SchedulerConfig {
+            num_blocks: 32,
+            block_size: 16,
+            max_num_seqs: 8,
+            max_batch_tokens: 32,
+            max_model_len: 128,
+        };
+        let metrics = Arc::new(Metrics::new("tiny"));
+        let (engine, _join) = kojo::engine::start(be, model, cfg, eog.to_vec(), metrics).unwrap();
+        let mut rxs = Vec::new();
+        for (spec, temperature, top_k, logprobs) in reqs {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            engine
+                .submit(EngineRequest {
+                    prompt: prompt.to_vec(),
+                    params: SamplingParams {
+                        temperature: *temperature,
+                        top_k: *top_k,
+                        seed: 5,
+                        ..Default::default()
+                    },
+                    max_tokens: 24,
+                    min_tokens: 0,
+                    ignore_eos: false,
+                    logit_bias: vec![],
+                    logprobs: *logprobs,
+                    constraint: Some(grammars.compile(spec).unwrap()),
+                    cache_salt: 0,
+                    events: tx,
+                    arrived: std::time::Instant::now(),
+                })
+                .unwrap();
+            rxs.push(rx);
+        }
+        rxs.into_iter()
+            .map(|mut rx| {
+                let mut ids = Vec::new();
+                while let Some(ev) = rx.blocking_recv() {
+                    match ev {
+                        Event::Token { id, .. } => ids.push(id),
+                        Event::Done { .. } => break,
+                        Event::Error(e) => panic!("{e}"),
+                        Event::Scheduled { .. } => {}
+                    }
+                }
+                ids
+            })
+            .collect()
+    }
+
+    let vocab = ModelSource::open(&path).map(|s| {
+        let cpu = CpuBackend::new(MatmulMode::Exact);
+        Transformer::load(&cpu, &s).unwrap().cfg.vocab_size
+    });
+    let grammars = Grammars::new(tok.clone(), vocab.unwrap(), GrammarLimits::default());
+    let want = run(CpuBackend::new(MatmulMode::Exact), &path, &prompt, &eog, &grammars, &reqs);
+    let dev = Arc::new(HostDevice::default());
+    let got = run(GpuBackend::new(dev.clone()), &path, &prompt, &eog, &grammars, &reqs);
+    assert!(dev.launched.lock().unwrap().contains("apply_token_mask"));
+    assert_eq!(got, want);
+    let text: Vec<String> = want.iter().map(|ids| tok.decode(ids, false).unwrap()).collect();
+    eprintln!("{text:?}");
+    let digits = text[0].as_bytes();
+    assert!(text[0].len() == 8 && digits[..3].iter().all(u8::is_ascii_digit) && digits[3] == b'-', "{}", text[0]);
+    assert!(["yes", "no", "maybe"].contains(&text[1].as_str()), "{}", text[1]);
+    let v: serde_json::Value = serde_json::from_str(&text[2]).unwrap_or_else(|e| panic!("{e}: {}", text[2]));
+    assert!(v["n"].as_i64().is_some_and(|n| (0..=99).contains(&n)) && v["ok"].is_boolean(), "{v}");
+    assert!((2..=5).contains(&text[3].len()) && text[3].bytes().all(|b| (b'a'..=b'c').contains(&b)), "{}", text[3]);
+}

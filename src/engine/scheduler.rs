@@ -49,8 +49,8 @@ struct Seq {
     sampler: Sampler,
     /// the request's grammar state, if it has one
     constraint: Option<Constraint>,
-    /// the grammar's mask for the token this step samples
-    mask: Option<Vec<u32>>,
+    /// the grammar's mask for the token this step samples (`Err`: it could not be computed)
+    mask: Option<Result<Vec<u32>, String>>,
     generated: usize,
     cached_tokens: usize,
     started: bool,
@@ -459,11 +459,7 @@ impl Scheduler {
         for (i, c, m) in masks {
             let s = &mut self.running[i];
             s.constraint = Some(c);
-            s.mask = Some(m.unwrap_or_else(|e| {
-                tracing::warn!("grammar mask failed: {e}");
-                // nothing allowed: the request ends here (update reports it)
-                Vec::new()
-            }));
+            s.mask = Some(m);
         }
         let mut logits = forward?;
         if all_plain {
@@ -479,7 +475,7 @@ impl Scheduler {
             for &(i, n) in plan {
                 let s = &self.running[i];
                 if s.computed + n == s.known() {
-                    row_masks.push(s.mask.as_deref());
+                    row_masks.push(s.mask.as_ref().and_then(|m| m.as_deref().ok()));
                 }
             }
             be.mask_rows(&mut logits, &row_masks)?;
@@ -522,8 +518,17 @@ impl Scheduler {
             if !samples {
                 continue;
             }
-            // the grammar allows nothing more (or failed): the output is complete
-            let mask = s.mask.take();
+            // the grammar allows nothing more: the output is complete; a grammar that failed
+            // (llguidance's per-step limits) fails this request only
+            let mask = match s.mask.take().transpose() {
+                Ok(m) => m,
+                Err(e) => {
+                    row += 1;
+                    let _ = s.req.events.send(Event::Error(format!("the grammar failed: {e}")));
+                    done.push(i);
+                    continue;
+                }
+            };
             if mask.as_ref().is_some_and(|m| m.iter().all(|&w| w == 0)) {
                 row += 1;
                 let _ = s.req.events.send(Event::Done {

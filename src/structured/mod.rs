@@ -232,12 +232,18 @@ impl Constraint {
         if self.matcher.is_stopped() {
             return Ok(out);
         }
-        let m = self.matcher.compute_mask().map_err(|e| e.to_string())?;
+        // a panic inside llguidance fails this request, never the engine thread
+        let m = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.matcher.compute_mask()))
+            .map_err(|_| "the grammar engine failed computing a mask".to_string())?
+            .map_err(|e| e.to_string())?;
         let src = m.as_slice();
         let n = out.len().min(src.len());
         out[..n].copy_from_slice(&src[..n]);
         // llguidance's own EOS bit stands for all of ours; clear the others it may not know of
-        let accepting = self.matcher.is_accepting().unwrap_or(false);
+        let accepting = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.matcher.is_accepting()))
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(false);
         for &e in self.eog.iter() {
             let (w, bit) = (e as usize / 32, e % 32);
             if w < out.len() {
@@ -256,7 +262,9 @@ impl Constraint {
         if self.eog.contains(&id) {
             return Ok(());
         }
-        self.matcher.consume_token(id).map_err(|e| e.to_string())
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.matcher.consume_token(id)))
+            .map_err(|_| "the grammar engine failed consuming a token".to_string())?
+            .map_err(|e| e.to_string())
     }
 
     /// Nothing more may be generated: the output is complete.
