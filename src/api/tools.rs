@@ -259,3 +259,62 @@ pub fn compact_json(v: &Value) -> String {
         other => other.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::ChatTemplate;
+
+    fn setup() -> ToolSetup {
+        let raw = vec![json!({"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}})];
+        parse_tools(&Some(Value::Array(raw)), &None, &None).unwrap().unwrap()
+    }
+
+    fn history() -> Vec<Value> {
+        vec![
+            json!({"role": "user", "content": "Weather in Oslo?"}),
+            json!({"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function",
+                   "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]}),
+            json!({"role": "tool", "tool_call_id": "c1", "content": "{\"deg\": 3}"}),
+        ]
+    }
+
+    /// A template that writes `<tool_call>` itself gets `tools` and the calls' arguments as
+    /// objects, as Hugging Face templates expect (this one is written for the test in the
+    /// style of Hermes/Qwen templates).
+    #[test]
+    fn native_templates_get_tools_and_argument_objects() {
+        let src = "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}\n{% endif %}\
+            {% for m in messages %}[{{ m.role }}]{{ m.content }}\
+            {% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }}:{{ c.function.arguments.city }}</tool_call>{% endfor %}\n{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        assert!(t.native_tools);
+        let (msgs, extra) = template_messages(history(), Some(&setup()), true);
+        let out = t.render(&msgs, false, extra.as_ref()).unwrap();
+        assert_eq!(
+            out,
+            // (trim_blocks eats the newline after each block tag)
+            "TOOLS:get_weather;[user]Weather in Oslo?[assistant]<tool_call>get_weather:Oslo</tool_call>[tool]{\"deg\": 3}"
+        );
+    }
+
+    /// Without tool support in the template: the tools in the system message, past calls in
+    /// kojo's layout, results as user messages.
+    #[test]
+    fn the_generic_format() {
+        let (msgs, extra) = template_messages(history(), Some(&setup()), false);
+        assert!(extra.is_none());
+        assert_eq!(msgs[0]["role"], "system");
+        assert!(msgs[0]["content"].as_str().unwrap().contains("\"name\":\"get_weather\""));
+        assert_eq!(msgs[2]["content"], render_call("get_weather", "{\"city\": \"Oslo\"}"));
+        assert_eq!(msgs[3]["role"], "user");
+        assert_eq!(msgs[3]["content"], "<tool_response>\n{\"deg\": 3}\n</tool_response>");
+        // tool_choice none: no instructions, the history still rendered
+        let mut none = setup();
+        none.mode = None;
+        let (msgs, _) = template_messages(history(), Some(&none), false);
+        assert_eq!(msgs[0]["role"], "user");
+        assert_eq!(msgs[2]["role"], "user");
+    }
+}
