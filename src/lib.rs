@@ -9,6 +9,7 @@
 //! - [`model`]: architectures, weights, the forward pass, generation and perplexity
 //! - [`sampling`]: samplers, penalties, log-probabilities, stop strings
 //! - [`structured`]: grammars (JSON schema, regex, choice, Lark, tool calls) constraining output
+//! - [`tenancy`]: the tenants file (keys, weights, limits)
 //! - [`tokenizer`]: tokenizers, streaming detokenizer, chat templates
 
 pub mod api;
@@ -19,4 +20,5 @@ pub mod kv;
 pub mod model;
 pub mod sampling;
 pub mod structured;
+pub mod tenancy;
 pub mod tokenizer;

@@ -84,6 +84,12 @@ enum Cmd {
     GpuCheck(gpu_check_cmd::GpuCheckArgs),
     /// The CUDA kernels: `kojo kernels check --arch sm_80,sm_90` compiles each with NVRTC.
     Kernels(kernels_cmd::KernelsArgs),
+    /// Tenants files: `kojo tenants hash-key` (a key on stdin → the hash the file stores),
+    /// `kojo tenants check FILE`.
+    Tenants {
+        #[command(subcommand)]
+        cmd: TenantsCmd,
+    },
     /// List tensors (name, type, shape); with --sha256, the hash of each tensor dequantized to
     /// little-endian f32.
     Tensors {
@@ -94,6 +100,15 @@ enum Cmd {
         #[arg(long)]
         filter: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum TenantsCmd {
+    /// Read a key on stdin (one line; the newline is not part of it) and print its SHA-256 in
+    /// hex, as `key_sha256` in a tenants file stores it.
+    HashKey,
+    /// Validate a tenants file: an error naming the line and the field, or a summary.
+    Check { file: PathBuf },
 }
 
 fn main() {
@@ -124,6 +139,30 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(a) => gen_cmd::run_bench(a),
         Cmd::Kernels(a) => kernels_cmd::run(a),
         Cmd::GpuCheck(a) => gpu_check_cmd::run(a),
+        Cmd::Tenants { cmd } => match cmd {
+            TenantsCmd::HashKey => {
+                let mut key = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut key)?;
+                let key = key.strip_suffix('\n').unwrap_or(&key);
+                let key = key.strip_suffix('\r').unwrap_or(key);
+                if key.is_empty() {
+                    anyhow::bail!("no key on stdin");
+                }
+                println!("{}", kojo::tenancy::hash_key(key));
+                Ok(())
+            }
+            TenantsCmd::Check { file } => {
+                let t = kojo::tenancy::Tenants::load(&file).map_err(anyhow::Error::msg)?;
+                let keys: usize = t.tenants.iter().map(|x| x.key_sha256.len()).sum();
+                println!(
+                    "{}: {} tenants, {keys} tenant keys, {} admin keys: ok",
+                    file.display(),
+                    t.tenants.len(),
+                    t.admin_keys.len()
+                );
+                Ok(())
+            }
+        },
         Cmd::Tokenize {
             model,
             special,
