@@ -89,6 +89,10 @@ pub struct ServeArgs {
     /// threads); slower is a 400.
     #[arg(long, default_value_t = 10.0)]
     pub grammar_timeout: f64,
+    /// A tenants file (TOML; `kojo tenants check FILE`): its keys identify tenants, each with
+    /// its own prefix cache (unless it shares) and max_concurrency. Replaces --api-key.
+    #[arg(long)]
+    pub tenants: Option<PathBuf>,
     #[command(flatten)]
     pub cpu: crate::gen_cmd::CpuArgs,
     #[command(flatten)]
@@ -154,6 +158,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     });
+    let cfg_keys_empty = keys.is_empty();
     let cfg = ServeConfig {
         model: a.model.clone(),
         served_name: served,
@@ -188,6 +193,16 @@ pub fn run(a: ServeArgs) -> Result<()> {
             max_bytes: a.max_grammar_bytes,
         },
         grammar_timeout: secs(a.grammar_timeout),
+        tenants: match &a.tenants {
+            None => None,
+            Some(p) => {
+                if !cfg_keys_empty {
+                    bail!("--tenants replaces --api-key, --api-key-file and KOJO_API_KEY: give one or the other");
+                }
+                let t = kojo::tenancy::Tenants::load(p).map_err(anyhow::Error::msg)?;
+                Some(std::sync::Arc::new(kojo::tenancy::Registry::new(t)))
+            }
+        },
     };
     if !cfg.model.exists() {
         bail!("{}: no such file or folder", cfg.model.display());

@@ -44,6 +44,10 @@ pub struct Job {
     pub constraint: Option<Constraint>,
     /// the output is read for tool calls (`tools` offered, `tool_choice` not none)
     pub tool_calls: bool,
+    /// prefix-cache key (the tenant's; 0 = shared)
+    pub cache_salt: u64,
+    /// the tenant's concurrency slot, held until the response ends
+    pub slot: Option<crate::tenancy::Slot>,
 }
 
 impl Job {
@@ -348,7 +352,7 @@ fn submit(
                     logit_bias: p.logit_bias.clone(),
                     logprobs: p.logprobs,
                     constraint: job.constraint.as_ref().map(Constraint::fork),
-                    cache_salt: 0,
+                    cache_salt: job.cache_salt,
                     events: tx,
                     arrived: job.arrived,
                 })

@@ -15,6 +15,7 @@ use crate::engine::EngineHandle;
 use crate::model::{ModelSource, Transformer};
 use crate::structured::tools::grammar as tool_grammar;
 use crate::structured::{Constraint, GrammarLimits, GrammarSpec, Grammars};
+use crate::tenancy::{Registry, Slot, Who};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -22,7 +23,7 @@ use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +66,8 @@ pub struct ServeConfig {
     /// What a request's grammar may be, and how long it may take to compile.
     pub grammar_limits: GrammarLimits,
     pub grammar_timeout: Duration,
+    /// `--tenants`: keys identify tenants (then `api_keys` is empty)
+    pub tenants: Option<Arc<Registry>>,
 }
 
 /// What exists once the model has loaded.
@@ -254,8 +257,27 @@ fn check_length(prompt: usize, max_tokens: Option<usize>, max_len: usize) -> Res
     Ok(())
 }
 
-async fn chat(State(st): St, body: Bytes) -> Result<Response, ApiError> {
+/// The caller's concurrency slot and prefix-cache salt (a 429 past its `max_concurrency`).
+fn tenant_of(st: &AppState, caller: Option<Extension<Caller>>) -> Result<(Option<Slot>, u64), ApiError> {
+    match (&st.cfg.tenants, caller) {
+        (Some(reg), Some(Extension(Caller(who)))) => {
+            let slot = reg.acquire(who).map_err(|m| {
+                st.metrics.outcome("rejected");
+                ApiError::overloaded(m)
+            })?;
+            Ok((slot, reg.cache_salt(who)))
+        }
+        _ => Ok((None, 0)),
+    }
+}
+
+async fn chat(
+    State(st): St,
+    caller: Option<Extension<Caller>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let arrived = Instant::now();
+    let (slot, cache_salt) = tenant_of(&st, caller)?;
     let (req, r) = (
         parse_body::<ChatRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?,
         st.ready()?,
@@ -333,12 +355,19 @@ async fn chat(State(st): St, body: Bytes) -> Result<Response, ApiError> {
         arrived,
         constraint,
         tool_calls: tool_mode.is_some(),
+        cache_salt,
+        slot,
     };
     Ok(respond(r.engine.clone(), r.tok.clone(), job).await)
 }
 
-async fn completions(State(st): St, body: Bytes) -> Result<Response, ApiError> {
+async fn completions(
+    State(st): St,
+    caller: Option<Extension<Caller>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let arrived = Instant::now();
+    let (slot, cache_salt) = tenant_of(&st, caller)?;
     let (req, r) = (
         parse_body::<CompletionRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?,
         st.ready()?,
@@ -411,6 +440,8 @@ async fn completions(State(st): St, body: Bytes) -> Result<Response, ApiError> {
         arrived,
         constraint,
         tool_calls: false,
+        cache_salt,
+        slot,
     };
     Ok(respond(r.engine.clone(), r.tok.clone(), job).await)
 }
@@ -524,12 +555,14 @@ async fn detokenize(State(st): St, body: Bytes) -> Result<Json<Value>, ApiError>
 /// Every route but /health (and /metrics, unless `--metrics-auth`) needs a key when keys are
 /// configured: `Authorization: Bearer KEY`, the scheme in any case (RFC 9110), the key
 /// compared in constant time.
-async fn auth(State(st): St, req: Request, next: Next) -> Response {
+/// The caller a tenants file identified (absent without `--tenants`).
+#[derive(Clone, Copy)]
+pub struct Caller(pub Who);
+
+async fn auth(State(st): St, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if st.cfg.api_keys.is_empty()
-        || path == "/health"
-        || (path == "/metrics" && !st.cfg.metrics_auth)
-    {
+    let open = path == "/health" || (path == "/metrics" && !st.cfg.metrics_auth);
+    if open || (st.cfg.api_keys.is_empty() && st.cfg.tenants.is_none()) {
         return next.run(req).await;
     }
     let given = req
@@ -540,7 +573,18 @@ async fn auth(State(st): St, req: Request, next: Next) -> Response {
             let (scheme, key) = h.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
         })
-        .unwrap_or("");
+        .unwrap_or("")
+        .to_string();
+    if let Some(reg) = &st.cfg.tenants {
+        // compared by hash: the lookup's timing depends on the hash, not the key
+        return match reg.identify(&given) {
+            Some(who) => {
+                req.extensions_mut().insert(Caller(who));
+                next.run(req).await
+            }
+            None => ApiError::unauthorized().into_response(),
+        };
+    }
     let mut ok = 0u8;
     for k in &st.cfg.api_keys {
         ok |= k.as_bytes().ct_eq(given.as_bytes()).unwrap_u8();

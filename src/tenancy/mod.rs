@@ -17,8 +17,10 @@
 //! A bad file is an error naming the file, the line and the field. Keys are compared by their
 //! SHA-256 ([`hash_key`]); a key may belong to one tenant (or the admin) only.
 //!
-//! Status: the file format and `kojo tenants hash-key|check`; serving with `--tenants`
-//! (fair share, limits, the usage ledger) is not built yet (issue 20).
+//! Serving with `--tenants` ([`Registry`]): keys identify the tenant (or the admin), each
+//! tenant's prefix-cache blocks are its own unless it shares, and `max_concurrency` bounds its
+//! requests in flight. Not built yet (issue 20): fair share in the scheduler, rpm/tpm, the
+//! usage ledger, reload.
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -196,6 +198,115 @@ impl Tenants {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?;
         Tenants::parse(&text, &shown)
+    }
+}
+
+/// Who made a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    Admin,
+    /// index into [`Registry::tenant`]
+    Tenant(usize),
+}
+
+struct TenantState {
+    cfg: Tenant,
+    /// prefix-cache key: 0 (the shared pool) when the tenant shares, else its own
+    salt: u64,
+    in_flight: std::sync::atomic::AtomicU64,
+}
+
+/// The tenants a server runs with: key lookup, prefix-cache salts, concurrency slots.
+pub struct Registry {
+    tenants: Vec<TenantState>,
+    by_key: HashMap<String, Who>,
+}
+
+/// One request's hold on its tenant's concurrency (released when dropped).
+pub struct Slot {
+    reg: std::sync::Arc<Registry>,
+    i: usize,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.reg.tenants[self.i]
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// A prefix-cache salt of its own for `name` (never 0, the shared pool's).
+fn salt_of(name: &str) -> u64 {
+    let d = Sha256::digest(format!("kojo-tenant:{name}").as_bytes());
+    u64::from_le_bytes(d[..8].try_into().unwrap()) | 1
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.tenants.iter().map(|t| t.cfg.name.as_str()).collect();
+        write!(f, "Registry {{ tenants: {names:?} }}")
+    }
+}
+
+impl Registry {
+    pub fn new(t: Tenants) -> Registry {
+        let mut by_key = HashMap::new();
+        for k in t.admin_keys {
+            by_key.insert(k, Who::Admin);
+        }
+        let tenants = t
+            .tenants
+            .into_iter()
+            .enumerate()
+            .map(|(i, cfg)| {
+                for k in &cfg.key_sha256 {
+                    by_key.insert(k.clone(), Who::Tenant(i));
+                }
+                TenantState {
+                    salt: if cfg.share_prefix_cache { 0 } else { salt_of(&cfg.name) },
+                    cfg,
+                    in_flight: Default::default(),
+                }
+            })
+            .collect();
+        Registry { tenants, by_key }
+    }
+
+    /// Who holds `key` (compared by its SHA-256).
+    pub fn identify(&self, key: &str) -> Option<Who> {
+        self.by_key.get(&hash_key(key)).copied()
+    }
+
+    pub fn tenant(&self, i: usize) -> &Tenant {
+        &self.tenants[i].cfg
+    }
+
+    /// The prefix-cache key of `who`'s requests.
+    pub fn cache_salt(&self, who: Who) -> u64 {
+        match who {
+            Who::Admin => salt_of("\0admin"),
+            Who::Tenant(i) => self.tenants[i].salt,
+        }
+    }
+
+    /// A slot for one more request of `who` in flight; `Err` (for a 429) when its tenant's
+    /// `max_concurrency` are already running or waiting.
+    pub fn acquire(self: &std::sync::Arc<Self>, who: Who) -> Result<Option<Slot>, String> {
+        use std::sync::atomic::Ordering;
+        let Who::Tenant(i) = who else { return Ok(None) };
+        let t = &self.tenants[i];
+        let max = t.cfg.max_concurrency;
+        let prev = t.in_flight.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot { reg: self.clone(), i };
+        if max > 0 && prev >= max {
+            drop(slot);
+            return Err(format!(
+                "tenant '{}' has {max} requests in flight, its max_concurrency; retry later",
+                t.cfg.name
+            ));
+        }
+        Ok(Some(slot))
     }
 }
 

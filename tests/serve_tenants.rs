@@ -1,0 +1,98 @@
+//! `kojo serve --tenants FILE` on SmolLM2: keys identify tenants (unknown keys are 401), each
+//! tenant's prefix-cache blocks are its own unless it shares, and max_concurrency holds under
+//! a burst (429 with Retry-After past it).
+
+mod common;
+
+use common::server::*;
+use serde_json::{json, Value};
+use std::io::Read;
+
+fn post(s: &Server, key: &str, body: &Value) -> (u16, Value) {
+    match ureq::post(&s.url("/v1/chat/completions"))
+        .set("Authorization", &format!("Bearer {key}"))
+        .send_json(body.clone())
+    {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn server(dir: &tempfile::TempDir) -> Server {
+    let h = kojo::tenancy::hash_key;
+    let file = format!(
+        "[admin]\nkey_sha256 = [\"{}\"]\n\n\
+         [[tenant]]\nname = \"a\"\nkey_sha256 = [\"{}\"]\n\n\
+         [[tenant]]\nname = \"b\"\nkey_sha256 = [\"{}\"]\n\n\
+         [[tenant]]\nname = \"s1\"\nkey_sha256 = [\"{}\"]\nshare_prefix_cache = true\n\n\
+         [[tenant]]\nname = \"s2\"\nkey_sha256 = [\"{}\"]\nshare_prefix_cache = true\n\n\
+         [[tenant]]\nname = \"small\"\nkey_sha256 = [\"{}\"]\nmax_concurrency = 2\n",
+        h("root"), h("key-a"), h("key-b"), h("key-s1"), h("key-s2"), h("key-small")
+    );
+    let path = dir.path().join("tenants.toml");
+    std::fs::write(&path, file).unwrap();
+    Server::start(&["--tenants", path.to_str().unwrap()])
+}
+
+#[test]
+fn keys_identify_tenants_and_prefix_caches_are_theirs() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(&dir);
+    let long = "Tell me about the history of tea in Japan. ".repeat(12);
+    let body = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": long}], "max_tokens": 2, "temperature": 0});
+    let cached = |key: &str| {
+        let (code, v) = post(&s, key, &body);
+        assert_eq!(code, 200, "{v}");
+        v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap()
+    };
+    let (code, v) = post(&s, "not-a-key", &body);
+    assert_eq!((code, v["error"]["code"].as_str()), (401, Some("invalid_api_key")), "{v}");
+    let (code, _) = post(&s, "", &body);
+    assert_eq!(code, 401);
+    assert_eq!(cached("key-a"), 0);
+    assert!(cached("key-a") > 0, "a's repeat hits its own cache");
+    assert_eq!(cached("key-b"), 0, "b must not hit a's blocks");
+    assert_eq!(cached("root"), 0, "the admin has its own cache too");
+    assert_eq!(cached("key-s1"), 0);
+    assert!(cached("key-s2") > 0, "two sharing tenants share");
+    // /health stays open
+    assert_eq!(ureq::get(&s.url("/health")).call().unwrap().status(), 200);
+}
+
+#[test]
+fn max_concurrency_holds_under_a_burst() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(&dir);
+    let port = s.port;
+    let body = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Write a long story."}],
+                      "max_tokens": 64, "temperature": 0, "ignore_eos": true, "stream": true}).to_string();
+    // 6 streams at once: 2 run, 4 get 429 at once
+    let conns: Vec<_> = (0..6)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            use std::io::Write;
+            write!(c, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-small\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+            c
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for mut c in conns {
+        let mut head = [0u8; 12];
+        c.read_exact(&mut head).unwrap();
+        let code: u16 = String::from_utf8_lossy(&head[9..12]).parse().unwrap();
+        let mut rest = String::new();
+        let _ = c.read_to_string(&mut rest);
+        if code == 429 {
+            assert!(rest.to_ascii_lowercase().contains("retry-after"), "{rest}");
+            assert!(rest.contains("max_concurrency"), "{rest}");
+        }
+        codes.push(code);
+    }
+    assert_eq!(codes.iter().filter(|&&c| c == 200).count(), 2, "{codes:?}");
+    assert_eq!(codes.iter().filter(|&&c| c == 429).count(), 4, "{codes:?}");
+    // the slots came back: the tenant can run again, and other tenants were never limited
+    let one = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    assert_eq!(post(&s, "key-small", &one).0, 200);
+    assert_eq!(post(&s, "key-a", &one).0, 200);
+}
