@@ -27,8 +27,9 @@ fn server(dir: &tempfile::TempDir) -> Server {
          [[tenant]]\nname = \"b\"\nkey_sha256 = [\"{}\"]\n\n\
          [[tenant]]\nname = \"s1\"\nkey_sha256 = [\"{}\"]\nshare_prefix_cache = true\n\n\
          [[tenant]]\nname = \"s2\"\nkey_sha256 = [\"{}\"]\nshare_prefix_cache = true\n\n\
-         [[tenant]]\nname = \"small\"\nkey_sha256 = [\"{}\"]\nmax_concurrency = 2\n",
-        h("root"), h("key-a"), h("key-b"), h("key-s1"), h("key-s2"), h("key-small")
+         [[tenant]]\nname = \"small\"\nkey_sha256 = [\"{}\"]\nmax_concurrency = 2\n\n\
+         [[tenant]]\nname = \"rl\"\nkey_sha256 = [\"{}\"]\nrpm = 3\n",
+        h("root"), h("key-a"), h("key-b"), h("key-s1"), h("key-s2"), h("key-small"), h("key-rl")
     );
     let path = dir.path().join("tenants.toml");
     std::fs::write(&path, file).unwrap();
@@ -95,4 +96,41 @@ fn max_concurrency_holds_under_a_burst() {
     let one = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
     assert_eq!(post(&s, "key-small", &one).0, 200);
     assert_eq!(post(&s, "key-a", &one).0, 200);
+}
+
+/// rpm: a bucket of `rpm` requests refilled per minute; every answer carries OpenAI's
+/// `x-ratelimit-*-requests` headers, and the request past the budget is a 429 with Retry-After.
+#[test]
+fn rpm_limits_answer_429_with_openai_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(&dir);
+    let body = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
+    let send = || {
+        match ureq::post(&s.url("/v1/chat/completions"))
+            .set("Authorization", "Bearer key-rl")
+            .send_json(body.clone())
+        {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    for left in [2, 1, 0] {
+        let r = send();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.header("x-ratelimit-limit-requests"), Some("3"));
+        assert_eq!(r.header("x-ratelimit-remaining-requests"), Some(left.to_string().as_str()));
+        assert!(r.header("x-ratelimit-reset-requests").unwrap().ends_with('s'));
+    }
+    let r = send();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry), "{retry}");
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+    let v: Value = r.into_json().unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("rpm"), "{v}");
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    // another tenant is not limited by it
+    let (code, _) = post(&s, "key-a", &body);
+    assert_eq!(code, 200);
 }

@@ -12,6 +12,8 @@ pub struct ApiError {
     pub code: Option<&'static str>,
     /// Seconds, for 429 and 503.
     pub retry_after: Option<u64>,
+    /// More headers (the rate-limit headers of a 429).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl ApiError {
@@ -23,6 +25,7 @@ impl ApiError {
             param: None,
             code: None,
             retry_after: None,
+            headers: Vec::new(),
         }
     }
 
@@ -142,6 +145,11 @@ impl IntoResponse for ApiError {
         if let Some(s) = self.retry_after {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        for (k, v) in &self.headers {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                r.headers_mut().insert(*k, v);
+            }
         }
         r
     }

@@ -257,18 +257,47 @@ fn check_length(prompt: usize, max_tokens: Option<usize>, max_len: usize) -> Res
     Ok(())
 }
 
-/// The caller's concurrency slot and prefix-cache salt (a 429 past its `max_concurrency`).
-fn tenant_of(st: &AppState, caller: Option<Extension<Caller>>) -> Result<(Option<Slot>, u64), ApiError> {
-    match (&st.cfg.tenants, caller) {
-        (Some(reg), Some(Extension(Caller(who)))) => {
-            let slot = reg.acquire(who).map_err(|m| {
-                st.metrics.outcome("rejected");
-                ApiError::overloaded(m)
-            })?;
-            Ok((slot, reg.cache_salt(who)))
+/// What a tenant's request carries: its concurrency slot, its prefix-cache salt, and its
+/// request-rate headers. A 429 (with OpenAI's rate-limit headers) past its rpm or its
+/// `max_concurrency`.
+struct TenantHold {
+    slot: Option<Slot>,
+    salt: u64,
+    headers: Vec<(&'static str, String)>,
+}
+
+fn tenant_of(st: &AppState, caller: Option<Extension<Caller>>) -> Result<TenantHold, ApiError> {
+    let (Some(reg), Some(Extension(Caller(who)))) = (&st.cfg.tenants, caller) else {
+        return Ok(TenantHold { slot: None, salt: 0, headers: Vec::new() });
+    };
+    let rate = reg.take_request(who).map_err(|info| {
+        st.metrics.outcome("rejected");
+        let mut e = ApiError::overloaded(format!(
+            "tenant '{}' is past its rpm ({} requests per minute); retry in {} s",
+            info.tenant, info.limit, info.next_secs
+        ));
+        e.retry_after = Some(info.next_secs);
+        e.headers = info.headers();
+        e
+    })?;
+    let headers = rate.map(|r| r.headers()).unwrap_or_default();
+    let slot = reg.acquire(who).map_err(|m| {
+        st.metrics.outcome("rejected");
+        let mut e = ApiError::overloaded(m);
+        e.headers = headers.clone();
+        e
+    })?;
+    Ok(TenantHold { slot, salt: reg.cache_salt(who), headers })
+}
+
+/// `r` with the tenant's rate-limit headers.
+fn with_headers(mut r: Response, headers: &[(&'static str, String)]) -> Response {
+    for (k, v) in headers {
+        if let Ok(v) = axum::http::HeaderValue::from_str(v) {
+            r.headers_mut().insert(*k, v);
         }
-        _ => Ok((None, 0)),
     }
+    r
 }
 
 async fn chat(
@@ -277,7 +306,17 @@ async fn chat(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let (slot, cache_salt) = tenant_of(&st, caller)?;
+    let hold = tenant_of(&st, caller)?;
+    let headers = hold.headers.clone();
+    let r = chat_as(st, hold, arrived, body).await;
+    r.map(|x| with_headers(x, &headers)).map_err(|mut e| {
+        e.headers.extend(headers);
+        e
+    })
+}
+
+async fn chat_as(st: Arc<AppState>, hold: TenantHold, arrived: Instant, body: Bytes) -> Result<Response, ApiError> {
+    let TenantHold { slot, salt: cache_salt, .. } = hold;
     let (req, r) = (
         parse_body::<ChatRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?,
         st.ready()?,
@@ -367,7 +406,17 @@ async fn completions(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let (slot, cache_salt) = tenant_of(&st, caller)?;
+    let hold = tenant_of(&st, caller)?;
+    let headers = hold.headers.clone();
+    let r = completions_as(st, hold, arrived, body).await;
+    r.map(|x| with_headers(x, &headers)).map_err(|mut e| {
+        e.headers.extend(headers);
+        e
+    })
+}
+
+async fn completions_as(st: Arc<AppState>, hold: TenantHold, arrived: Instant, body: Bytes) -> Result<Response, ApiError> {
+    let TenantHold { slot, salt: cache_salt, .. } = hold;
     let (req, r) = (
         parse_body::<CompletionRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?,
         st.ready()?,

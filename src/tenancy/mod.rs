@@ -210,6 +210,8 @@ pub enum Who {
 }
 
 struct TenantState {
+    /// requests-per-minute bucket: (tokens, when they were counted)
+    bucket: std::sync::Mutex<(f64, std::time::Instant)>,
     cfg: Tenant,
     /// prefix-cache key: 0 (the shared pool) when the tenant shares, else its own
     salt: u64,
@@ -220,6 +222,29 @@ struct TenantState {
 pub struct Registry {
     tenants: Vec<TenantState>,
     by_key: HashMap<String, Who>,
+}
+
+/// A tenant's request-rate budget after one request, for OpenAI's `x-ratelimit-*` headers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateInfo {
+    pub limit: u64,
+    pub remaining: u64,
+    /// seconds until the budget is full again
+    pub reset_secs: f64,
+    /// whole seconds until one more request fits (Retry-After)
+    pub next_secs: u64,
+    pub tenant: String,
+}
+
+impl RateInfo {
+    /// `x-ratelimit-limit-requests`, `-remaining-requests`, `-reset-requests`.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("x-ratelimit-limit-requests", self.limit.to_string()),
+            ("x-ratelimit-remaining-requests", self.remaining.to_string()),
+            ("x-ratelimit-reset-requests", format!("{:.3}s", self.reset_secs)),
+        ]
+    }
 }
 
 /// One request's hold on its tenant's concurrency (released when dropped).
@@ -264,6 +289,7 @@ impl Registry {
                     by_key.insert(k.clone(), Who::Tenant(i));
                 }
                 TenantState {
+                    bucket: std::sync::Mutex::new((cfg.rpm as f64, std::time::Instant::now())),
                     salt: if cfg.share_prefix_cache { 0 } else { salt_of(&cfg.name) },
                     cfg,
                     in_flight: Default::default(),
@@ -287,6 +313,38 @@ impl Registry {
         match who {
             Who::Admin => salt_of("\0admin"),
             Who::Tenant(i) => self.tenants[i].salt,
+        }
+    }
+
+    /// Take one request from `who`'s requests-per-minute budget (a bucket of `rpm` refilled
+    /// at `rpm` per minute). `Ok(None)`: no limit; `Ok(info)`: taken; `Err(info)`: empty.
+    pub fn take_request(&self, who: Who) -> Result<Option<RateInfo>, RateInfo> {
+        let Who::Tenant(i) = who else { return Ok(None) };
+        let t = &self.tenants[i];
+        let limit = t.cfg.rpm;
+        if limit == 0 {
+            return Ok(None);
+        }
+        let mut b = t.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let rate = limit as f64 / 60.0;
+        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * rate).min(limit as f64);
+        b.1 = now;
+        let ok = b.0 >= 1.0;
+        if ok {
+            b.0 -= 1.0;
+        }
+        let info = RateInfo {
+            limit,
+            remaining: b.0.floor() as u64,
+            reset_secs: (limit as f64 - b.0) / rate,
+            next_secs: ((1.0 - b.0).max(0.0) / rate).ceil().max(1.0) as u64,
+            tenant: t.cfg.name.clone(),
+        };
+        if ok {
+            Ok(Some(info))
+        } else {
+            Err(info)
         }
     }
 
