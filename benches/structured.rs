@@ -37,8 +37,13 @@ const DOC: &str = r#"{"order_id": "JP-004217", "status": "shipped", "customer": 
 
 fn masks(c: &mut Criterion) {
     let mut g = c.benchmark_group("grammar_mask");
-    for file in ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"] {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(file);
+    for file in [
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+    ] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(file);
         let Ok(gguf) = GgufFile::open(&path) else {
             eprintln!("skipping {file}: not in models/ (scripts/fetch-models)");
             continue;
@@ -46,25 +51,34 @@ fn masks(c: &mut Criterion) {
         let tok = Arc::new(Tokenizer::from_gguf(&gguf).unwrap());
         let n = tok.vocab_size();
         let grammars = Grammars::new(tok.clone(), n, GrammarLimits::default());
-        let base = grammars.compile(&GrammarSpec::JsonSchema(schema())).unwrap();
+        let base = grammars
+            .compile(&GrammarSpec::JsonSchema(schema()))
+            .unwrap();
         let ids = tok.encode(DOC, false, false).unwrap();
         // the document is valid under the schema, token by token
         let mut check = base.fork();
         for &t in &ids {
             let m = check.mask().unwrap();
-            assert!(m[t as usize / 32] >> (t % 32) & 1 == 1, "{file}: token {t} masked");
+            assert!(
+                m[t as usize / 32] >> (t % 32) & 1 == 1,
+                "{file}: token {t} masked"
+            );
             check.consume(t).unwrap();
         }
         g.throughput(Throughput::Elements(ids.len() as u64));
-        g.bench_with_input(BenchmarkId::new("nested_schema", format!("{file} vocab {n}")), &ids, |b, ids| {
-            b.iter(|| {
-                let mut c = base.fork();
-                for &t in ids {
-                    criterion::black_box(c.mask().unwrap());
-                    c.consume(t).unwrap();
-                }
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new("nested_schema", format!("{file} vocab {n}")),
+            &ids,
+            |b, ids| {
+                b.iter(|| {
+                    let mut c = base.fork();
+                    for &t in ids {
+                        criterion::black_box(c.mask().unwrap());
+                        c.consume(t).unwrap();
+                    }
+                })
+            },
+        );
     }
     g.finish();
 }

@@ -147,8 +147,14 @@ fn parse_bias(s: &str) -> Result<(u32, f32), String> {
     let (id, b) = s
         .split_once('=')
         .ok_or_else(|| format!("'{s}' is not ID=BIAS"))?;
-    let id: u32 = id.trim().parse().map_err(|_| format!("'{id}' is not a token id"))?;
-    let b: f32 = b.trim().parse().map_err(|_| format!("'{b}' is not a number"))?;
+    let id: u32 = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{id}' is not a token id"))?;
+    let b: f32 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{b}' is not a number"))?;
     if !(b.is_finite() && (-100.0..=100.0).contains(&b)) {
         return Err(format!("bias {b} is outside [-100, 100]"));
     }
@@ -156,7 +162,11 @@ fn parse_bias(s: &str) -> Result<(u32, f32), String> {
 }
 
 /// The grammar `a` asks for, compiled for `tok`; errors name the file.
-fn constraint_of(a: &GenerateArgs, tok: &std::sync::Arc<Tokenizer>, n_vocab: usize) -> Result<Option<kojo::structured::Constraint>> {
+fn constraint_of(
+    a: &GenerateArgs,
+    tok: &std::sync::Arc<Tokenizer>,
+    n_vocab: usize,
+) -> Result<Option<kojo::structured::Constraint>> {
     use kojo::structured::{GrammarLimits, GrammarSpec, Grammars};
     let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("{}", p.display()));
     let spec = if let Some(p) = &a.json_schema {
@@ -170,10 +180,23 @@ fn constraint_of(a: &GenerateArgs, tok: &std::sync::Arc<Tokenizer>, n_vocab: usi
     } else {
         return Ok(None);
     };
-    let g = Grammars::new(tok.clone(), n_vocab, GrammarLimits { max_bytes: usize::MAX });
+    let g = Grammars::new(
+        tok.clone(),
+        n_vocab,
+        GrammarLimits {
+            max_bytes: usize::MAX,
+        },
+    );
     let c = g.compile(&spec).map_err(|e| {
-        let src = a.json_schema.as_ref().or(a.grammar.as_ref()).map(|p| p.display().to_string());
-        anyhow::anyhow!("{}: the grammar does not compile: {e}", src.unwrap_or_else(|| "--regex".into()))
+        let src = a
+            .json_schema
+            .as_ref()
+            .or(a.grammar.as_ref())
+            .map(|p| p.display().to_string());
+        anyhow::anyhow!(
+            "{}: the grammar does not compile: {e}",
+            src.unwrap_or_else(|| "--regex".into())
+        )
     })?;
     Ok(Some(c))
 }
@@ -346,8 +369,15 @@ fn generate_on<B: Backend>(l: &Loaded<B>, a: &GenerateArgs) -> Result<()> {
         logit_bias: a.logit_bias.clone(),
         constraint: constraint_of(a, l.tok()?, l.model.cfg.vocab_size)?,
     };
-    if let Some(&(id, _)) = req.logit_bias.iter().find(|b| b.0 as usize >= l.model.cfg.vocab_size) {
-        anyhow::bail!("--logit-bias: token id {id} is outside the vocabulary ({})", l.model.cfg.vocab_size);
+    if let Some(&(id, _)) = req
+        .logit_bias
+        .iter()
+        .find(|b| b.0 as usize >= l.model.cfg.vocab_size)
+    {
+        anyhow::bail!(
+            "--logit-bias: token id {id} is outside the vocabulary ({})",
+            l.model.cfg.vocab_size
+        );
     }
     let stdout = std::io::stdout();
     let streaming = !a.json;

@@ -264,15 +264,38 @@ fn grammars_min_tokens_and_bias_in_generate() {
     )
     .unwrap();
     for seed in ["1", "2", "3"] {
-        let j = gen_json(&["--chat", "-p", "A city as JSON", "--json-schema", schema.to_str().unwrap(), "--seed", seed, "-n", "100"]);
+        let j = gen_json(&[
+            "--chat",
+            "-p",
+            "A city as JSON",
+            "--json-schema",
+            schema.to_str().unwrap(),
+            "--seed",
+            seed,
+            "-n",
+            "100",
+        ]);
         assert_eq!(j["finish_reason"], "stop", "{j}");
         let v: Value = serde_json::from_str(j["text"].as_str().unwrap()).unwrap();
         let rank = v["rank"].as_i64().unwrap();
-        assert!((1..=5).contains(&rank) && v["city"].as_str().unwrap().chars().count() <= 15, "{v}");
+        assert!(
+            (1..=5).contains(&rank) && v["city"].as_str().unwrap().chars().count() <= 15,
+            "{v}"
+        );
     }
-    let j = gen_json(&["-p", "Phone:", "--regex", "[0-9]{3}-[0-9]{4}", "--seed", "4"]);
+    let j = gen_json(&[
+        "-p",
+        "Phone:",
+        "--regex",
+        "[0-9]{3}-[0-9]{4}",
+        "--seed",
+        "4",
+    ]);
     let t = j["text"].as_str().unwrap();
-    assert!(t.len() == 8 && t.as_bytes()[3] == b'-' && j["finish_reason"] == "stop", "{t}");
+    assert!(
+        t.len() == 8 && t.as_bytes()[3] == b'-' && j["finish_reason"] == "stop",
+        "{t}"
+    );
     let lark = dir.path().join("g.lark");
     std::fs::write(&lark, "start: \"yes\" | \"no\"\n").unwrap();
     let j = gen_json(&["-p", "Answer:", "--grammar", lark.to_str().unwrap()]);
@@ -282,18 +305,49 @@ fn grammars_min_tokens_and_bias_in_generate() {
     let short = gen_json(&["--chat", "-p", "Say hi.", "--temperature", "0", "-n", "60"]);
     let n_short = short["output_ids"].as_array().unwrap().len();
     assert!(n_short < 40, "{short}");
-    let long = gen_json(&["--chat", "-p", "Say hi.", "--temperature", "0", "-n", "60", "--min-tokens", "40"]);
+    let long = gen_json(&[
+        "--chat",
+        "-p",
+        "Say hi.",
+        "--temperature",
+        "0",
+        "-n",
+        "60",
+        "--min-tokens",
+        "40",
+    ]);
     assert!(long["output_ids"].as_array().unwrap().len() >= 40, "{long}");
     // a bias of -100 on the greedy first token moves the choice
     let first = short["output_ids"][0].as_u64().unwrap();
     let bias = format!("{first}=-100");
-    let moved = gen_json(&["--chat", "-p", "Say hi.", "--temperature", "0", "-n", "3", "--logit-bias", &bias]);
+    let moved = gen_json(&[
+        "--chat",
+        "-p",
+        "Say hi.",
+        "--temperature",
+        "0",
+        "-n",
+        "3",
+        "--logit-bias",
+        &bias,
+    ]);
     assert_ne!(moved["output_ids"][0].as_u64().unwrap(), first);
     // errors name the file
     let bad = dir.path().join("bad.lark");
     std::fs::write(&bad, "start: undefined_rule\n").unwrap();
     let m = smollm2();
-    let out = kojo(&["generate", "-m", m.to_str().unwrap(), "-p", "x", "--grammar", bad.to_str().unwrap()]);
+    let out = kojo(&[
+        "generate",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        "x",
+        "--grammar",
+        bad.to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("bad.lark") && err.contains("does not compile"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("bad.lark") && err.contains("does not compile"),
+        "{err}"
+    );
 }

@@ -1257,10 +1257,20 @@ fn constrained_engine_on_gpu_matches_cpu() {
     // (grammar, temperature, top_k, logprobs)
     let reqs: Vec<(GrammarSpec, f32, usize, Option<usize>)> = vec![
         (GrammarSpec::Regex("[0-9]{3}-[a-z]{4}".into()), 0.0, 0, None),
-        (GrammarSpec::Choice(vec!["yes".into(), "no".into(), "maybe".into()]), 0.9, 20, None),
-        (GrammarSpec::JsonSchema(serde_json::json!({"type": "object",
+        (
+            GrammarSpec::Choice(vec!["yes".into(), "no".into(), "maybe".into()]),
+            0.9,
+            20,
+            None,
+        ),
+        (
+            GrammarSpec::JsonSchema(serde_json::json!({"type": "object",
             "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}},
-            "required": ["n", "ok"], "additionalProperties": false})), 1.0, 8, None),
+            "required": ["n", "ok"], "additionalProperties": false})),
+            1.0,
+            8,
+            None,
+        ),
         (GrammarSpec::Regex("[a-c]{2,5}".into()), 0.7, 0, Some(2)),
     ];
 
@@ -1333,17 +1343,50 @@ fn constrained_engine_on_gpu_matches_cpu() {
         Transformer::load(&cpu, &s).unwrap().cfg.vocab_size
     });
     let grammars = Grammars::new(tok.clone(), vocab.unwrap(), GrammarLimits::default());
-    let want = run(CpuBackend::new(MatmulMode::Exact), &path, &prompt, &eog, &grammars, &reqs);
+    let want = run(
+        CpuBackend::new(MatmulMode::Exact),
+        &path,
+        &prompt,
+        &eog,
+        &grammars,
+        &reqs,
+    );
     let dev = Arc::new(HostDevice::default());
-    let got = run(GpuBackend::new(dev.clone()), &path, &prompt, &eog, &grammars, &reqs);
+    let got = run(
+        GpuBackend::new(dev.clone()),
+        &path,
+        &prompt,
+        &eog,
+        &grammars,
+        &reqs,
+    );
     assert!(dev.launched.lock().unwrap().contains("apply_token_mask"));
     assert_eq!(got, want);
-    let text: Vec<String> = want.iter().map(|ids| tok.decode(ids, false).unwrap()).collect();
+    let text: Vec<String> = want
+        .iter()
+        .map(|ids| tok.decode(ids, false).unwrap())
+        .collect();
     eprintln!("{text:?}");
     let digits = text[0].as_bytes();
-    assert!(text[0].len() == 8 && digits[..3].iter().all(u8::is_ascii_digit) && digits[3] == b'-', "{}", text[0]);
-    assert!(["yes", "no", "maybe"].contains(&text[1].as_str()), "{}", text[1]);
-    let v: serde_json::Value = serde_json::from_str(&text[2]).unwrap_or_else(|e| panic!("{e}: {}", text[2]));
-    assert!(v["n"].as_i64().is_some_and(|n| (0..=99).contains(&n)) && v["ok"].is_boolean(), "{v}");
-    assert!((2..=5).contains(&text[3].len()) && text[3].bytes().all(|b| (b'a'..=b'c').contains(&b)), "{}", text[3]);
+    assert!(
+        text[0].len() == 8 && digits[..3].iter().all(u8::is_ascii_digit) && digits[3] == b'-',
+        "{}",
+        text[0]
+    );
+    assert!(
+        ["yes", "no", "maybe"].contains(&text[1].as_str()),
+        "{}",
+        text[1]
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&text[2]).unwrap_or_else(|e| panic!("{e}: {}", text[2]));
+    assert!(
+        v["n"].as_i64().is_some_and(|n| (0..=99).contains(&n)) && v["ok"].is_boolean(),
+        "{v}"
+    );
+    assert!(
+        (2..=5).contains(&text[3].len()) && text[3].bytes().all(|b| (b'a'..=b'c').contains(&b)),
+        "{}",
+        text[3]
+    );
 }

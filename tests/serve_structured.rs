@@ -43,8 +43,21 @@ fn tool_calls_through_the_sdk_langchain_and_litellm() {
 fn llm_comply_tool_calling() {
     let s = Server::start(&[]);
     let out = Command::new("llm-comply")
-        .args(["--format", "openai-chat", "-u", &s.url("/v1"), "-k", "x", "-m", MODEL_ID,
-               "-f", "chat-tool-calling", "--json", "--timeout", "120"])
+        .args([
+            "--format",
+            "openai-chat",
+            "-u",
+            &s.url("/v1"),
+            "-k",
+            "x",
+            "-m",
+            MODEL_ID,
+            "-f",
+            "chat-tool-calling",
+            "--json",
+            "--timeout",
+            "120",
+        ])
         .output()
         .expect("llm-comply (pip install llm-comply; scripts/test does)");
     let v: Value = serde_json::from_slice(&out.stdout)
@@ -63,25 +76,106 @@ fn chat_body(extra: Value) -> String {
 #[test]
 fn bad_grammars_are_400s_naming_the_problem() {
     let s = Server::start(&["--max-grammar-bytes", "4000"]);
-    let tool = json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}});
+    let tool =
+        json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}});
     let schema = |sch: Value| json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": sch}}});
-    let big: Value = (0..400).map(|i| (format!("field_{i}"), json!({"type": "integer"}))).collect::<serde_json::Map<_, _>>().into();
+    let big: Value = (0..400)
+        .map(|i| (format!("field_{i}"), json!({"type": "integer"})))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
     let cases: Vec<(&str, Value, &str, &str)> = vec![
-        ("/v1/chat/completions", schema(json!({"type": "no-such-type"})), "response_format", "does not compile"),
-        ("/v1/chat/completions", schema(json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}, "required": ["a"]})), "response_format", "does not compile"),
-        ("/v1/chat/completions", schema(json!({"type": "object", "properties": big})), "response_format", "--max-grammar-bytes"),
-        ("/v1/chat/completions", json!({"response_format": {"type": "xml"}}), "response_format", "not supported"),
-        ("/v1/chat/completions", json!({"response_format": {"type": "json_schema"}}), "response_format", "json_schema"),
-        ("/v1/completions", json!({"guided_regex": "(unclosed"}), "guided_regex", "does not compile"),
-        ("/v1/completions", json!({"guided_grammar": "start: missing_rule"}), "guided_grammar", "does not compile"),
-        ("/v1/chat/completions", json!({"guided_choice": []}), "guided_choice", "list"),
-        ("/v1/chat/completions", json!({"structured_outputs": {"xml": "x"}}), "structured_outputs", "not supported"),
-        ("/v1/chat/completions", json!({"guided_json": {"type": "object"}, "guided_regex": "a"}), "guided_regex", "one grammar"),
-        ("/v1/chat/completions", json!({"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "g"}}}), "tool_choice", "not in `tools`"),
-        ("/v1/chat/completions", json!({"tool_choice": "required"}), "tool_choice", "needs `tools`"),
-        ("/v1/chat/completions", json!({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}), "tools[0]", "name"),
-        ("/v1/chat/completions", json!({"tools": [tool, tool]}), "tools[1]", "two tools"),
-        ("/v1/chat/completions", json!({"tools": [tool], "tool_choice": "required", "guided_regex": "a"}), "tool_choice", "cannot be combined"),
+        (
+            "/v1/chat/completions",
+            schema(json!({"type": "no-such-type"})),
+            "response_format",
+            "does not compile",
+        ),
+        (
+            "/v1/chat/completions",
+            schema(
+                json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}, "required": ["a"]}),
+            ),
+            "response_format",
+            "does not compile",
+        ),
+        (
+            "/v1/chat/completions",
+            schema(json!({"type": "object", "properties": big})),
+            "response_format",
+            "--max-grammar-bytes",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"response_format": {"type": "xml"}}),
+            "response_format",
+            "not supported",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"response_format": {"type": "json_schema"}}),
+            "response_format",
+            "json_schema",
+        ),
+        (
+            "/v1/completions",
+            json!({"guided_regex": "(unclosed"}),
+            "guided_regex",
+            "does not compile",
+        ),
+        (
+            "/v1/completions",
+            json!({"guided_grammar": "start: missing_rule"}),
+            "guided_grammar",
+            "does not compile",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"guided_choice": []}),
+            "guided_choice",
+            "list",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"structured_outputs": {"xml": "x"}}),
+            "structured_outputs",
+            "not supported",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"guided_json": {"type": "object"}, "guided_regex": "a"}),
+            "guided_regex",
+            "one grammar",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            "tool_choice",
+            "not in `tools`",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"tool_choice": "required"}),
+            "tool_choice",
+            "needs `tools`",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}),
+            "tools[0]",
+            "name",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"tools": [tool, tool]}),
+            "tools[1]",
+            "two tools",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"tools": [tool], "tool_choice": "required", "guided_regex": "a"}),
+            "tool_choice",
+            "cannot be combined",
+        ),
         ("/v1/completions", json!({"tools": [tool]}), "tools", "chat"),
     ];
     for (path, extra, param, msg) in cases {
@@ -106,7 +200,10 @@ fn bad_grammars_are_400s_naming_the_problem() {
     assert_eq!(code, 400, "{v}");
     assert_eq!(v["error"]["param"], "messages[0].tool_calls");
     // still serving, and a good grammar still compiles
-    let (code, v) = s.post("/v1/chat/completions", &chat_body(json!({"guided_choice": ["yes", "no"]})));
+    let (code, v) = s.post(
+        "/v1/chat/completions",
+        &chat_body(json!({"guided_choice": ["yes", "no"]})),
+    );
     assert_eq!(code, 200, "{v}");
     let text = v["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(text == "yes" || text == "no", "{text}");
@@ -122,7 +219,13 @@ fn slow_grammars_time_out_without_stalling_others() {
         &chat_body(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}})),
     );
     assert_eq!(code, 400, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("--grammar-timeout"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--grammar-timeout"),
+        "{v}"
+    );
     let r = s.chat("hi", 4);
     assert_eq!(r["choices"][0]["finish_reason"], "length");
 }

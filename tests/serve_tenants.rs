@@ -29,7 +29,13 @@ fn server(dir: &tempfile::TempDir) -> Server {
          [[tenant]]\nname = \"s2\"\nkey_sha256 = [\"{}\"]\nshare_prefix_cache = true\n\n\
          [[tenant]]\nname = \"small\"\nkey_sha256 = [\"{}\"]\nmax_concurrency = 2\n\n\
          [[tenant]]\nname = \"rl\"\nkey_sha256 = [\"{}\"]\nrpm = 3\n",
-        h("root"), h("key-a"), h("key-b"), h("key-s1"), h("key-s2"), h("key-small"), h("key-rl")
+        h("root"),
+        h("key-a"),
+        h("key-b"),
+        h("key-s1"),
+        h("key-s2"),
+        h("key-small"),
+        h("key-rl")
     );
     let path = dir.path().join("tenants.toml");
     std::fs::write(&path, file).unwrap();
@@ -45,10 +51,16 @@ fn keys_identify_tenants_and_prefix_caches_are_theirs() {
     let cached = |key: &str| {
         let (code, v) = post(&s, key, &body);
         assert_eq!(code, 200, "{v}");
-        v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap()
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
     };
     let (code, v) = post(&s, "not-a-key", &body);
-    assert_eq!((code, v["error"]["code"].as_str()), (401, Some("invalid_api_key")), "{v}");
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (401, Some("invalid_api_key")),
+        "{v}"
+    );
     let (code, _) = post(&s, "", &body);
     assert_eq!(code, 401);
     assert_eq!(cached("key-a"), 0);
@@ -66,8 +78,10 @@ fn max_concurrency_holds_under_a_burst() {
     let dir = tempfile::tempdir().unwrap();
     let s = server(&dir);
     let port = s.port;
-    let body = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Write a long story."}],
-                      "max_tokens": 64, "temperature": 0, "ignore_eos": true, "stream": true}).to_string();
+    let body =
+        json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Write a long story."}],
+                      "max_tokens": 64, "temperature": 0, "ignore_eos": true, "stream": true})
+        .to_string();
     // 6 streams at once: 2 run, 4 get 429 at once
     let conns: Vec<_> = (0..6)
         .map(|_| {
@@ -105,22 +119,26 @@ fn rpm_limits_answer_429_with_openai_headers() {
     let dir = tempfile::tempdir().unwrap();
     let s = server(&dir);
     let body = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
-    let send = || {
-        match ureq::post(&s.url("/v1/chat/completions"))
-            .set("Authorization", "Bearer key-rl")
-            .send_json(body.clone())
-        {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{e}"),
-        }
+    let send = || match ureq::post(&s.url("/v1/chat/completions"))
+        .set("Authorization", "Bearer key-rl")
+        .send_json(body.clone())
+    {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
     };
     for left in [2, 1, 0] {
         let r = send();
         assert_eq!(r.status(), 200);
         assert_eq!(r.header("x-ratelimit-limit-requests"), Some("3"));
-        assert_eq!(r.header("x-ratelimit-remaining-requests"), Some(left.to_string().as_str()));
-        assert!(r.header("x-ratelimit-reset-requests").unwrap().ends_with('s'));
+        assert_eq!(
+            r.header("x-ratelimit-remaining-requests"),
+            Some(left.to_string().as_str())
+        );
+        assert!(r
+            .header("x-ratelimit-reset-requests")
+            .unwrap()
+            .ends_with('s'));
     }
     let r = send();
     assert_eq!(r.status(), 429);
@@ -128,7 +146,10 @@ fn rpm_limits_answer_429_with_openai_headers() {
     assert!((1..=20).contains(&retry), "{retry}");
     assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
     let v: Value = r.into_json().unwrap();
-    assert!(v["error"]["message"].as_str().unwrap().contains("rpm"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("rpm"),
+        "{v}"
+    );
     assert_eq!(v["error"]["type"], "rate_limit_error");
     // another tenant is not limited by it
     let (code, _) = post(&s, "key-a", &body);

@@ -38,21 +38,40 @@ fn hash_key_and_check() {
     );
     let p = write("good.toml", &good);
     let out = kojo_ok(&["tenants", "check", p.to_str().unwrap()]);
-    assert!(out.contains("2 tenants, 2 tenant keys, 1 admin keys: ok"), "{out}");
+    assert!(
+        out.contains("2 tenants, 2 tenant keys, 1 admin keys: ok"),
+        "{out}"
+    );
     // (file text, line, what the message names)
     let t = |name: &str, key: &str, extra: &str| {
         format!("[[tenant]]\nname = \"{name}\"\nkey_sha256 = [\"{key}\"]\n{extra}")
     };
     let cases: Vec<(String, usize, &str)> = vec![
-        (format!("{}\n{}", t("acme", &a, ""), t("acme", &b, "")), 6, "two tenants are named 'acme'"),
-        (format!("{}\n{}", t("acme", &a, ""), t("lab", &a, "")), 7, "also tenant 'acme'"),
-        (format!("[admin]\nkey_sha256 = [\"{a}\"]\n{}", t("acme", &a, "")), 5, "also the admin"),
+        (
+            format!("{}\n{}", t("acme", &a, ""), t("acme", &b, "")),
+            6,
+            "two tenants are named 'acme'",
+        ),
+        (
+            format!("{}\n{}", t("acme", &a, ""), t("lab", &a, "")),
+            7,
+            "also tenant 'acme'",
+        ),
+        (
+            format!("[admin]\nkey_sha256 = [\"{a}\"]\n{}", t("acme", &a, "")),
+            5,
+            "also the admin",
+        ),
         (t("acme", "abc123", ""), 3, "not a hex SHA-256"),
         (t("acme", &a, "colour = \"red\"\n"), 4, "colour"),
         (t("acme", &a, "rpm = -5\n"), 4, "rpm"),
         (t("acme", &a, "weight = 0\n"), 4, "tenant[0].weight"),
         (t("Acme Corp", &a, ""), 2, "tenant[0].name"),
-        ("[[tenant]]\nname = \"x\"\nkey_sha256 = []\n".to_string(), 2, "at least one key"),
+        (
+            "[[tenant]]\nname = \"x\"\nkey_sha256 = []\n".to_string(),
+            2,
+            "at least one key",
+        ),
         ("[[tenant]\nname = \"x\"\n".to_string(), 1, ""),
     ];
     for (i, (text, line, msg)) in cases.iter().enumerate() {
@@ -61,7 +80,10 @@ fn hash_key_and_check() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{text}");
         let at = format!("bad{i}.toml:{line}:");
-        assert!(err.contains(&at) && err.contains(msg), "case {i}: want {at} and {msg:?}: {err}");
+        assert!(
+            err.contains(&at) && err.contains(msg),
+            "case {i}: want {at} and {msg:?}: {err}"
+        );
     }
     let out = kojo(&["tenants", "check", "/no/such/file.toml"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/file.toml"));

@@ -268,7 +268,11 @@ struct TenantHold {
 
 fn tenant_of(st: &AppState, caller: Option<Extension<Caller>>) -> Result<TenantHold, ApiError> {
     let (Some(reg), Some(Extension(Caller(who)))) = (&st.cfg.tenants, caller) else {
-        return Ok(TenantHold { slot: None, salt: 0, headers: Vec::new() });
+        return Ok(TenantHold {
+            slot: None,
+            salt: 0,
+            headers: Vec::new(),
+        });
     };
     let rate = reg.take_request(who).map_err(|info| {
         st.metrics.outcome("rejected");
@@ -287,7 +291,11 @@ fn tenant_of(st: &AppState, caller: Option<Extension<Caller>>) -> Result<TenantH
         e.headers = headers.clone();
         e
     })?;
-    Ok(TenantHold { slot, salt: reg.cache_salt(who), headers })
+    Ok(TenantHold {
+        slot,
+        salt: reg.cache_salt(who),
+        headers,
+    })
 }
 
 /// `r` with the tenant's rate-limit headers.
@@ -315,8 +323,17 @@ async fn chat(
     })
 }
 
-async fn chat_as(st: Arc<AppState>, hold: TenantHold, arrived: Instant, body: Bytes) -> Result<Response, ApiError> {
-    let TenantHold { slot, salt: cache_salt, .. } = hold;
+async fn chat_as(
+    st: Arc<AppState>,
+    hold: TenantHold,
+    arrived: Instant,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let TenantHold {
+        slot,
+        salt: cache_salt,
+        ..
+    } = hold;
     let (req, r) = (
         parse_body::<ChatRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?,
         st.ready()?,
@@ -370,7 +387,10 @@ async fn chat_as(st: Arc<AppState>, hold: TenantHold, arrived: Instant, body: By
         .inspect_err(|_| st.metrics.outcome("invalid"))?;
     let tool_mode = tools.as_ref().and_then(|t| t.mode.clone().map(|m| (t, m)));
     let grammar = match (&tool_mode, v.params.grammar.take()) {
-        (Some((t, mode)), _) => Some(("tools", GrammarSpec::Lark(tool_grammar(&t.tools, mode, t.parallel)))),
+        (Some((t, mode)), _) => Some((
+            "tools",
+            GrammarSpec::Lark(tool_grammar(&t.tools, mode, t.parallel)),
+        )),
         (None, g) => g,
     };
     let constraint = match grammar {
@@ -415,8 +435,17 @@ async fn completions(
     })
 }
 
-async fn completions_as(st: Arc<AppState>, hold: TenantHold, arrived: Instant, body: Bytes) -> Result<Response, ApiError> {
-    let TenantHold { slot, salt: cache_salt, .. } = hold;
+async fn completions_as(
+    st: Arc<AppState>,
+    hold: TenantHold,
+    arrived: Instant,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let TenantHold {
+        slot,
+        salt: cache_salt,
+        ..
+    } = hold;
     let (req, r) = (
         parse_body::<CompletionRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?,
         st.ready()?,

@@ -35,7 +35,12 @@ pub fn parse_tools(
     let parallel = match parallel {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(bad("parallel_tool_calls", "`parallel_tool_calls` must be a boolean")),
+        Some(_) => {
+            return Err(bad(
+                "parallel_tool_calls",
+                "`parallel_tool_calls` must be a boolean",
+            ))
+        }
     };
     let list = match tools {
         None | Some(Value::Null) => Vec::new(),
@@ -43,7 +48,10 @@ pub fn parse_tools(
         Some(_) => return Err(bad("tools", "`tools` must be a list")),
     };
     if list.len() > MAX_TOOLS {
-        return Err(bad("tools", format!("at most {MAX_TOOLS} tools per request")));
+        return Err(bad(
+            "tools",
+            format!("at most {MAX_TOOLS} tools per request"),
+        ));
     }
     let mut parsed = Vec::with_capacity(list.len());
     for (i, t) in list.iter().enumerate() {
@@ -59,7 +67,9 @@ pub fn parse_tools(
         if !valid_name(name) {
             return Err(bad(
                 &p,
-                format!("`{p}.function.name` must be 1 to 64 of a-z, A-Z, 0-9, _ and -; got {name:?}"),
+                format!(
+                    "`{p}.function.name` must be 1 to 64 of a-z, A-Z, 0-9, _ and -; got {name:?}"
+                ),
             ));
         }
         if parsed.iter().any(|x: &Tool| x.name == name) {
@@ -70,13 +80,21 @@ pub fn parse_tools(
             None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
             Some(v @ Value::Object(_)) => v.clone(),
             Some(_) => {
-                return Err(bad(&p, format!("`{p}.function.parameters` must be a JSON schema object")))
+                return Err(bad(
+                    &p,
+                    format!("`{p}.function.parameters` must be a JSON schema object"),
+                ))
             }
         };
         let description = match f.get("description") {
             None | Some(Value::Null) => None,
             Some(Value::String(d)) => Some(d.clone()),
-            Some(_) => return Err(bad(&p, format!("`{p}.function.description` must be a string"))),
+            Some(_) => {
+                return Err(bad(
+                    &p,
+                    format!("`{p}.function.description` must be a string"),
+                ))
+            }
         };
         parsed.push(Tool {
             name: name.to_string(),
@@ -89,7 +107,10 @@ pub fn parse_tools(
         Some(Value::String(s)) => match s.as_str() {
             "none" => None,
             "auto" | "required" if parsed.is_empty() => {
-                return Err(bad("tool_choice", format!("`tool_choice: \"{s}\"` needs `tools`")))
+                return Err(bad(
+                    "tool_choice",
+                    format!("`tool_choice: \"{s}\"` needs `tools`"),
+                ))
             }
             "auto" => Some(ToolMode::Auto),
             "required" => Some(ToolMode::Required),
@@ -113,11 +134,19 @@ pub fn parse_tools(
                     )
                 })?;
             let i = parsed.iter().position(|t| t.name == name).ok_or_else(|| {
-                bad("tool_choice", format!("`tool_choice` names '{name}', which is not in `tools`"))
+                bad(
+                    "tool_choice",
+                    format!("`tool_choice` names '{name}', which is not in `tools`"),
+                )
             })?;
             Some(ToolMode::Named(i))
         }
-        Some(_) => return Err(bad("tool_choice", "`tool_choice` must be a string or an object")),
+        Some(_) => {
+            return Err(bad(
+                "tool_choice",
+                "`tool_choice` must be a string or an object",
+            ))
+        }
     };
     if parsed.is_empty() {
         return Ok(None);
@@ -152,7 +181,12 @@ pub fn history_calls(v: &Value, i: usize) -> Result<Value, ApiError> {
             Value::String(s) => s.clone(),
             // some clients send the object itself
             Value::Object(_) => args.to_string(),
-            _ => return Err(bad(&p, format!("`{p}[{j}].function.arguments` must be a JSON string"))),
+            _ => {
+                return Err(bad(
+                    &p,
+                    format!("`{p}[{j}].function.arguments` must be a JSON string"),
+                ))
+            }
         };
         out.push(json!({
             "id": c.get("id").cloned().unwrap_or(Value::Null),
@@ -248,7 +282,10 @@ pub fn template_messages(
 /// JSON written with `", "` and `": "` separators (the layout kojo's grammars generate).
 pub fn compact_json(v: &Value) -> String {
     match v {
-        Value::Array(a) => format!("[{}]", a.iter().map(compact_json).collect::<Vec<_>>().join(", ")),
+        Value::Array(a) => format!(
+            "[{}]",
+            a.iter().map(compact_json).collect::<Vec<_>>().join(", ")
+        ),
         Value::Object(m) => format!(
             "{{{}}}",
             m.iter()
@@ -266,9 +303,13 @@ mod tests {
     use crate::tokenizer::ChatTemplate;
 
     fn setup() -> ToolSetup {
-        let raw = vec![json!({"type": "function", "function": {"name": "get_weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}})];
-        parse_tools(&Some(Value::Array(raw)), &None, &None).unwrap().unwrap()
+        let raw = vec![
+            json!({"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}),
+        ];
+        parse_tools(&Some(Value::Array(raw)), &None, &None)
+            .unwrap()
+            .unwrap()
     }
 
     fn history() -> Vec<Value> {
@@ -306,10 +347,19 @@ mod tests {
         let (msgs, extra) = template_messages(history(), Some(&setup()), false);
         assert!(extra.is_none());
         assert_eq!(msgs[0]["role"], "system");
-        assert!(msgs[0]["content"].as_str().unwrap().contains("\"name\":\"get_weather\""));
-        assert_eq!(msgs[2]["content"], render_call("get_weather", "{\"city\": \"Oslo\"}"));
+        assert!(msgs[0]["content"]
+            .as_str()
+            .unwrap()
+            .contains("\"name\":\"get_weather\""));
+        assert_eq!(
+            msgs[2]["content"],
+            render_call("get_weather", "{\"city\": \"Oslo\"}")
+        );
         assert_eq!(msgs[3]["role"], "user");
-        assert_eq!(msgs[3]["content"], "<tool_response>\n{\"deg\": 3}\n</tool_response>");
+        assert_eq!(
+            msgs[3]["content"],
+            "<tool_response>\n{\"deg\": 3}\n</tool_response>"
+        );
         // tool_choice none: no instructions, the history still rendered
         let mut none = setup();
         none.mode = None;

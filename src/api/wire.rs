@@ -460,7 +460,10 @@ impl Common {
         }
         if let Some(so) = self.structured_outputs.as_ref().filter(|v| !v.is_null()) {
             let Value::Object(m) = so else {
-                return Err(bad("structured_outputs", "`structured_outputs` must be an object"));
+                return Err(bad(
+                    "structured_outputs",
+                    "`structured_outputs` must be an object",
+                ));
             };
             for (k, v) in m {
                 if v.is_null() || v == &Value::Bool(false) {
@@ -490,7 +493,9 @@ impl Common {
             ("guided_choice", &self.guided_choice),
             ("guided_grammar", &self.guided_grammar),
         ] {
-            let Some(v) = v.as_ref().filter(|v| !v.is_null()) else { continue };
+            let Some(v) = v.as_ref().filter(|v| !v.is_null()) else {
+                continue;
+            };
             let g = match name {
                 "guided_json" => json_schema_value(v, name)?,
                 "guided_regex" => GrammarSpec::Regex(string(v, name)?),
@@ -503,7 +508,10 @@ impl Common {
             let names: Vec<&str> = found.iter().map(|f| f.0).collect();
             return Err(bad(
                 found[1].0,
-                format!("a request takes one grammar; this one names {}", names.join(", ")),
+                format!(
+                    "a request takes one grammar; this one names {}",
+                    names.join(", ")
+                ),
             ));
         }
         Ok(found.pop())
@@ -521,12 +529,22 @@ fn choice(v: &Value, param: &str) -> Result<GrammarSpec, ApiError> {
     let items = v
         .as_array()
         .filter(|a| !a.is_empty() && a.len() <= 4096)
-        .ok_or_else(|| bad(param, format!("`{param}` must be a list of 1 to 4096 strings")))?;
+        .ok_or_else(|| {
+            bad(
+                param,
+                format!("`{param}` must be a list of 1 to 4096 strings"),
+            )
+        })?;
     let strs = items
         .iter()
         .map(|x| x.as_str().filter(|s| !s.is_empty()).map(str::to_string))
         .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| bad(param, format!("`{param}` must be a list of non-empty strings")))?;
+        .ok_or_else(|| {
+            bad(
+                param,
+                format!("`{param}` must be a list of non-empty strings"),
+            )
+        })?;
     Ok(GrammarSpec::Choice(strs))
 }
 
@@ -541,17 +559,22 @@ fn json_schema_value(v: &Value, param: &str) -> Result<GrammarSpec, ApiError> {
     match schema {
         Value::Object(_) => Ok(GrammarSpec::JsonSchema(schema)),
         Value::Bool(true) => Ok(GrammarSpec::JsonSchema(serde_json::json!({}))),
-        _ => Err(bad(param, format!("`{param}` must be a JSON schema object"))),
+        _ => Err(bad(
+            param,
+            format!("`{param}` must be a JSON schema object"),
+        )),
     }
 }
 
 /// OpenAI's `response_format`: text (no grammar), json_object, json_schema.
 fn response_format(rf: &Value) -> Result<Option<GrammarSpec>, ApiError> {
     const P: &str = "response_format";
-    let ty = rf
-        .get("type")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad(P, "`response_format.type` must be text, json_object or json_schema"))?;
+    let ty = rf.get("type").and_then(Value::as_str).ok_or_else(|| {
+        bad(
+            P,
+            "`response_format.type` must be text, json_object or json_schema",
+        )
+    })?;
     match ty {
         "text" => Ok(None),
         "json_object" => Ok(Some(GrammarSpec::JsonObject)),
@@ -757,7 +780,10 @@ impl CompletionRequest {
             return Err(bad("prompt", "at most 64 prompts per request"));
         }
         let logprobs = int(&self.logprobs, "logprobs", 0, 5)?.map(|k| k as usize);
-        for (name, v) in [("tools", &self.common.tools), ("tool_choice", &self.common.tool_choice)] {
+        for (name, v) in [
+            ("tools", &self.common.tools),
+            ("tool_choice", &self.common.tool_choice),
+        ] {
             if v.as_ref().is_some_and(|v| !v.is_null()) {
                 return Err(bad(name, format!("`{name}` is for /v1/chat/completions")));
             }

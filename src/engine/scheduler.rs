@@ -449,7 +449,10 @@ impl Scheduler {
             std::thread::scope(|scope| {
                 let masker = scope.spawn(|| compute(grammars));
                 let forward = model.forward(be, kv, &step);
-                (forward, masker.join().expect("the grammar mask thread panicked"))
+                (
+                    forward,
+                    masker.join().expect("the grammar mask thread panicked"),
+                )
             })
         } else {
             // the forward pass needs every core: masks first, then the step
@@ -524,7 +527,10 @@ impl Scheduler {
                 Ok(m) => m,
                 Err(e) => {
                     row += 1;
-                    let _ = s.req.events.send(Event::Error(format!("the grammar failed: {e}")));
+                    let _ = s
+                        .req
+                        .events
+                        .send(Event::Error(format!("the grammar failed: {e}")));
                     done.push(i);
                     continue;
                 }

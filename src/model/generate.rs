@@ -107,7 +107,12 @@ pub fn generate<B: Backend>(
             out.finish_reason = FinishReason::Stop;
             break;
         }
-        sampler.process(&mut logits, &req.prompt_ids, &out.output_ids, mask.as_deref());
+        sampler.process(
+            &mut logits,
+            &req.prompt_ids,
+            &out.output_ids,
+            mask.as_deref(),
+        );
         let id = sampler.sample(&logits);
         if id == crate::sampling::NO_TOKEN {
             anyhow::bail!(

@@ -183,7 +183,12 @@ impl Sampler {
 
     /// Add the rules on the logits: a bias, and the end-of-generation ids banned until
     /// `min_tokens` tokens were generated.
-    pub fn with_rules(mut self, logit_bias: Vec<(u32, f32)>, min_tokens: usize, eog: &[u32]) -> Self {
+    pub fn with_rules(
+        mut self,
+        logit_bias: Vec<(u32, f32)>,
+        min_tokens: usize,
+        eog: &[u32],
+    ) -> Self {
         self.logit_bias = logit_bias;
         self.min_tokens = min_tokens;
         self.eog = eog.to_vec();
@@ -205,7 +210,13 @@ impl Sampler {
 
     /// Every rule on the logits, in place, in order: bias, the end-of-generation ban before
     /// `min_tokens`, penalties (`prompt` counts for the repetition penalty only), the mask.
-    pub fn process(&self, logits: &mut [f32], prompt: &[u32], generated: &[u32], mask: Option<&[u32]>) {
+    pub fn process(
+        &self,
+        logits: &mut [f32],
+        prompt: &[u32],
+        generated: &[u32],
+        mask: Option<&[u32]>,
+    ) {
         for &(t, b) in &self.logit_bias {
             if let Some(x) = logits.get_mut(t as usize) {
                 *x += b;

@@ -82,7 +82,9 @@ pub struct GrammarLimits {
 
 impl Default for GrammarLimits {
     fn default() -> Self {
-        GrammarLimits { max_bytes: 256 << 10 }
+        GrammarLimits {
+            max_bytes: 256 << 10,
+        }
     }
 }
 
@@ -233,17 +235,19 @@ impl Constraint {
             return Ok(out);
         }
         // a panic inside llguidance fails this request, never the engine thread
-        let m = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.matcher.compute_mask()))
-            .map_err(|_| "the grammar engine failed computing a mask".to_string())?
-            .map_err(|e| e.to_string())?;
+        let m =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.matcher.compute_mask()))
+                .map_err(|_| "the grammar engine failed computing a mask".to_string())?
+                .map_err(|e| e.to_string())?;
         let src = m.as_slice();
         let n = out.len().min(src.len());
         out[..n].copy_from_slice(&src[..n]);
         // llguidance's own EOS bit stands for all of ours; clear the others it may not know of
-        let accepting = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.matcher.is_accepting()))
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or(false);
+        let accepting =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.matcher.is_accepting()))
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(false);
         for &e in self.eog.iter() {
             let (w, bit) = (e as usize / 32, e % 32);
             if w < out.len() {
@@ -262,9 +266,11 @@ impl Constraint {
         if self.eog.contains(&id) {
             return Ok(());
         }
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.matcher.consume_token(id)))
-            .map_err(|_| "the grammar engine failed consuming a token".to_string())?
-            .map_err(|e| e.to_string())
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.matcher.consume_token(id)
+        }))
+        .map_err(|_| "the grammar engine failed consuming a token".to_string())?
+        .map_err(|e| e.to_string())
     }
 
     /// Nothing more may be generated: the output is complete.

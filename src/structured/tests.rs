@@ -30,7 +30,11 @@ fn walk(g: &Grammars, c: &mut Constraint, seed: u64, max: usize) -> (String, boo
         let allowed: Vec<u32> = (0..g.n_vocab as u32)
             .filter(|&t| m[t as usize / 32] >> (t % 32) & 1 == 1)
             .collect();
-        assert!(!allowed.is_empty(), "empty mask after {:?}", g.tok.decode(&ids, false));
+        assert!(
+            !allowed.is_empty(),
+            "empty mask after {:?}",
+            g.tok.decode(&ids, false)
+        );
         // prefer ending when allowed half the time, so walks finish
         let t = if allowed.iter().any(|t| eog.contains(t)) && rng.next_f64() < 0.5 {
             eog[0]
@@ -68,12 +72,23 @@ fn random_walks_through_a_schema_match_it() {
         let (text, ended) = walk(&g, &mut c, seed, 400);
         assert!(ended, "seed {seed}: no end in 400 tokens: {text}");
         let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-        assert!(["cat", "dog"].contains(&v["kind"].as_str().unwrap()), "{text}");
+        assert!(
+            ["cat", "dog"].contains(&v["kind"].as_str().unwrap()),
+            "{text}"
+        );
         let age = v["age"].as_i64().unwrap();
         assert!((0..=30).contains(&age), "{text}");
         let name = v["owner"]["name"].as_str().unwrap();
-        assert!((1..=5).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_lowercase()), "{text}");
-        for t in v.get("tags").and_then(|t| t.as_array()).into_iter().flatten() {
+        assert!(
+            (1..=5).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_lowercase()),
+            "{text}"
+        );
+        for t in v
+            .get("tags")
+            .and_then(|t| t.as_array())
+            .into_iter()
+            .flatten()
+        {
             assert!(t.as_str().unwrap().chars().count() <= 4, "{text}");
         }
     }
@@ -82,7 +97,9 @@ fn random_walks_through_a_schema_match_it() {
 #[test]
 fn regex_choice_and_json_object() {
     let g = grammars();
-    let mut c = g.compile(&GrammarSpec::Regex(r"[0-9]{3}-[a-z]{2}".into())).unwrap();
+    let mut c = g
+        .compile(&GrammarSpec::Regex(r"[0-9]{3}-[a-z]{2}".into()))
+        .unwrap();
     let (t, ended) = walk(&g, &mut c, 1, 50);
     assert!(ended && regex_syntax::parse(r"^[0-9]{3}-[a-z]{2}$").is_ok());
     assert!(t.len() == 6 && t.as_bytes()[3] == b'-', "{t}");
@@ -105,14 +122,19 @@ fn bad_grammars_are_errors() {
     for spec in [
         GrammarSpec::Regex("(unclosed".into()),
         GrammarSpec::Lark("start: nothing_defined".into()),
-        GrammarSpec::JsonSchema(json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}, "required": ["a"]})),
+        GrammarSpec::JsonSchema(
+            json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}, "required": ["a"]}),
+        ),
         GrammarSpec::JsonSchema(json!({"type": "no-such-type"})),
         GrammarSpec::Choice(vec![]),
     ] {
         assert!(g.compile(&spec).is_err(), "{spec:?} compiled");
     }
     let small = Grammars::new(g.tok.clone(), g.n_vocab, GrammarLimits { max_bytes: 10 });
-    let e = small.compile(&GrammarSpec::Regex("a".repeat(11))).err().unwrap();
+    let e = small
+        .compile(&GrammarSpec::Regex("a".repeat(11)))
+        .err()
+        .unwrap();
     assert!(e.contains("--max-grammar-bytes"), "{e}");
 }
 
@@ -157,8 +179,16 @@ fn tool_grammars_accept_calls_and_only_calls() {
     let many = |n: usize| vec![time.clone(); n].join("\n");
     assert!(accepts(&g, &req, &many(tools::MAX_CALLS)));
     assert!(!accepts(&g, &req, &many(tools::MAX_CALLS + 1)));
-    assert!(!accepts(&g, &req, &tools::render_call("get_wetter", r#"{"city": "Paris"}"#)));
-    assert!(!accepts(&g, &req, &tools::render_call("get_weather", r#"{"town": "Paris"}"#)));
+    assert!(!accepts(
+        &g,
+        &req,
+        &tools::render_call("get_wetter", r#"{"city": "Paris"}"#)
+    ));
+    assert!(!accepts(
+        &g,
+        &req,
+        &tools::render_call("get_weather", r#"{"town": "Paris"}"#)
+    ));
     let single = tools::grammar(&tl, &ToolMode::Required, false);
     assert!(accepts(&g, &single, &call));
     assert!(!accepts(&g, &single, &format!("{call}\n{time}")));
@@ -170,7 +200,11 @@ fn tool_grammars_accept_calls_and_only_calls() {
     assert!(accepts(&g, &auto, ""));
     assert!(accepts(&g, &auto, &format!("Let me look. {call}")));
     assert!(accepts(&g, &auto, &call));
-    assert!(!accepts(&g, &auto, &format!("Let me look. {}", tools::render_call("nope", "{}"))));
+    assert!(!accepts(
+        &g,
+        &auto,
+        &format!("Let me look. {}", tools::render_call("nope", "{}"))
+    ));
     assert!(!accepts(&g, &auto, "text <tool_call> free text"));
 }
 
@@ -179,7 +213,11 @@ fn random_walks_through_required_tools_parse() {
     let g = grammars();
     let tl = weather_tools();
     let base = g
-        .compile(&GrammarSpec::Lark(tools::grammar(&tl, &ToolMode::Required, true)))
+        .compile(&GrammarSpec::Lark(tools::grammar(
+            &tl,
+            &ToolMode::Required,
+            true,
+        )))
         .unwrap();
     for seed in 0..10 {
         let mut c = base.fork();

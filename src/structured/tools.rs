@@ -136,9 +136,15 @@ pub fn render_call(name: &str, arguments: &str) -> String {
 pub enum ToolDelta {
     Content(String),
     /// Call `index` begins: its function's name.
-    Start { index: usize, name: String },
+    Start {
+        index: usize,
+        name: String,
+    },
     /// More of call `index`'s arguments.
-    Args { index: usize, fragment: String },
+    Args {
+        index: usize,
+        fragment: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -316,7 +322,10 @@ mod tests {
     fn calls_parse_the_same_whatever_the_pieces() {
         let text = format!(
             "Let me check. {}\n{}",
-            render_call("get_weather", r#"{"city": "東京", "nested": {"a": [1, {"b": "}"}]}}"#),
+            render_call(
+                "get_weather",
+                r#"{"city": "東京", "nested": {"a": [1, {"b": "}"}]}}"#
+            ),
             render_call("get_time", r#"{}"#)
         );
         let whole = parse_in_pieces(&text, text.len());

@@ -115,7 +115,10 @@ impl Tenants {
             format!("{path}:{}: {field}: {msg}", line_of(text, span.start))
         };
         let mut owner: HashMap<String, String> = HashMap::new();
-        let mut check_key = |k: &Spanned<String>, who: &str, field: &str| -> Result<String, String> {
+        let mut check_key = |k: &Spanned<String>,
+                             who: &str,
+                             field: &str|
+         -> Result<String, String> {
             let h = k.get_ref();
             if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(err(
@@ -141,9 +144,9 @@ impl Tenants {
             let name = t.name.get_ref();
             let field = |f: &str| format!("tenant[{i}].{f}");
             let ok_name = (1..=64).contains(&name.len())
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                });
             if !ok_name {
                 return Err(err(
                     t.name.span(),
@@ -152,10 +155,18 @@ impl Tenants {
                 ));
             }
             if tenants.iter().any(|x| &x.name == name) {
-                return Err(err(t.name.span(), &field("name"), format!("two tenants are named '{name}'")));
+                return Err(err(
+                    t.name.span(),
+                    &field("name"),
+                    format!("two tenants are named '{name}'"),
+                ));
             }
             if t.key_sha256.is_empty() {
-                return Err(err(t.name.span(), &field("key_sha256"), "a tenant needs at least one key".into()));
+                return Err(err(
+                    t.name.span(),
+                    &field("key_sha256"),
+                    "a tenant needs at least one key".into(),
+                ));
             }
             let who = format!("tenant '{name}'");
             let keys = t
@@ -165,8 +176,16 @@ impl Tenants {
                 .collect::<Result<Vec<_>, _>>()?;
             let w = *t.weight.get_ref();
             if !(w.is_finite() && w > 0.0 && w <= 1e6) {
-                let span = if t.weight.span().is_empty() { t.name.span() } else { t.weight.span() };
-                return Err(err(span, &field("weight"), format!("must be a number in (0, 1e6], got {w}")));
+                let span = if t.weight.span().is_empty() {
+                    t.name.span()
+                } else {
+                    t.weight.span()
+                };
+                return Err(err(
+                    span,
+                    &field("weight"),
+                    format!("must be a number in (0, 1e6], got {w}"),
+                ));
             }
             let limit = |v: &Option<Spanned<i64>>, f: &str| -> Result<u64, String> {
                 match v {
@@ -190,7 +209,10 @@ impl Tenants {
                 share_prefix_cache: t.share_prefix_cache,
             });
         }
-        Ok(Tenants { admin_keys, tenants })
+        Ok(Tenants {
+            admin_keys,
+            tenants,
+        })
     }
 
     /// Read and validate a tenants file.
@@ -242,7 +264,10 @@ impl RateInfo {
         vec![
             ("x-ratelimit-limit-requests", self.limit.to_string()),
             ("x-ratelimit-remaining-requests", self.remaining.to_string()),
-            ("x-ratelimit-reset-requests", format!("{:.3}s", self.reset_secs)),
+            (
+                "x-ratelimit-reset-requests",
+                format!("{:.3}s", self.reset_secs),
+            ),
         ]
     }
 }
@@ -290,7 +315,11 @@ impl Registry {
                 }
                 TenantState {
                     bucket: std::sync::Mutex::new((cfg.rpm as f64, std::time::Instant::now())),
-                    salt: if cfg.share_prefix_cache { 0 } else { salt_of(&cfg.name) },
+                    salt: if cfg.share_prefix_cache {
+                        0
+                    } else {
+                        salt_of(&cfg.name)
+                    },
                     cfg,
                     in_flight: Default::default(),
                 }
@@ -356,7 +385,10 @@ impl Registry {
         let t = &self.tenants[i];
         let max = t.cfg.max_concurrency;
         let prev = t.in_flight.fetch_add(1, Ordering::AcqRel);
-        let slot = Slot { reg: self.clone(), i };
+        let slot = Slot {
+            reg: self.clone(),
+            i,
+        };
         if max > 0 && prev >= max {
             drop(slot);
             return Err(format!(

@@ -1925,10 +1925,9 @@ impl Backend for GpuBackend {
         if picks.iter().all(Pick::is_greedy) {
             return self.argmax_kernel(logits);
         }
-        if picks
-            .iter()
-            .all(|p| p.is_greedy() || ((1..=SAMPLE_MAX_K).contains(&p.top_k) && p.temperature > 0.0))
-        {
+        if picks.iter().all(|p| {
+            p.is_greedy() || ((1..=SAMPLE_MAX_K).contains(&p.top_k) && p.temperature > 0.0)
+        }) {
             return self.top_k_kernel(logits, picks);
         }
         // more candidates than the kernel keeps: on the host
@@ -1970,7 +1969,10 @@ mod tests {
     fn sample_max_k_is_the_kernels() {
         let src = include_str!("../../../kernels/sampling.cu");
         let want = format!("#define SAMPLE_MAX_K {}\n", super::SAMPLE_MAX_K);
-        assert!(src.contains(&want), "kernels/sampling.cu does not define {want}");
+        assert!(
+            src.contains(&want),
+            "kernels/sampling.cu does not define {want}"
+        );
     }
 
     #[test]

@@ -669,8 +669,18 @@ impl<'a> SelfTest<'a> {
             gv.iter().zip(&cv).all(|(a, b)| a.to_bits() == b.to_bits()),
         );
         let picks: Vec<Pick> = (0..rows)
-            .map(|r| if r % 2 == 0 { Pick::GREEDY } else {
-                Pick { top_k: 20, temperature: 0.8, top_p: 1.0, min_p: 0.0, u: 0.37 }
+            .map(|r| {
+                if r % 2 == 0 {
+                    Pick::GREEDY
+                } else {
+                    Pick {
+                        top_k: 20,
+                        temperature: 0.8,
+                        top_p: 1.0,
+                        min_p: 0.0,
+                        u: 0.37,
+                    }
+                }
             })
             .collect();
         let got = self.gpu.pick_rows(&gm, &picks)?;
