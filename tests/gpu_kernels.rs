@@ -548,15 +548,88 @@ fn tiny_models_fused_cpu_and_gpu_agree() {
     );
 }
 
+/// One request for [`run_engine`]: prompt, sampling, max_tokens, ignore_eos, logprobs, grammar.
+type TestRequest = (
+    Vec<u32>,
+    kojo::sampling::SamplingParams,
+    usize,
+    bool,
+    Option<usize>,
+    Option<kojo::structured::Constraint>,
+);
+
+/// Run `reqs` together through the serving engine on `be` over the model at `path` (a small
+/// scheduler: 16-token blocks, at most 24 tokens a step); each request's ids and
+/// log-probabilities.
+fn run_engine<B: kojo::backend::Backend + Send + 'static>(
+    be: B,
+    path: &std::path::Path,
+    eog: Vec<u32>,
+    reqs: Vec<TestRequest>,
+) -> Vec<(Vec<u32>, Vec<f32>)>
+where
+    B::KvCache: Send,
+    Transformer<B>: Send,
+{
+    use kojo::engine::metrics::Metrics;
+    use kojo::engine::scheduler::SchedulerConfig;
+    use kojo::engine::{EngineRequest, Event};
+    let src = ModelSource::open(path).unwrap();
+    let model = Transformer::load(&be, &src).unwrap();
+    let cfg = SchedulerConfig {
+        num_blocks: 64,
+        block_size: 16,
+        max_num_seqs: 8,
+        max_batch_tokens: 24,
+        max_model_len: 128,
+    };
+    let metrics = Arc::new(Metrics::new("tiny"));
+    let (engine, _join) = kojo::engine::start(be, model, cfg, eog, metrics).unwrap();
+    let mut rxs = Vec::new();
+    for (prompt, params, max_tokens, ignore_eos, logprobs, constraint) in reqs {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        engine
+            .submit(EngineRequest {
+                prompt,
+                params,
+                max_tokens,
+                min_tokens: 0,
+                ignore_eos,
+                logit_bias: vec![],
+                logprobs,
+                constraint,
+                cache_salt: 0,
+                events: tx,
+                arrived: std::time::Instant::now(),
+            })
+            .unwrap();
+        rxs.push(rx);
+    }
+    rxs.into_iter()
+        .map(|mut rx| {
+            let (mut ids, mut lps) = (Vec::new(), Vec::new());
+            while let Some(ev) = rx.blocking_recv() {
+                match ev {
+                    Event::Token { id, logprob } => {
+                        ids.push(id);
+                        lps.extend(logprob.map(|l| l.logprob));
+                    }
+                    Event::Done { .. } => break,
+                    Event::Error(e) => panic!("{e}"),
+                    Event::Scheduled { .. } => {}
+                }
+            }
+            (ids, lps)
+        })
+        .collect()
+}
+
 /// The serving engine on the GPU backend (over the executor) against the CPU backend: several
 /// requests batched together, prompts longer than a step (chunked prefill), a prompt that
 /// shares a cached prefix with another, greedy requests (ids from the backend's argmax) and
 /// requests that need the logits (log-probabilities, temperature sampling).
 #[test]
 fn engine_batches_on_gpu_match_cpu() {
-    use kojo::engine::metrics::Metrics;
-    use kojo::engine::scheduler::SchedulerConfig;
-    use kojo::engine::{EngineRequest, Event};
     use kojo::sampling::SamplingParams;
 
     let dir = tempfile::tempdir().unwrap();
@@ -591,74 +664,22 @@ fn engine_batches_on_gpu_match_cpu() {
         (1, 0.9, 0, None),
     ];
 
-    fn serve<B: kojo::backend::Backend + Send + 'static>(
-        be: B,
-        path: &std::path::Path,
-        prompts: &[Vec<u32>],
-        reqs: &[(usize, f32, usize, Option<usize>)],
-    ) -> Vec<(Vec<u32>, Vec<f32>)>
-    where
-        B::KvCache: Send,
-        Transformer<B>: Send,
-    {
-        let src = ModelSource::open(path).unwrap();
-        let model = Transformer::load(&be, &src).unwrap();
-        let cfg = SchedulerConfig {
-            num_blocks: 64,
-            block_size: 16,
-            max_num_seqs: 8,
-            max_batch_tokens: 24,
-            max_model_len: 128,
-        };
-        let metrics = Arc::new(Metrics::new("tiny"));
-        let (engine, _join) = kojo::engine::start(be, model, cfg, vec![], metrics).unwrap();
-        let mut rxs = Vec::new();
-        for &(p, temperature, top_k, logprobs) in reqs {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            engine
-                .submit(EngineRequest {
-                    prompt: prompts[p].clone(),
-                    params: SamplingParams {
-                        temperature,
-                        top_k,
-                        seed: 7,
-                        ..Default::default()
-                    },
-                    max_tokens: 6,
-                    min_tokens: 0,
-                    ignore_eos: true,
-                    logit_bias: vec![],
-                    logprobs,
-                    constraint: None,
-                    cache_salt: 0,
-                    events: tx,
-                    arrived: std::time::Instant::now(),
-                })
-                .unwrap();
-            rxs.push(rx);
-        }
-        rxs.into_iter()
-            .map(|mut rx| {
-                let (mut ids, mut lps) = (Vec::new(), Vec::new());
-                while let Some(ev) = rx.blocking_recv() {
-                    match ev {
-                        Event::Token { id, logprob } => {
-                            ids.push(id);
-                            lps.extend(logprob.map(|l| l.logprob));
-                        }
-                        Event::Done { .. } => break,
-                        Event::Error(e) => panic!("{e}"),
-                        Event::Scheduled { .. } => {}
-                    }
-                }
-                (ids, lps)
+    let make = || -> Vec<TestRequest> {
+        reqs.iter()
+            .map(|&(p, temperature, top_k, logprobs)| {
+                let params = SamplingParams {
+                    temperature,
+                    top_k,
+                    seed: 7,
+                    ..Default::default()
+                };
+                (prompts[p].clone(), params, 6, true, logprobs, None)
             })
             .collect()
-    }
-
-    let want = serve(CpuBackend::new(MatmulMode::Exact), &path, &prompts, &reqs);
+    };
+    let want = run_engine(CpuBackend::new(MatmulMode::Exact), &path, vec![], make());
     let dev = Arc::new(HostDevice::default());
-    let got = serve(GpuBackend::new(dev.clone()), &path, &prompts, &reqs);
+    let got = run_engine(GpuBackend::new(dev.clone()), &path, vec![], make());
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g.0.len(), 6, "request {i}");
         assert_eq!(g.0, w.0, "request {i}: tokens");
@@ -1231,9 +1252,6 @@ fn a_fused_decode_step_launches_six_kernels_per_layer() {
 /// (log-probabilities bring the logits back). Same ids on both, and every output matches.
 #[test]
 fn constrained_engine_on_gpu_matches_cpu() {
-    use kojo::engine::metrics::Metrics;
-    use kojo::engine::scheduler::SchedulerConfig;
-    use kojo::engine::{EngineRequest, Event};
     use kojo::sampling::SamplingParams;
     use kojo::structured::{GrammarLimits, GrammarSpec, Grammars};
 
@@ -1274,92 +1292,37 @@ fn constrained_engine_on_gpu_matches_cpu() {
         (GrammarSpec::Regex("[a-c]{2,5}".into()), 0.7, 0, Some(2)),
     ];
 
-    fn run<B: kojo::backend::Backend + Send + 'static>(
-        be: B,
-        path: &std::path::Path,
-        prompt: &[u32],
-        eog: &[u32],
-        grammars: &Grammars,
-        reqs: &[(GrammarSpec, f32, usize, Option<usize>)],
-    ) -> Vec<Vec<u32>>
-    where
-        B::KvCache: Send,
-        Transformer<B>: Send,
-    {
-        let src = ModelSource::open(path).unwrap();
-        let model = Transformer::load(&be, &src).unwrap();
-        let cfg = SchedulerConfig {
-            num_blocks: 32,
-            block_size: 16,
-            max_num_seqs: 8,
-            max_batch_tokens: 32,
-            max_model_len: 128,
-        };
-        let metrics = Arc::new(Metrics::new("tiny"));
-        let (engine, _join) = kojo::engine::start(be, model, cfg, eog.to_vec(), metrics).unwrap();
-        let mut rxs = Vec::new();
-        for (spec, temperature, top_k, logprobs) in reqs {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            engine
-                .submit(EngineRequest {
-                    prompt: prompt.to_vec(),
-                    params: SamplingParams {
-                        temperature: *temperature,
-                        top_k: *top_k,
-                        seed: 5,
-                        ..Default::default()
-                    },
-                    max_tokens: 24,
-                    min_tokens: 0,
-                    ignore_eos: false,
-                    logit_bias: vec![],
-                    logprobs: *logprobs,
-                    constraint: Some(grammars.compile(spec).unwrap()),
-                    cache_salt: 0,
-                    events: tx,
-                    arrived: std::time::Instant::now(),
-                })
-                .unwrap();
-            rxs.push(rx);
-        }
-        rxs.into_iter()
-            .map(|mut rx| {
-                let mut ids = Vec::new();
-                while let Some(ev) = rx.blocking_recv() {
-                    match ev {
-                        Event::Token { id, .. } => ids.push(id),
-                        Event::Done { .. } => break,
-                        Event::Error(e) => panic!("{e}"),
-                        Event::Scheduled { .. } => {}
-                    }
-                }
-                ids
-            })
-            .collect()
-    }
-
     let vocab = ModelSource::open(&path).map(|s| {
         let cpu = CpuBackend::new(MatmulMode::Exact);
         Transformer::load(&cpu, &s).unwrap().cfg.vocab_size
     });
     let grammars = Grammars::new(tok.clone(), vocab.unwrap(), GrammarLimits::default());
-    let want = run(
-        CpuBackend::new(MatmulMode::Exact),
-        &path,
-        &prompt,
-        &eog,
-        &grammars,
-        &reqs,
-    );
+    let make = || -> Vec<TestRequest> {
+        reqs.iter()
+            .map(|(spec, temperature, top_k, logprobs)| {
+                let params = SamplingParams {
+                    temperature: *temperature,
+                    top_k: *top_k,
+                    seed: 5,
+                    ..Default::default()
+                };
+                let c = grammars.compile(spec).unwrap();
+                (prompt.clone(), params, 24, false, *logprobs, Some(c))
+            })
+            .collect()
+    };
+    let ids = |out: Vec<(Vec<u32>, Vec<f32>)>| -> Vec<Vec<u32>> {
+        out.into_iter().map(|o| o.0).collect()
+    };
+    let cpu = CpuBackend::new(MatmulMode::Exact);
+    let want = ids(run_engine(cpu, &path, eog.clone(), make()));
     let dev = Arc::new(HostDevice::default());
-    let got = run(
+    let got = ids(run_engine(
         GpuBackend::new(dev.clone()),
         &path,
-        &prompt,
-        &eog,
-        &grammars,
-        &reqs,
-    );
+        eog.clone(),
+        make(),
+    ));
     assert!(dev.launched.lock().unwrap().contains("apply_token_mask"));
     assert_eq!(got, want);
     let text: Vec<String> = want

@@ -6,29 +6,15 @@
 mod common;
 
 use common::server::*;
-use common::*;
 use serde_json::{json, Value};
 use std::process::Command;
-
-fn run_clients(s: &Server, parts: &[&str]) {
-    let out = Command::new(python())
-        .arg(root().join("tests/clients/structured.py"))
-        .args([&s.url("/v1"), MODEL_ID])
-        .args(parts)
-        .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{log}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && log.contains("all checks passed"));
-}
 
 /// 50 sampled outputs under a nested schema, n > 1, json_object, regex, choice, Lark,
 /// guided_json, and the SDK's `.parse()`.
 #[test]
 fn schemas_and_grammars_through_the_openai_sdk() {
     let s = Server::start(&[]);
-    run_clients(&s, &["schema", "formats", "sdk_parse"]);
+    s.python_client("structured.py", &["schema", "formats", "sdk_parse"]);
 }
 
 /// Tool calls: required, named, parallel off and on, stream == whole, auto, history in the
@@ -36,7 +22,7 @@ fn schemas_and_grammars_through_the_openai_sdk() {
 #[test]
 fn tool_calls_through_the_sdk_langchain_and_litellm() {
     let s = Server::start(&[]);
-    run_clients(&s, &["tools", "langchain", "litellm"]);
+    s.python_client("structured.py", &["tools", "langchain", "litellm"]);
 }
 
 #[test]

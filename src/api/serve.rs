@@ -149,8 +149,23 @@ impl AppState {
 
     /// Compile a request's grammar on the blocking pool within `--grammar-timeout` (a slow
     /// one holds its pool slot until it ends, never the engine or the async workers). A
-    /// grammar that does not compile, or not in time, is a 400 naming `param`.
+    /// grammar that does not compile, or not in time, is a 400 naming `param` (counted as an
+    /// invalid request).
     async fn compile(
+        &self,
+        grammars: Arc<Grammars>,
+        grammar: Option<(&str, GrammarSpec)>,
+    ) -> Result<Option<Constraint>, ApiError> {
+        let Some((param, spec)) = grammar else {
+            return Ok(None);
+        };
+        self.compile_one(grammars, param, spec)
+            .await
+            .map(Some)
+            .inspect_err(|_| self.metrics.outcome("invalid"))
+    }
+
+    async fn compile_one(
         &self,
         grammars: Arc<Grammars>,
         param: &str,
@@ -393,14 +408,7 @@ async fn chat_as(
         )),
         (None, g) => g,
     };
-    let constraint = match grammar {
-        Some((param, spec)) => Some(
-            st.compile(r.grammars.clone(), param, spec)
-                .await
-                .inspect_err(|_| st.metrics.outcome("invalid"))?,
-        ),
-        None => None,
-    };
+    let constraint = st.compile(r.grammars.clone(), grammar).await?;
     st.admit(v.params.n, ids.len() * v.params.n)?;
     let job = Job {
         kind: Kind::Chat,
@@ -493,14 +501,9 @@ async fn completions_as(
             e
         })?;
     }
-    let constraint = match v.params.grammar.take() {
-        Some((param, spec)) => Some(
-            st.compile(r.grammars.clone(), param, spec)
-                .await
-                .inspect_err(|_| st.metrics.outcome("invalid"))?,
-        ),
-        None => None,
-    };
+    let constraint = st
+        .compile(r.grammars.clone(), v.params.grammar.take())
+        .await?;
     let n = v.params.n;
     st.admit(
         prompts.len() * n,

@@ -57,6 +57,19 @@ struct Seq {
 }
 
 impl Seq {
+    /// Tell the client the sequence ended (a closed receiver is not an error: it was aborted).
+    fn send_done(&self, finish: Finish) {
+        let _ = self.req.events.send(Event::Done {
+            finish,
+            prompt_tokens: self.prompt_len,
+            cached_tokens: self.cached_tokens,
+        });
+    }
+
+    fn send_error(&self, msg: String) {
+        let _ = self.req.events.send(Event::Error(msg));
+    }
+
     fn known(&self) -> usize {
         self.tokens.len()
     }
@@ -527,21 +540,14 @@ impl Scheduler {
                 Ok(m) => m,
                 Err(e) => {
                     row += 1;
-                    let _ = s
-                        .req
-                        .events
-                        .send(Event::Error(format!("the grammar failed: {e}")));
+                    s.send_error(format!("the grammar failed: {e}"));
                     done.push(i);
                     continue;
                 }
             };
             if mask.as_ref().is_some_and(|m| m.iter().all(|&w| w == 0)) {
                 row += 1;
-                let _ = s.req.events.send(Event::Done {
-                    finish: Finish::Eos,
-                    prompt_tokens: s.prompt_len,
-                    cached_tokens: s.cached_tokens,
-                });
+                s.send_done(Finish::Eos);
                 done.push(i);
                 continue;
             }
@@ -556,9 +562,7 @@ impl Scheduler {
             if nan_row {
                 // this request fails, the others go on
                 row += 1;
-                let _ = s.req.events.send(Event::Error(
-                    "the model produced NaN logits for this request".into(),
-                ));
+                s.send_error("the model produced NaN logits for this request".into());
                 done.push(i);
                 continue;
             }
@@ -588,9 +592,7 @@ impl Scheduler {
             row += 1;
             if id as usize >= n_vocab {
                 // every allowed logit was NaN or -inf (penalties and a grammar together)
-                let _ = s.req.events.send(Event::Error(
-                    "no token the request allows has a finite logit".into(),
-                ));
+                s.send_error("no token the request allows has a finite logit".into());
                 done.push(i);
                 continue;
             }
@@ -598,20 +600,13 @@ impl Scheduler {
             // under a grammar, an end-of-generation token was allowed only where the grammar
             // may end
             if (eos_allowed || s.constraint.is_some()) && self.eog.contains(&id) {
-                let _ = s.req.events.send(Event::Done {
-                    finish: Finish::Eos,
-                    prompt_tokens: s.prompt_len,
-                    cached_tokens: s.cached_tokens,
-                });
+                s.send_done(Finish::Eos);
                 done.push(i);
                 continue;
             }
             if let Some(c) = &mut s.constraint {
                 if let Err(e) = c.consume(id) {
-                    let _ = s
-                        .req
-                        .events
-                        .send(Event::Error(format!("the grammar rejected a token: {e}")));
+                    s.send_error(format!("the grammar rejected a token: {e}"));
                     done.push(i);
                     continue;
                 }
@@ -624,18 +619,10 @@ impl Scheduler {
             }
             let complete = s.constraint.as_ref().is_some_and(Constraint::is_stopped);
             if complete {
-                let _ = s.req.events.send(Event::Done {
-                    finish: Finish::Eos,
-                    prompt_tokens: s.prompt_len,
-                    cached_tokens: s.cached_tokens,
-                });
+                s.send_done(Finish::Eos);
                 done.push(i);
             } else if s.generated >= s.req.max_tokens || s.known() >= self.cfg.max_model_len {
-                let _ = s.req.events.send(Event::Done {
-                    finish: Finish::Length,
-                    prompt_tokens: s.prompt_len,
-                    cached_tokens: s.cached_tokens,
-                });
+                s.send_done(Finish::Length);
                 done.push(i);
             }
         }

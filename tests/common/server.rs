@@ -118,6 +118,21 @@ impl Server {
         self.child.try_wait().unwrap().is_none()
     }
 
+    /// Run the Python client `tests/clients/SCRIPT BASE_URL MODEL_ID EXTRA...` against this
+    /// server; panics with its output unless it exits 0 having printed "all checks passed".
+    pub fn python_client(&self, script: &str, extra: &[&str]) {
+        let out = Command::new(python())
+            .arg(root().join("tests/clients").join(script))
+            .args([&self.url("/v1"), MODEL_ID])
+            .args(extra)
+            .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stdout);
+        eprintln!("{log}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && log.contains("all checks passed"));
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
