@@ -790,7 +790,17 @@ impl CompletionRequest {
         }
         let mut params = self.common.validate(vocab, logprobs)?;
         if params.max_tokens.is_none() {
-            params.max_tokens = Some(16); // OpenAI's default for legacy completions
+            // OpenAI's default for legacy completions; like vLLM, a larger `min_tokens` is a 400
+            if params.min_tokens > 16 {
+                return Err(bad(
+                    "min_tokens",
+                    format!(
+                        "`min_tokens` ({}) is larger than the default `max_tokens` (16) of /v1/completions",
+                        params.min_tokens
+                    ),
+                ));
+            }
+            params.max_tokens = Some(16);
         }
         let echo = boolean(&self.echo, "echo")?;
         if echo && params.stream {
@@ -848,5 +858,16 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("messages"));
         let parts = chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#).ok().unwrap();
         assert_eq!(parts.messages[0]["content"], "ab");
+    }
+
+    #[test]
+    fn completions_min_tokens_past_the_default_max_tokens_is_a_400() {
+        let c = |body: &str| serde_json::from_str::<CompletionRequest>(body).unwrap().validate(100);
+        let e = c(r#"{"model":"m","prompt":"a","min_tokens":20}"#).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("min_tokens"), "{}", e.message);
+        let ok = c(r#"{"model":"m","prompt":"a","min_tokens":20,"max_tokens":30}"#).ok().unwrap();
+        assert_eq!((ok.params.min_tokens, ok.params.max_tokens), (20, Some(30)));
+        let ok = c(r#"{"model":"m","prompt":"a","min_tokens":16}"#).ok().unwrap();
+        assert_eq!(ok.params.max_tokens, Some(16));
     }
 }
