@@ -22,3 +22,4 @@ pub mod sampling;
 pub mod structured;
 pub mod tenancy;
 pub mod tokenizer;
+pub mod usage;

@@ -90,6 +90,26 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TenantsCmd,
     },
+    /// Totals from a usage ledger (`kojo serve --usage-db`), offline: the JSON `GET /v1/usage`
+    /// answers, or CSV.
+    Usage {
+        #[arg(long)]
+        db: PathBuf,
+        /// First day (UTC, YYYY-MM-DD), inclusive.
+        #[arg(long)]
+        from: Option<String>,
+        /// Last day (UTC, YYYY-MM-DD), inclusive.
+        #[arg(long)]
+        to: Option<String>,
+        /// tenant, day or model.
+        #[arg(long, default_value = "tenant")]
+        group_by: String,
+        /// Only this tenant's rows.
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        csv: bool,
+    },
     /// List tensors (name, type, shape); with --sha256, the hash of each tensor dequantized to
     /// little-endian f32.
     Tensors {
@@ -163,6 +183,36 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
         },
+        Cmd::Usage {
+            db,
+            from,
+            to,
+            group_by,
+            tenant,
+            csv,
+        } => {
+            let day = |p: &str, v: Option<String>| {
+                v.map(|v| kojo::usage::check_day(p, &v))
+                    .transpose()
+                    .map_err(anyhow::Error::msg)
+            };
+            let q = kojo::usage::Query {
+                from: day("--from", from)?,
+                to: day("--to", to)?,
+                group_by: group_by.parse().map_err(anyhow::Error::msg)?,
+                tenant,
+            };
+            let rows = kojo::usage::query(&db, &q).map_err(anyhow::Error::msg)?;
+            if csv {
+                print!("{}", kojo::usage::to_csv(&q, &rows));
+            } else {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&kojo::usage::to_json(&q, &rows))?
+                );
+            }
+            Ok(())
+        }
         Cmd::Tokenize {
             model,
             special,

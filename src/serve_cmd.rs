@@ -90,9 +90,15 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 10.0)]
     pub grammar_timeout: f64,
     /// A tenants file (TOML; `kojo tenants check FILE`): its keys identify tenants, each with
-    /// its own prefix cache (unless it shares) and max_concurrency. Replaces --api-key.
+    /// its fair-share weight, rpm, tpm, max_concurrency, max_priority and its own prefix cache
+    /// (unless it shares). Replaces --api-key. SIGHUP (or POST /admin/reload) reloads it.
     #[arg(long)]
     pub tenants: Option<PathBuf>,
+    /// The usage ledger (SQLite): one row per finished request. Default with --tenants:
+    /// kojo-usage.sqlite beside the tenants file; without --tenants, given alone, it meters
+    /// the one default tenant.
+    #[arg(long)]
+    pub usage_db: Option<PathBuf>,
     #[command(flatten)]
     pub cpu: crate::gen_cmd::CpuArgs,
     #[command(flatten)]
@@ -199,10 +205,22 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 if !cfg_keys_empty {
                     bail!("--tenants replaces --api-key, --api-key-file and KOJO_API_KEY: give one or the other");
                 }
-                let t = kojo::tenancy::Tenants::load(p).map_err(anyhow::Error::msg)?;
-                Some(std::sync::Arc::new(kojo::tenancy::Registry::new(t)))
+                let t = kojo::tenancy::Tenancy::load(p).map_err(anyhow::Error::msg)?;
+                Some(std::sync::Arc::new(t))
             }
         },
+        usage: match (&a.usage_db, &a.tenants) {
+            (None, None) => None,
+            (Some(db), _) => Some(db.clone()),
+            (None, Some(t)) => Some(
+                t.parent()
+                    .map(|d| d.join("kojo-usage.sqlite"))
+                    .unwrap_or_else(|| "kojo-usage.sqlite".into()),
+            ),
+        }
+        .map(|p| kojo::usage::Ledger::open(&p).map(std::sync::Arc::new))
+        .transpose()
+        .map_err(anyhow::Error::msg)?,
     };
     if !cfg.model.exists() {
         bail!("{}: no such file or folder", cfg.model.display());

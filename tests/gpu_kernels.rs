@@ -599,6 +599,7 @@ where
                 logprobs,
                 constraint,
                 cache_salt: 0,
+                share: Default::default(),
                 events: tx,
                 arrived: std::time::Instant::now(),
             })
@@ -896,6 +897,7 @@ fn one_steps_out_of_memory_fails_that_step_only_and_a_launch_failure_ends_the_en
             logprobs: None,
             constraint: None,
             cache_salt: salt,
+            share: Default::default(),
             events: tx,
             arrived: std::time::Instant::now(),
         })

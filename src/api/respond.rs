@@ -9,8 +9,11 @@ use crate::engine::{EngineHandle, EngineRequest, EngineStatus, Event, Finish, To
 use crate::sampling::stop::StopMatcher;
 use crate::structured::tools::{ToolCallParser, ToolDelta, ToolOutput};
 use crate::structured::Constraint;
+use crate::tenancy::fair::Share;
+use crate::tenancy::Account;
 use crate::tokenizer::stream::drain_utf8;
 use crate::tokenizer::Tokenizer;
+use crate::usage::{self, Ledger as UsageLedger, Row};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
@@ -46,8 +49,36 @@ pub struct Job {
     pub tool_calls: bool,
     /// prefix-cache key (the tenant's; 0 = shared)
     pub cache_salt: u64,
+    /// whose request it is, for the scheduler's fair share and priority
+    pub share: Share,
     /// the tenant's concurrency slot, held until the response ends
     pub slot: Option<crate::tenancy::Slot>,
+    /// who pays: the tenant, its tpm account, the usage ledger
+    pub bill: Bill,
+}
+
+/// What a finished request is charged to: its tenant's name (metrics and the usage ledger),
+/// its tokens-per-minute account, the ledger its row goes to.
+pub struct Bill {
+    pub tenant: Arc<str>,
+    pub account: Option<Account>,
+    pub ledger: Option<Arc<UsageLedger>>,
+    /// the client's `X-Request-Id`
+    pub client_request_id: Option<String>,
+    /// milliseconds since the Unix epoch
+    pub received_ms: i64,
+}
+
+impl Default for Bill {
+    fn default() -> Self {
+        Bill {
+            tenant: Arc::from("default"),
+            account: None,
+            ledger: None,
+            client_request_id: None,
+            received_ms: usage::now_ms(),
+        }
+    }
 }
 
 impl Job {
@@ -207,23 +238,26 @@ impl Choice {
     }
 }
 
-/// One request's metrics as its events arrive. The counters move at once: each prompt's tokens
-/// when one of its choices is first scheduled (so once, however many choices, cached tokens
-/// included, a recompute after a preemption not), each token as it arrives (so the sum is the
-/// usage's `completion_tokens`). The outcome and the per-request histograms are recorded once,
-/// when the request ends; a request dropped before that is an abort.
+/// One request's metrics and bill as its events arrive. The counters move at once: each
+/// prompt's tokens when one of its choices is first scheduled (so once, however many choices,
+/// cached tokens included, a recompute after a preemption not), each token as it arrives (so
+/// the sum is the usage's `completion_tokens`). The outcome, the per-request histograms, the
+/// tenant's tpm settlement and the usage-ledger row are recorded once, when the request ends; a
+/// request dropped before that is an abort.
 ///
 /// The request's phases are timed here on the HTTP side, not in the engine, from the arrival of
 /// its events: the first `Event::Scheduled` of any choice (the engine sends it when it first
 /// schedules a sequence), the first and the last `Event::Token` of any choice. Each lags the
 /// engine's own instant by one channel hop.
-struct Ledger {
+struct Meter {
     metrics: Arc<Metrics>,
     arrived: Instant,
     /// choices per prompt
     n: usize,
     /// `[prompts]` prompt tokens, until counted
     uncounted: Vec<Option<usize>>,
+    /// `[prompts]` prompt tokens found in the prefix cache
+    cached: Vec<usize>,
     scheduled: Option<Instant>,
     /// the request's first and last token
     first: Option<Instant>,
@@ -231,20 +265,29 @@ struct Ledger {
     /// `[choices]` first token, last token, tokens
     per_choice: Vec<Option<(Instant, Instant, usize)>>,
     done: bool,
+    bill: Bill,
+    id: String,
+    model: String,
+    prompt_tokens: usize,
 }
 
-impl Ledger {
-    fn new(metrics: Arc<Metrics>, job: &Job, total: usize) -> Self {
-        Ledger {
+impl Meter {
+    fn new(metrics: Arc<Metrics>, job: &mut Job, total: usize) -> Self {
+        Meter {
             metrics,
             arrived: job.arrived,
             n: job.params.n,
             uncounted: job.prompts.iter().map(|p| Some(p.len())).collect(),
+            cached: vec![0; job.prompts.len()],
             scheduled: None,
             first: None,
             last: None,
             per_choice: vec![None; total],
             done: false,
+            bill: std::mem::take(&mut job.bill),
+            id: job.id.clone(),
+            model: job.model.clone(),
+            prompt_tokens: job.prompts.iter().map(Vec::len).sum(),
         }
     }
 
@@ -256,6 +299,11 @@ impl Ledger {
         m.prefix_hit_tokens.add(cached as u64);
         if let Some(len) = self.uncounted[i / self.n].take() {
             m.prompt_tokens.add(len as u64);
+            m.tenant_tokens(&self.bill.tenant, len as u64, 0);
+        }
+        // the usage reports the first choice's hits
+        if i % self.n == 0 {
+            self.cached[i / self.n] = cached;
         }
     }
 
@@ -263,6 +311,7 @@ impl Ledger {
         let m = &self.metrics;
         let now = Instant::now();
         m.generation_tokens.add(1);
+        m.tenant_tokens(&self.bill.tenant, 0, 1);
         if self.first.is_none() {
             m.ttft.observe((now - self.arrived).as_secs_f64());
             self.first = Some(now);
@@ -277,17 +326,57 @@ impl Ledger {
         });
     }
 
-    fn end(&mut self, outcome: &str) {
-        if !self.done {
-            self.metrics.outcome(outcome);
-            self.done = true;
+    /// Count the outcome, settle the tenant's tokens; the request's ledger row.
+    fn close(
+        &mut self,
+        outcome: &'static str,
+        completion: usize,
+    ) -> Option<(Arc<UsageLedger>, Row)> {
+        if std::mem::replace(&mut self.done, true) {
+            return None;
+        }
+        self.metrics.outcome(outcome);
+        self.metrics.tenant_outcome(&self.bill.tenant, outcome);
+        if let Some(a) = &mut self.bill.account {
+            a.settle((self.prompt_tokens + completion) as u64);
+        }
+        let ledger = self.bill.ledger.clone()?;
+        let received = self.bill.received_ms;
+        let since =
+            |t: Instant| received + t.saturating_duration_since(self.arrived).as_millis() as i64;
+        let row = Row {
+            id: self.id.clone(),
+            tenant: self.bill.tenant.to_string(),
+            model: self.model.clone(),
+            received_ms: received,
+            started_ms: self.scheduled.map(since),
+            finished_ms: usage::now_ms().max(received),
+            prompt_tokens: self.prompt_tokens as u64,
+            cached_tokens: self.cached.iter().sum::<usize>() as u64,
+            completion_tokens: completion as u64,
+            outcome,
+            client_request_id: self.bill.client_request_id.clone(),
+        };
+        Some((ledger, row))
+    }
+
+    /// The request ended unfinished (`error`, `abort`): its row is written, nobody waits.
+    fn end(&mut self, outcome: &'static str) {
+        let made = self.per_choice.iter().flatten().map(|c| c.2).sum();
+        if let Some((ledger, row)) = self.close(outcome, made) {
+            ledger.record_later(row);
         }
     }
 
-    /// The request finished for `reason`: its histograms, its outcome.
-    fn finish(&mut self, reason: &str, prompt_tokens: usize, completion_tokens: usize) {
+    /// The request finished for `reason`: its histograms, its outcome; the ledger row the
+    /// caller must see committed before the client gets its usage.
+    fn finish(
+        &mut self,
+        reason: &'static str,
+        completion_tokens: usize,
+    ) -> Option<(Arc<UsageLedger>, Row)> {
         if self.done {
-            return;
+            return None;
         }
         let m = &self.metrics;
         let now = Instant::now();
@@ -309,14 +398,14 @@ impl Ledger {
             .collect();
         m.request_tpot
             .observe(tpots.iter().sum::<f64>() / tpots.len().max(1) as f64);
-        m.request_prompt_tokens.observe(prompt_tokens as f64);
+        m.request_prompt_tokens.observe(self.prompt_tokens as f64);
         m.request_generation_tokens
             .observe(completion_tokens as f64);
-        self.end(reason);
+        self.close(reason, completion_tokens)
     }
 }
 
-impl Drop for Ledger {
+impl Drop for Meter {
     fn drop(&mut self) {
         self.end("abort");
     }
@@ -353,6 +442,7 @@ fn submit(
                     logprobs: p.logprobs,
                     constraint: job.constraint.as_ref().map(Constraint::fork),
                     cache_salt: job.cache_salt,
+                    share: job.share.clone(),
                     events: tx,
                     arrived: job.arrived,
                 })
@@ -390,37 +480,34 @@ async fn why_stopped(status: &EngineStatus) -> String {
 }
 
 /// Run the job and answer: a JSON body, or an SSE stream.
-pub async fn respond(engine: EngineHandle, tok: Arc<Tokenizer>, job: Job) -> Response {
+pub async fn respond(engine: EngineHandle, tok: Arc<Tokenizer>, mut job: Job) -> Response {
     let metrics = engine.metrics.clone();
     let streams = match submit(&engine, &job) {
         Ok(s) => s,
         Err(e) => return e.into_response(),
     };
-    let ledger = Ledger::new(metrics, &job, streams.len());
+    let meter = Meter::new(metrics, &mut job, streams.len());
     let status = engine.status.clone();
     if job.params.stream {
-        stream(job, tok, streams, ledger, status)
+        stream(job, tok, streams, meter, status)
     } else {
-        whole(job, tok, streams, ledger, status).await
+        whole(job, tok, streams, meter, status).await
     }
 }
 
 /// One request's choices as their events arrive: text, cached prompt tokens, metrics.
 struct Progress {
     choices: Vec<Choice>,
-    /// `[prompts]` prompt tokens found in the prefix cache
-    cached: Vec<usize>,
-    ledger: Ledger,
+    meter: Meter,
 }
 
 impl Progress {
-    fn new(job: &Job, total: usize, ledger: Ledger) -> Self {
+    fn new(job: &Job, total: usize, meter: Meter) -> Self {
         Progress {
             choices: (0..total)
                 .map(|i| Choice::new(i, &job.params.stop, job.tool_calls))
                 .collect(),
-            cached: vec![0; job.prompts.len()],
-            ledger,
+            meter,
         }
     }
 
@@ -428,39 +515,39 @@ impl Progress {
     fn on_event(&mut self, job: &Job, tok: &Tokenizer, i: usize, ev: Event) -> Option<Step> {
         let n = job.params.n;
         if let Event::Scheduled { cached_tokens } = ev {
-            if i % n == 0 {
-                self.cached[i / n] = cached_tokens;
-            }
-            self.ledger
+            self.meter
                 .scheduled(i, job.prompts[i / n].len(), cached_tokens);
             return None;
         }
         if matches!(ev, Event::Token { .. }) {
-            self.ledger.token(i);
+            self.meter.token(i);
         }
         self.choices[i].on_event(job.kind, tok, ev)
     }
 
     fn fail(&mut self) {
-        self.ledger.end("error");
+        self.meter.end("error");
     }
 
-    /// Record the finished request (its usage must be what the client got).
-    fn finish(&mut self, job: &Job) {
-        let prompt_tokens = job.prompts.iter().map(Vec::len).sum();
+    /// Record the finished request (its usage must be what the client got): in the metrics,
+    /// and committed to the usage ledger before this returns.
+    async fn finish(&mut self) {
         let completion = self.choices.iter().map(|c| c.tokens).sum();
-        self.ledger
-            .finish(self.outcome(), prompt_tokens, completion);
+        if let Some((ledger, row)) = self.meter.finish(self.outcome(), completion) {
+            if let Err(e) = ledger.record(row).await {
+                tracing::error!("usage ledger: request {} not recorded: {e}", self.meter.id);
+            }
+        }
     }
 
     fn unfinished(&self) -> bool {
         self.choices.iter().any(|c| c.finish.is_none())
     }
 
-    fn usage(&self, job: &Job) -> Value {
-        let prompt_tokens: usize = job.prompts.iter().map(Vec::len).sum();
+    fn usage(&self) -> Value {
         let completion: usize = self.choices.iter().map(|c| c.tokens).sum();
-        usage(prompt_tokens, completion, self.cached.iter().sum())
+        let m = &self.meter;
+        usage(m.prompt_tokens, completion, m.cached.iter().sum())
     }
 
     /// The request's outcome for the metrics.
@@ -477,10 +564,10 @@ async fn whole(
     job: Job,
     tok: Arc<Tokenizer>,
     mut streams: StreamMap<usize, UnboundedReceiverStream<Event>>,
-    ledger: Ledger,
+    meter: Meter,
     status: Arc<EngineStatus>,
 ) -> Response {
-    let mut progress = Progress::new(&job, streams.len(), ledger);
+    let mut progress = Progress::new(&job, streams.len(), meter);
     while let Some((i, ev)) = streams.next().await {
         match progress.on_event(&job, &tok, i, ev) {
             Some(Step::Finished(..)) => {
@@ -497,8 +584,8 @@ async fn whole(
         progress.fail();
         return ApiError::unavailable(why_stopped(&status).await).into_response();
     }
-    let usage = progress.usage(&job);
-    progress.finish(&job);
+    let usage = progress.usage();
+    progress.finish().await;
     let choices = &progress.choices;
     let body = match job.kind {
         Kind::Chat => json!({
@@ -551,13 +638,13 @@ fn stream(
     job: Job,
     tok: Arc<Tokenizer>,
     mut streams: StreamMap<usize, UnboundedReceiverStream<Event>>,
-    ledger: Ledger,
+    meter: Meter,
     status: Arc<EngineStatus>,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
         let total = streams.len();
-        let mut progress = Progress::new(&job, total, ledger);
+        let mut progress = Progress::new(&job, total, meter);
         let with_usage = job.params.include_usage;
         let object = match job.kind {
             Kind::Chat => "chat.completion.chunk",
@@ -705,12 +792,12 @@ fn stream(
             return;
         }
         // counted before `[DONE]`: a client that reads /metrics next sees its request
-        progress.finish(&job);
+        progress.finish().await;
         if with_usage {
             let u = json!({
                 "id": job.id, "object": object, "created": job.created, "model": job.model,
                 "system_fingerprint": FINGERPRINT, "choices": [],
-                "usage": progress.usage(&job),
+                "usage": progress.usage(),
             });
             let _ = tx.send(Ok(SseEvent::default().data(u.to_string()))).await;
         }

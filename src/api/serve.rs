@@ -4,7 +4,7 @@
 
 use super::error::ApiError;
 use super::listen::ConnLimits;
-use super::respond::{respond, Job, Kind};
+use super::respond::{respond, Bill, Job, Kind};
 use super::wire::{parse_body, ChatRequest, CompletionRequest, PromptInput};
 use crate::backend::cpu::{CpuBackend, MatmulMode};
 use crate::backend::gpu::GpuBackend;
@@ -15,8 +15,10 @@ use crate::engine::EngineHandle;
 use crate::model::{ModelSource, Transformer};
 use crate::structured::tools::grammar as tool_grammar;
 use crate::structured::{Constraint, GrammarLimits, GrammarSpec, Grammars};
-use crate::tenancy::{Registry, Slot, Who};
+use crate::tenancy::fair::Share;
+use crate::tenancy::{request_salt, Registry, Slot, Tenancy, TokensRefused, Who};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
+use crate::usage::{self, Ledger};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
@@ -67,7 +69,9 @@ pub struct ServeConfig {
     pub grammar_limits: GrammarLimits,
     pub grammar_timeout: Duration,
     /// `--tenants`: keys identify tenants (then `api_keys` is empty)
-    pub tenants: Option<Arc<Registry>>,
+    pub tenants: Option<Arc<Tenancy>>,
+    /// `--usage-db`: the usage ledger every finished request is written to
+    pub usage: Option<Arc<Ledger>>,
 }
 
 /// What exists once the model has loaded.
@@ -159,10 +163,7 @@ impl AppState {
         let Some((param, spec)) = grammar else {
             return Ok(None);
         };
-        self.compile_one(grammars, param, spec)
-            .await
-            .map(Some)
-            .inspect_err(|_| self.metrics.outcome("invalid"))
+        self.compile_one(grammars, param, spec).await.map(Some)
     }
 
     async fn compile_one(
@@ -220,28 +221,24 @@ impl AppState {
         let m = &self.metrics;
         let (max_w, max_t) = (self.cfg.max_waiting, self.cfg.max_waiting_tokens);
         if seqs > max_w {
-            m.outcome("invalid");
             return Err(ApiError::invalid(
                 "n",
                 format!("the request has {seqs} sequences (prompts × n); this server queues {max_w} at most"),
             ));
         }
         if new_tokens > max_t {
-            m.outcome("invalid");
             return Err(ApiError::invalid(
                 "prompt",
                 format!("the request queues {new_tokens} prompt tokens (prompts × n); this server queues {max_t} at most"),
             ));
         }
         if m.waiting.get() as usize + seqs > max_w {
-            m.outcome("rejected");
             return Err(ApiError::overloaded(format!(
                 "{} sequences are already waiting; retry later",
                 m.waiting.get()
             )));
         }
         if m.waiting_tokens.get() as usize + new_tokens > max_t {
-            m.outcome("rejected");
             return Err(ApiError::overloaded(
                 "too many prompt tokens are waiting; retry later",
             ));
@@ -272,25 +269,77 @@ fn check_length(prompt: usize, max_tokens: Option<usize>, max_len: usize) -> Res
     Ok(())
 }
 
-/// What a tenant's request carries: its concurrency slot, its prefix-cache salt, and its
-/// request-rate headers. A 429 (with OpenAI's rate-limit headers) past its rpm or its
-/// `max_concurrency`.
+/// What a request carries for its tenant: the registry that identified it, its concurrency
+/// slot, its name, and the rate-limit headers for its answer. A 429 (with OpenAI's rate-limit
+/// headers) past its rpm or its `max_concurrency`.
 struct TenantHold {
+    who: Option<(Arc<Registry>, Who)>,
     slot: Option<Slot>,
-    salt: u64,
+    /// the name its requests are metered under ("default" without `--tenants`)
+    name: Arc<str>,
     headers: Vec<(&'static str, String)>,
 }
 
+impl TenantHold {
+    /// The request's share of the scheduler; a 400 for a `priority` the tenant may not ask for.
+    fn share(&self, priority: i64) -> Result<Share, ApiError> {
+        match &self.who {
+            None => Ok(Share {
+                priority,
+                ..Share::default()
+            }),
+            Some((reg, who)) => reg
+                .share(*who, priority)
+                .map_err(|m| ApiError::invalid("priority", m)),
+        }
+    }
+
+    /// The request's prefix-cache key: its tenant's, with the request's own `cache_salt`.
+    fn salt(&self, cache_salt: Option<&str>) -> u64 {
+        let base = self
+            .who
+            .as_ref()
+            .map_or(0, |(reg, who)| reg.cache_salt(*who));
+        request_salt(base, cache_salt)
+    }
+
+    /// Take the request's tokens from the tenant's tpm: a 400 when it could never fit, a 429
+    /// (with the `-tokens` headers) when not now.
+    fn take_tokens(&mut self, tokens: u64) -> Result<Option<crate::tenancy::Account>, ApiError> {
+        let Some((reg, who)) = &self.who else {
+            return Ok(None);
+        };
+        match reg.take_tokens(*who, tokens) {
+            Ok(None) => Ok(None),
+            Ok(Some((account, info))) => {
+                self.headers.extend(info.headers());
+                Ok(Some(account))
+            }
+            Err(TokensRefused::Never(m)) => Err(ApiError::invalid("max_tokens", m)),
+            Err(TokensRefused::Later(info)) => {
+                let mut e = ApiError::overloaded(format!(
+                    "tenant '{}' is past its tpm ({} tokens per minute); retry in {} s",
+                    info.tenant, info.limit, info.next_secs
+                ));
+                e.retry_after = Some(info.next_secs);
+                self.headers.extend(info.headers());
+                Err(e)
+            }
+        }
+    }
+}
+
 fn tenant_of(st: &AppState, caller: Option<Extension<Caller>>) -> Result<TenantHold, ApiError> {
-    let (Some(reg), Some(Extension(Caller(who)))) = (&st.cfg.tenants, caller) else {
+    let (Some(_), Some(Extension(Caller(reg, who)))) = (&st.cfg.tenants, caller) else {
         return Ok(TenantHold {
+            who: None,
             slot: None,
-            salt: 0,
+            name: Arc::from("default"),
             headers: Vec::new(),
         });
     };
+    let name: Arc<str> = Arc::from(reg.name(who));
     let rate = reg.take_request(who).map_err(|info| {
-        st.metrics.outcome("rejected");
         let mut e = ApiError::overloaded(format!(
             "tenant '{}' is past its rpm ({} requests per minute); retry in {} s",
             info.tenant, info.limit, info.next_secs
@@ -301,16 +350,100 @@ fn tenant_of(st: &AppState, caller: Option<Extension<Caller>>) -> Result<TenantH
     })?;
     let headers = rate.map(|r| r.headers()).unwrap_or_default();
     let slot = reg.acquire(who).map_err(|m| {
-        st.metrics.outcome("rejected");
         let mut e = ApiError::overloaded(m);
         e.headers = headers.clone();
         e
     })?;
     Ok(TenantHold {
+        who: Some((reg, who)),
         slot,
-        salt: reg.cache_salt(who),
+        name,
         headers,
     })
+}
+
+/// The client's own request id (`X-Request-Id`), when it sent a usable one.
+fn client_request_id(h: &axum::http::HeaderMap) -> Option<String> {
+    h.get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 256)
+        .map(str::to_string)
+}
+
+impl AppState {
+    /// Answer a chat or completion request: the tenant's limits, then `run`, then the tenant's
+    /// headers on whatever comes back; a request refused before it ran is counted for its
+    /// tenant (and, refused for a limit, written to the ledger as `rejected`).
+    async fn answer<F, Fut>(
+        self: Arc<Self>,
+        caller: Option<Extension<Caller>>,
+        headers: &axum::http::HeaderMap,
+        run: F,
+    ) -> Result<Response, ApiError>
+    where
+        F: FnOnce(Arc<Self>, TenantHold, Bill) -> Fut,
+        Fut:
+            std::future::Future<Output = (Vec<(&'static str, String)>, Result<Response, ApiError>)>,
+    {
+        let received_ms = usage::now_ms();
+        let crid = client_request_id(headers);
+        let (tenant, result) = match tenant_of(&self, caller.clone()) {
+            Err(e) => {
+                let name = match &caller {
+                    Some(Extension(Caller(reg, who))) => reg.name(*who).to_string(),
+                    None => "default".to_string(),
+                };
+                (Arc::from(name.as_str()), Err(e))
+            }
+            Ok(hold) => {
+                let name = hold.name.clone();
+                let bill = Bill {
+                    tenant: name.clone(),
+                    account: None,
+                    ledger: self.cfg.usage.clone(),
+                    client_request_id: crid.clone(),
+                    received_ms,
+                };
+                let (headers, r) = run(self.clone(), hold, bill).await;
+                (
+                    name,
+                    r.map(|x| with_headers(x, &headers)).map_err(|mut e| {
+                        e.headers.extend(headers);
+                        e
+                    }),
+                )
+            }
+        };
+        if let Err(e) = &result {
+            let outcome = match e.status.as_u16() {
+                429 => "rejected",
+                400..=499 => "invalid",
+                _ => "error",
+            };
+            self.metrics.outcome(outcome);
+            self.metrics.tenant_outcome(&tenant, outcome);
+            if outcome == "rejected" {
+                if let Some(l) = &self.cfg.usage {
+                    let now = usage::now_ms();
+                    l.record_later(usage::Row {
+                        id: String::new(),
+                        tenant: tenant.to_string(),
+                        model: self.cfg.served_name.clone(),
+                        received_ms,
+                        started_ms: None,
+                        finished_ms: now,
+                        prompt_tokens: 0,
+                        cached_tokens: 0,
+                        completion_tokens: 0,
+                        outcome: "rejected",
+                        client_request_id: crid.clone(),
+                    });
+                }
+            }
+        }
+        result
+    }
 }
 
 /// `r` with the tenant's rate-limit headers.
@@ -326,43 +459,34 @@ fn with_headers(mut r: Response, headers: &[(&'static str, String)]) -> Response
 async fn chat(
     State(st): St,
     caller: Option<Extension<Caller>>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let hold = tenant_of(&st, caller)?;
-    let headers = hold.headers.clone();
-    let r = chat_as(st, hold, arrived, body).await;
-    r.map(|x| with_headers(x, &headers)).map_err(|mut e| {
-        e.headers.extend(headers);
-        e
+    st.answer(caller, &headers, move |st, mut hold, bill| async move {
+        let r = chat_as(st, &mut hold, bill, arrived, body).await;
+        (hold.headers, r)
     })
+    .await
 }
 
 async fn chat_as(
     st: Arc<AppState>,
-    hold: TenantHold,
+    hold: &mut TenantHold,
+    mut bill: Bill,
     arrived: Instant,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let TenantHold {
-        slot,
-        salt: cache_salt,
-        ..
-    } = hold;
-    let (req, r) = (
-        parse_body::<ChatRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?,
-        st.ready()?,
-    );
+    let (req, r) = (parse_body::<ChatRequest>(&body)?, st.ready()?);
     let model = req.common.model()?;
     st.check_model(&model)?;
-    let mut v = req
-        .validate(r.vocab)
-        .inspect_err(|_| st.metrics.outcome("invalid"))?;
+    let mut v = req.validate(r.vocab)?;
+    let share = hold.share(v.params.priority)?;
+    let cache_salt = hold.salt(v.params.cache_salt.as_deref());
     if v.params.max_tokens.is_none() {
         v.params.max_tokens = st.cfg.default_max_tokens;
     }
     if r.template.is_none() {
-        st.metrics.outcome("invalid");
         return Err(ApiError::bad_request(
             "this model has no chat template; use /v1/completions",
         ));
@@ -396,10 +520,8 @@ async fn chat_as(
             }
             Ok(ids)
         })
-        .await
-        .inspect_err(|_| st.metrics.outcome("invalid"))?;
-    check_length(ids.len(), v.params.max_tokens, r.max_model_len)
-        .inspect_err(|_| st.metrics.outcome("invalid"))?;
+        .await?;
+    check_length(ids.len(), v.params.max_tokens, r.max_model_len)?;
     let tool_mode = tools.as_ref().and_then(|t| t.mode.clone().map(|m| (t, m)));
     let grammar = match (&tool_mode, v.params.grammar.take()) {
         (Some((t, mode)), _) => Some((
@@ -410,6 +532,8 @@ async fn chat_as(
     };
     let constraint = st.compile(r.grammars.clone(), grammar).await?;
     st.admit(v.params.n, ids.len() * v.params.n)?;
+    let reserve = v.params.max_tokens.unwrap_or(0) * v.params.n;
+    bill.account = hold.take_tokens((ids.len() + reserve) as u64)?;
     let job = Job {
         kind: Kind::Chat,
         id: st.new_id("chatcmpl"),
@@ -423,7 +547,9 @@ async fn chat_as(
         constraint,
         tool_calls: tool_mode.is_some(),
         cache_salt,
-        slot,
+        share,
+        slot: hold.slot.take(),
+        bill,
     };
     Ok(respond(r.engine.clone(), r.tok.clone(), job).await)
 }
@@ -431,38 +557,30 @@ async fn chat_as(
 async fn completions(
     State(st): St,
     caller: Option<Extension<Caller>>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let hold = tenant_of(&st, caller)?;
-    let headers = hold.headers.clone();
-    let r = completions_as(st, hold, arrived, body).await;
-    r.map(|x| with_headers(x, &headers)).map_err(|mut e| {
-        e.headers.extend(headers);
-        e
+    st.answer(caller, &headers, move |st, mut hold, bill| async move {
+        let r = completions_as(st, &mut hold, bill, arrived, body).await;
+        (hold.headers, r)
     })
+    .await
 }
 
 async fn completions_as(
     st: Arc<AppState>,
-    hold: TenantHold,
+    hold: &mut TenantHold,
+    mut bill: Bill,
     arrived: Instant,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let TenantHold {
-        slot,
-        salt: cache_salt,
-        ..
-    } = hold;
-    let (req, r) = (
-        parse_body::<CompletionRequest>(&body).inspect_err(|_| st.metrics.outcome("invalid"))?,
-        st.ready()?,
-    );
+    let (req, r) = (parse_body::<CompletionRequest>(&body)?, st.ready()?);
     let model = req.common.model()?;
     st.check_model(&model)?;
-    let mut v = req
-        .validate(r.vocab)
-        .inspect_err(|_| st.metrics.outcome("invalid"))?;
+    let mut v = req.validate(r.vocab)?;
+    let share = hold.share(v.params.priority)?;
+    let cache_salt = hold.salt(v.params.cache_salt.as_deref());
     let inputs = std::mem::take(&mut v.prompts);
     let st2 = st.clone();
     let (prompts, texts) = st
@@ -491,8 +609,7 @@ async fn completions_as(
             }
             Ok((ids, texts))
         })
-        .await
-        .inspect_err(|_| st.metrics.outcome("invalid"))?;
+        .await?;
     for p in &prompts {
         check_length(p.len(), v.params.max_tokens, r.max_model_len).map_err(|mut e| {
             if e.param.as_deref() == Some("messages") {
@@ -505,10 +622,10 @@ async fn completions_as(
         .compile(r.grammars.clone(), v.params.grammar.take())
         .await?;
     let n = v.params.n;
-    st.admit(
-        prompts.len() * n,
-        prompts.iter().map(Vec::len).sum::<usize>() * n,
-    )?;
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    st.admit(prompts.len() * n, prompt_tokens * n)?;
+    let reserve = v.params.max_tokens.unwrap_or(0) * n * prompts.len();
+    bill.account = hold.take_tokens((prompt_tokens + reserve) as u64)?;
     let job = Job {
         kind: Kind::Completion,
         id: st.new_id("cmpl"),
@@ -522,7 +639,9 @@ async fn completions_as(
         constraint,
         tool_calls: false,
         cache_salt,
-        slot,
+        share,
+        slot: hold.slot.take(),
+        bill,
     };
     Ok(respond(r.engine.clone(), r.tok.clone(), job).await)
 }
@@ -535,19 +654,158 @@ async fn models(State(st): St) -> Json<Value> {
 }
 
 /// 200 while the engine can serve; 503 while loading and from the moment the engine stops.
+/// A usage ledger that cannot be written does not stop serving: it is shown here.
 async fn health(State(st): St) -> Response {
     match st.ready() {
-        Ok(_) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        Ok(_) => {
+            let mut body = json!({"status": "ok"});
+            if let Some(l) = &st.cfg.usage {
+                body["usage_ledger"] = match l.health() {
+                    None => json!("ok"),
+                    Some(e) => json!(format!("failing: {e}")),
+                };
+            }
+            (StatusCode::OK, Json(body)).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }
 
 async fn metrics(State(st): St) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(),
-    )
-        .into_response()
+    let mut text = st.metrics.render();
+    if let Some(l) = &st.cfg.usage {
+        use std::fmt::Write as _;
+        let m = crate::engine::metrics::go_float;
+        let name = st
+            .cfg
+            .served_name
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"");
+        let _ = write!(
+            text,
+            "# HELP kojo:usage_ledger_rows_total Rows committed to the usage ledger.\n\
+             # TYPE kojo:usage_ledger_rows_total counter\n\
+             kojo:usage_ledger_rows_total{{model_name=\"{name}\"}} {}\n\
+             # HELP kojo:usage_ledger_write_errors_total Usage-ledger writes that failed.\n\
+             # TYPE kojo:usage_ledger_write_errors_total counter\n\
+             kojo:usage_ledger_write_errors_total{{model_name=\"{name}\"}} {}\n",
+            m(l.rows_written() as f64),
+            m(l.failed_writes() as f64)
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// `GET /v1/usage?from=YYYY-MM-DD&to=YYYY-MM-DD&group_by=tenant|day|model`: the ledger's
+/// totals; the admin (or anyone, without `--tenants`) sees every tenant, a tenant its own rows.
+async fn usage_totals(
+    State(st): St,
+    caller: Option<Extension<Caller>>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let Some(ledger) = &st.cfg.usage else {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            ..ApiError::bad_request("this server keeps no usage ledger (--usage-db, --tenants)")
+        });
+    };
+    let mut query = usage::Query {
+        from: None,
+        to: None,
+        group_by: usage::GroupBy::Tenant,
+        tenant: None,
+    };
+    for (k, v) in form_pairs(q.as_deref().unwrap_or("")) {
+        match k.as_str() {
+            "from" => {
+                query.from =
+                    Some(usage::check_day("from", &v).map_err(|m| ApiError::invalid("from", m))?)
+            }
+            "to" => {
+                query.to = Some(usage::check_day("to", &v).map_err(|m| ApiError::invalid("to", m))?)
+            }
+            "group_by" => {
+                query.group_by = v
+                    .parse()
+                    .map_err(|m: String| ApiError::invalid("group_by", m))?
+            }
+            "tenant" => query.tenant = Some(v),
+            other => return Err(ApiError::invalid(
+                other,
+                format!(
+                    "unknown parameter `{other}`; this endpoint takes from, to, group_by, tenant"
+                ),
+            )),
+        }
+    }
+    if let Some(Extension(Caller(reg, who))) = &caller {
+        if let Who::Tenant(_) = who {
+            // a tenant sees its own rows only, whatever it asked
+            query.tenant = Some(reg.name(*who).to_string());
+        }
+    }
+    let path = ledger.path.clone();
+    let q2 = query.clone();
+    let rows = st
+        .blocking(move || usage::query(&path, &q2).map_err(ApiError::internal))
+        .await?;
+    Ok(Json(usage::to_json(&query, &rows)))
+}
+
+/// `a=b&c=d`, percent-decoded.
+fn form_pairs(q: &str) -> Vec<(String, String)> {
+    fn decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < b.len() => {
+                    let hex = |c: u8| (c as char).to_digit(16);
+                    match (hex(b[i + 1]), hex(b[i + 2])) {
+                        (Some(h), Some(l)) => {
+                            out.push((h * 16 + l) as u8);
+                            i += 2;
+                        }
+                        _ => out.push(b'%'),
+                    }
+                }
+                c => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// `POST /admin/reload` (the admin key): read the tenants file again, as SIGHUP does.
+async fn admin_reload(
+    State(st): St,
+    caller: Option<Extension<Caller>>,
+) -> Result<Json<Value>, ApiError> {
+    let Some(t) = &st.cfg.tenants else {
+        return Err(ApiError::bad_request(
+            "this server runs without a tenants file (--tenants)",
+        ));
+    };
+    if !matches!(caller, Some(Extension(Caller(_, Who::Admin)))) {
+        return Err(ApiError {
+            status: StatusCode::FORBIDDEN,
+            kind: "permission_error",
+            ..ApiError::bad_request("reloading the tenants file needs the admin key")
+        });
+    }
+    let n = t.reload().map_err(ApiError::bad_request)?;
+    tracing::info!(tenants = n, "reloaded {}", t.path.display());
+    Ok(Json(json!({"reloaded": true, "tenants": n})))
 }
 
 async fn tokenize(State(st): St, body: Bytes) -> Result<Json<Value>, ApiError> {
@@ -636,9 +894,10 @@ async fn detokenize(State(st): St, body: Bytes) -> Result<Json<Value>, ApiError>
 /// Every route but /health (and /metrics, unless `--metrics-auth`) needs a key when keys are
 /// configured: `Authorization: Bearer KEY`, the scheme in any case (RFC 9110), the key
 /// compared in constant time.
-/// The caller a tenants file identified (absent without `--tenants`).
-#[derive(Clone, Copy)]
-pub struct Caller(pub Who);
+/// The caller a tenants file identified (absent without `--tenants`), with the registry that
+/// identified it (a reload does not change it for a request in flight).
+#[derive(Clone)]
+pub struct Caller(pub Arc<Registry>, pub Who);
 
 async fn auth(State(st): St, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
@@ -656,11 +915,12 @@ async fn auth(State(st): St, mut req: Request, next: Next) -> Response {
         })
         .unwrap_or("")
         .to_string();
-    if let Some(reg) = &st.cfg.tenants {
+    if let Some(t) = &st.cfg.tenants {
         // compared by hash: the lookup's timing depends on the hash, not the key
+        let reg = t.current();
         return match reg.identify(&given) {
             Some(who) => {
-                req.extensions_mut().insert(Caller(who));
+                req.extensions_mut().insert(Caller(reg.clone(), who));
                 next.run(req).await
             }
             None => ApiError::unauthorized().into_response(),
@@ -726,6 +986,7 @@ async fn finish(req: Request, next: Next) -> Response {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     let id = NEXT.fetch_add(1, Ordering::Relaxed);
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let client_id = client_request_id(req.headers());
     let t = Instant::now();
     let mut r = next.run(req).await;
     let s = r.status();
@@ -737,7 +998,9 @@ async fn finish(req: Request, next: Next) -> Response {
     if (s.is_client_error() || s.is_server_error()) && !is_json {
         r = ApiError::status_only(s).into_response();
     }
-    if let Ok(v) = header::HeaderValue::from_str(&format!("req-{id}")) {
+    // the client's own id when it sent one, else ours
+    let given = client_id.and_then(|v| header::HeaderValue::from_str(&v).ok());
+    if let Some(v) = given.or_else(|| header::HeaderValue::from_str(&format!("req-{id}")).ok()) {
         r.headers_mut().insert("x-request-id", v);
     }
     tracing::info!(request_id = id, %method, path, status = s.as_u16(), ms = t.elapsed().as_millis() as u64, "request");
@@ -753,6 +1016,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/v1/usage", get(usage_totals))
+        .route("/admin/reload", post(admin_reload))
         .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
@@ -907,7 +1172,24 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             std::process::exit(1);
         });
     };
+    #[cfg(unix)]
+    if let Some(t) = cfg.tenants.clone() {
+        // SIGHUP reloads the tenants file; a bad file is logged and the old one stays
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| anyhow::anyhow!("SIGHUP handler: {e}"))?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match t.reload() {
+                    Ok(n) => tracing::info!(tenants = n, "SIGHUP: reloaded {}", t.path.display()),
+                    Err(e) => tracing::error!("SIGHUP: the tenants file was not reloaded: {e}"),
+                }
+            }
+        });
+    }
     super::listen::serve(listener, app, cfg.conn, shutdown).await;
+    if let Some(l) = &cfg.usage {
+        l.close(); // the rows still queued
+    }
     match died.get() {
         Some(why) => Err(anyhow::anyhow!("{why}")),
         None => Ok(()),

@@ -48,6 +48,10 @@ pub struct Common {
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<Value>,
+    /// vLLM's: lower runs first (bounded by the tenant's `max_priority`)
+    pub priority: Option<Value>,
+    /// vLLM's: requests share prefix-cache blocks only when their salts agree
+    pub cache_salt: Option<Value>,
     /// Every other field, checked by [`check_other_fields`].
     #[serde(flatten)]
     pub other: serde_json::Map<String, Value>,
@@ -169,6 +173,9 @@ pub struct ValidParams {
     /// The grammar the output must match (`response_format`, `structured_outputs`,
     /// `guided_*`).
     pub grammar: Option<(&'static str, GrammarSpec)>,
+    /// lower runs first
+    pub priority: i64,
+    pub cache_salt: Option<String>,
 }
 
 pub struct ValidChat {
@@ -447,6 +454,17 @@ impl Common {
             min_tokens,
             logprobs,
             grammar: self.grammar()?,
+            priority: int(&self.priority, "priority", -(1 << 31), (1 << 31) - 1)?.unwrap_or(0),
+            cache_salt: match &self.cache_salt {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) if !s.is_empty() && s.len() <= 1024 => Some(s.clone()),
+                Some(_) => {
+                    return Err(bad(
+                        "cache_salt",
+                        "`cache_salt` must be a string of 1 to 1024 bytes",
+                    ))
+                }
+            },
         })
     }
 
@@ -848,6 +866,9 @@ mod tests {
             (r#","stop":["", "x"]"#, "stop"),
             (r#","min_tokens":5,"max_tokens":2"#, "min_tokens"),
             (r#","presence_penalty":"a lot""#, "presence_penalty"),
+            (r#","priority":1.5"#, "priority"),
+            (r#","cache_salt":"""#, "cache_salt"),
+            (r#","cache_salt":7"#, "cache_salt"),
         ] {
             let e = chat(&format!("{ok}{extra}}}"))
                 .err()
@@ -862,12 +883,22 @@ mod tests {
 
     #[test]
     fn completions_min_tokens_past_the_default_max_tokens_is_a_400() {
-        let c = |body: &str| serde_json::from_str::<CompletionRequest>(body).unwrap().validate(100);
-        let e = c(r#"{"model":"m","prompt":"a","min_tokens":20}"#).err().unwrap();
+        let c = |body: &str| {
+            serde_json::from_str::<CompletionRequest>(body)
+                .unwrap()
+                .validate(100)
+        };
+        let e = c(r#"{"model":"m","prompt":"a","min_tokens":20}"#)
+            .err()
+            .unwrap();
         assert_eq!(e.param.as_deref(), Some("min_tokens"), "{}", e.message);
-        let ok = c(r#"{"model":"m","prompt":"a","min_tokens":20,"max_tokens":30}"#).ok().unwrap();
+        let ok = c(r#"{"model":"m","prompt":"a","min_tokens":20,"max_tokens":30}"#)
+            .ok()
+            .unwrap();
         assert_eq!((ok.params.min_tokens, ok.params.max_tokens), (20, Some(30)));
-        let ok = c(r#"{"model":"m","prompt":"a","min_tokens":16}"#).ok().unwrap();
+        let ok = c(r#"{"model":"m","prompt":"a","min_tokens":16}"#)
+            .ok()
+            .unwrap();
         assert_eq!(ok.params.max_tokens, Some(16));
     }
 }

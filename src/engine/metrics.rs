@@ -22,6 +22,7 @@
 //! - `iteration_tokens_total`: a histogram of the tokens each engine step computes.
 
 use crate::model::session::BLOCK_SIZE;
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -193,6 +194,21 @@ pub struct Metrics {
     pub request_generation_tokens: Histogram,
     /// Tokens computed by each engine step (prompt chunks and decodes together).
     pub iteration_tokens: Histogram,
+    /// `kojo:tenant_*`, by tenant name
+    tenants: Mutex<BTreeMap<String, TenantSeries>>,
+}
+
+/// One tenant's series: the engine's gauges (its sequences waiting and running, its virtual
+/// token counter) and the HTTP side's counters (its requests by outcome, its tokens).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct TenantSeries {
+    pub waiting: u64,
+    pub running: u64,
+    pub vtc: f64,
+    /// `[OUTCOMES]`
+    pub outcomes: [u64; 6],
+    pub prompt_tokens: u64,
+    pub generation_tokens: u64,
 }
 
 /// Which series a family renders from.
@@ -233,6 +249,65 @@ impl Metrics {
             request_prompt_tokens: Histogram::new(REQUEST_TOKENS),
             request_generation_tokens: Histogram::new(REQUEST_TOKENS),
             iteration_tokens: Histogram::new(STEP_TOKENS),
+            tenants: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Change `tenant`'s series.
+    fn tenant(&self, tenant: &str, f: impl FnOnce(&mut TenantSeries)) {
+        let mut g = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        match g.get_mut(tenant) {
+            Some(t) => f(t),
+            None => f(g.entry(tenant.to_string()).or_default()),
+        }
+    }
+
+    /// A copy of `tenant`'s series.
+    pub fn tenant_series(&self, tenant: &str) -> Option<TenantSeries> {
+        let g = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        g.get(tenant).cloned()
+    }
+
+    pub fn tenant_outcome(&self, tenant: &str, outcome: &str) {
+        if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
+            self.tenant(tenant, |t| t.outcomes[i] += 1);
+        }
+    }
+
+    pub fn tenant_tokens(&self, tenant: &str, prompt: u64, generation: u64) {
+        self.tenant(tenant, |t| {
+            t.prompt_tokens += prompt;
+            t.generation_tokens += generation;
+        });
+    }
+
+    /// The engine's per-tenant gauges: the tenant of each waiting and each running sequence,
+    /// and every tenant's virtual token counter.
+    pub fn publish_tenants<'a>(
+        &self,
+        waiting: impl Iterator<Item = &'a str>,
+        running: impl Iterator<Item = &'a str>,
+        counters: impl Iterator<Item = (&'a str, f64)>,
+    ) {
+        let mut g = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        for t in g.values_mut() {
+            t.waiting = 0;
+            t.running = 0;
+        }
+        fn at<'m>(g: &'m mut BTreeMap<String, TenantSeries>, name: &str) -> &'m mut TenantSeries {
+            if !g.contains_key(name) {
+                g.insert(name.to_string(), TenantSeries::default());
+            }
+            g.get_mut(name).unwrap()
+        }
+        for w in waiting {
+            at(&mut g, w).waiting += 1;
+        }
+        for r in running {
+            at(&mut g, r).running += 1;
+        }
+        for (name, c) in counters {
+            at(&mut g, name).vtc = c;
         }
     }
 
@@ -416,6 +491,7 @@ impl Metrics {
                 "vllm:request_success_total{{finished_reason=\"{r}\",{m}}} {v}"
             );
         }
+        self.render_tenants(&mut s, &m);
         let blocks = self.kv_blocks_total.get();
         if blocks > 0 {
             // an info metric, as vLLM writes it once the engine knows its KV cache
@@ -431,6 +507,72 @@ impl Metrics {
             );
         }
         s
+    }
+}
+
+impl Metrics {
+    /// `kojo:tenant_*`: a series per tenant seen (labels `model_name`, `outcome`, `tenant`).
+    fn render_tenants(&self, s: &mut String, m: &str) {
+        let g = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "# HELP kojo:tenant_requests_total Finished requests by tenant and outcome.\n\
+             # TYPE kojo:tenant_requests_total counter"
+        );
+        for (name, t) in g.iter() {
+            for (i, o) in OUTCOMES.iter().enumerate() {
+                let v = go_float(t.outcomes[i] as f64);
+                let n = escape(name);
+                let _ = writeln!(
+                    s,
+                    "kojo:tenant_requests_total{{{m},outcome=\"{o}\",tenant=\"{n}\"}} {v}"
+                );
+            }
+        }
+        type Get = fn(&TenantSeries) -> f64;
+        let families: [(&str, &str, &str, Get); 5] = [
+            (
+                "tenant_prompt_tokens_total",
+                "counter",
+                "Prompt tokens of the tenant's requests, once per prompt.",
+                |t| t.prompt_tokens as f64,
+            ),
+            (
+                "tenant_generation_tokens_total",
+                "counter",
+                "Tokens given to the tenant's clients.",
+                |t| t.generation_tokens as f64,
+            ),
+            (
+                "tenant_num_requests_waiting",
+                "gauge",
+                "The tenant's sequences waiting.",
+                |t| t.waiting as f64,
+            ),
+            (
+                "tenant_num_requests_running",
+                "gauge",
+                "The tenant's sequences running.",
+                |t| t.running as f64,
+            ),
+            (
+                "tenant_vtc",
+                "gauge",
+                "The tenant's virtual token counter (weighted service received).",
+                |t| t.vtc,
+            ),
+        ];
+        for (name, kind, help, get) in families {
+            let _ = writeln!(s, "# HELP kojo:{name} {help}\n# TYPE kojo:{name} {kind}");
+            for (tenant, t) in g.iter() {
+                let v = go_float(get(t));
+                let n = escape(tenant);
+                let _ = writeln!(s, "kojo:{name}{{{m},tenant=\"{n}\"}} {v}");
+            }
+        }
     }
 }
 

@@ -34,6 +34,8 @@ pub struct EngineRequest {
     pub constraint: Option<crate::structured::Constraint>,
     /// Prefix-cache key separating tenants (0 = shared).
     pub cache_salt: u64,
+    /// Whose request it is, for fair share and priority ([`crate::tenancy::fair`]).
+    pub share: crate::tenancy::fair::Share,
     pub events: UnboundedSender<Event>,
     pub arrived: Instant,
 }

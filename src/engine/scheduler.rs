@@ -8,9 +8,14 @@
 //!
 //! - Prefix hits: a waiting sequence with no blocks looks up its full prompt blocks by hash
 //!   chain; every hit is a block it does not compute.
+//! - Fair share ([`crate::tenancy::fair`]): the next sequence admitted is the waiting one with
+//!   the best `(priority, its tenant's virtual token counter, place in the queue)`; running
+//!   sequences are kept in the same order, so that the step's budget goes to them in it.
+//!   Without tenants this is first come, first served.
 //! - Preemption by recompute: when a running sequence needs a block and none is free, the
-//!   newest running sequence gives all of its blocks back and goes to the front of the queue
-//!   (its tokens so far become a longer prompt; its own freed blocks are likely prefix hits).
+//!   last running sequence in that order (the worst band, the tenant served most, the newest)
+//!   gives all of its blocks back and goes to the front of the queue (its tokens so far become
+//!   a longer prompt; its own freed blocks are likely prefix hits).
 //! - Aborts: a sequence whose event receiver is gone is dropped at the next step.
 
 use super::metrics::Metrics;
@@ -21,6 +26,7 @@ use crate::model::transformer::{Step, Transformer};
 use crate::sampling::Pick;
 use crate::sampling::{log_softmax, Sampler};
 use crate::structured::Constraint;
+use crate::tenancy::fair::{FairShare, W_IN, W_OUT};
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
@@ -96,6 +102,7 @@ pub struct Scheduler {
     running: Vec<Seq>,
     eog: Vec<u32>,
     metrics: Arc<Metrics>,
+    fair: FairShare,
     /// Test-only ([`model_test`]): called at the top of each turn of [`Scheduler::run`]'s
     /// loop, i.e. after every step, with the scheduler at rest.
     #[cfg(test)]
@@ -118,6 +125,7 @@ impl Scheduler {
             running: Vec::new(),
             eog,
             metrics,
+            fair: FairShare::default(),
             #[cfg(test)]
             on_turn: None,
         }
@@ -228,6 +236,8 @@ impl Scheduler {
             &self.eog,
         );
         let constraint = req.constraint.take();
+        self.fair
+            .arrive(&req.share, self.waiting.iter().map(|s| &s.req.share));
         self.waiting.push_back(Seq {
             tokens: req.prompt.clone(),
             req,
@@ -250,6 +260,11 @@ impl Scheduler {
         m.kv_blocks_used.set(self.pool.num_used() as u64);
         m.prefix_queries.set(self.pool.stats.queries);
         m.prefix_hits.set(self.pool.stats.hits);
+        m.publish_tenants(
+            self.waiting.iter().map(|s| &*s.req.share.tenant),
+            self.running.iter().map(|s| &*s.req.share.tenant),
+            self.fair.counters(),
+        );
     }
 
     fn leave_waiting_gauges(&self, s: &Seq) {
@@ -317,6 +332,10 @@ impl Scheduler {
         let bs = self.cfg.block_size;
         let mut budget = self.cfg.max_batch_tokens;
         let mut plan = Plan::new();
+        // the fair-share order (stable: equals keep their order, the newest last)
+        let fair = &self.fair;
+        self.running
+            .sort_by(|a, b| fair.order(&a.req.share, &b.req.share));
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let s = &self.running[i];
@@ -342,7 +361,11 @@ impl Scheduler {
             }
         }
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs && !self.waiting.is_empty() {
-            let s = self.waiting.front_mut().unwrap();
+            let next = self
+                .fair
+                .pick(self.waiting.iter().map(|s| &s.req.share))
+                .unwrap_or(0);
+            let s = &mut self.waiting[next];
             if s.blocks.is_empty() && s.computed == 0 {
                 // prefix hits over full blocks, always leaving the last token to compute
                 let full = (s.known() - 1) / bs;
@@ -383,10 +406,13 @@ impl Scheduler {
             let upto = s.computed + n;
             let ok = Self::ensure_blocks(&mut self.pool, s, upto);
             debug_assert!(ok);
-            let mut s = self.waiting.pop_front().unwrap();
+            let mut s = self.waiting.remove(next).unwrap();
             self.leave_waiting_gauges(&s);
             if !s.started {
                 s.started = true;
+                // the prompt tokens computed for it (prefix hits are nearly free)
+                let computed = s.prompt_len - s.cached_tokens;
+                self.fair.charge(&s.req.share, W_IN * computed as f64);
                 let _ = s.req.events.send(Event::Scheduled {
                     cached_tokens: s.cached_tokens,
                 });
@@ -613,6 +639,7 @@ impl Scheduler {
             }
             s.tokens.push(id);
             s.generated += 1;
+            self.fair.charge(&s.req.share, W_OUT);
             if s.req.events.send(Event::Token { id, logprob }).is_err() {
                 done.push(i);
                 continue;

@@ -627,6 +627,7 @@ impl World {
                     logprobs: q.logprobs,
                     constraint: None,
                     cache_salt: 0,
+                    share: Default::default(),
                     events: tx,
                     arrived: std::time::Instant::now(),
                 })

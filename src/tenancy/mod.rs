@@ -19,8 +19,11 @@
 //!
 //! Serving with `--tenants` ([`Registry`]): keys identify the tenant (or the admin), each
 //! tenant's prefix-cache blocks are its own unless it shares, and `max_concurrency` bounds its
-//! requests in flight. Not built yet (issue 20): fair share in the scheduler, rpm/tpm, the
-//! usage ledger, reload.
+//! requests in flight, `rpm` and `tpm` its request and token rates ([`Registry::take_request`],
+//! [`Registry::take_tokens`]), `weight` and `max_priority` its share of the scheduler
+//! ([`fair`]). A reloaded file keeps what the limits of a tenant of the same name counted.
+
+pub mod fair;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -231,58 +234,158 @@ pub enum Who {
     Tenant(usize),
 }
 
-struct TenantState {
-    /// requests-per-minute bucket: (tokens, when they were counted)
-    bucket: std::sync::Mutex<(f64, std::time::Instant)>,
-    cfg: Tenant,
-    /// prefix-cache key: 0 (the shared pool) when the tenant shares, else its own
-    salt: u64,
+/// A token bucket: `level` of `capacity`, refilled at `capacity` per minute. The level may go
+/// below zero (tokens charged after the fact): then nothing fits until it refills.
+#[derive(Debug)]
+struct Bucket {
+    level: f64,
+    at: std::time::Instant,
+}
+
+impl Bucket {
+    fn full(capacity: u64) -> std::sync::Mutex<Bucket> {
+        std::sync::Mutex::new(Bucket {
+            level: capacity as f64,
+            at: std::time::Instant::now(),
+        })
+    }
+
+    /// Refill up to now; the rate per second.
+    fn refill(&mut self, capacity: u64) -> f64 {
+        let now = std::time::Instant::now();
+        let rate = capacity as f64 / 60.0;
+        self.level =
+            (self.level + now.duration_since(self.at).as_secs_f64() * rate).min(capacity as f64);
+        self.at = now;
+        rate
+    }
+
+    /// Take `n` if they are there; what the budget is after, for the headers.
+    fn take(
+        &mut self,
+        capacity: u64,
+        n: f64,
+        kind: &'static str,
+        tenant: &str,
+    ) -> (bool, RateInfo) {
+        let rate = self.refill(capacity);
+        let ok = self.level >= n;
+        if ok {
+            self.level -= n;
+        }
+        let info = RateInfo {
+            kind,
+            limit: capacity,
+            remaining: self.level.max(0.0).floor() as u64,
+            reset_secs: (capacity as f64 - self.level) / rate,
+            next_secs: ((n - self.level).max(0.0) / rate).ceil().max(1.0) as u64,
+            tenant: tenant.to_string(),
+        };
+        (ok, info)
+    }
+}
+
+/// What a tenant's limits count, kept across reloads (by the tenant's name): its request and
+/// token buckets and its requests in flight.
+#[derive(Debug)]
+pub struct Usage {
+    requests: std::sync::Mutex<Bucket>,
+    tokens: std::sync::Mutex<Bucket>,
     in_flight: std::sync::atomic::AtomicU64,
 }
 
-/// The tenants a server runs with: key lookup, prefix-cache salts, concurrency slots.
+struct TenantState {
+    cfg: Tenant,
+    /// prefix-cache key: 0 (the shared pool) when the tenant shares, else its own
+    salt: u64,
+    usage: std::sync::Arc<Usage>,
+}
+
+/// The tenants a server runs with: key lookup, prefix-cache salts, shares, limits.
 pub struct Registry {
     tenants: Vec<TenantState>,
     by_key: HashMap<String, Who>,
 }
 
-/// A tenant's request-rate budget after one request, for OpenAI's `x-ratelimit-*` headers.
+/// A tenant's request or token budget after one request, for OpenAI's `x-ratelimit-*` headers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateInfo {
+    /// "requests" or "tokens"
+    pub kind: &'static str,
     pub limit: u64,
     pub remaining: u64,
     /// seconds until the budget is full again
     pub reset_secs: f64,
-    /// whole seconds until one more request fits (Retry-After)
+    /// whole seconds until this request would fit (Retry-After)
     pub next_secs: u64,
     pub tenant: String,
 }
 
 impl RateInfo {
-    /// `x-ratelimit-limit-requests`, `-remaining-requests`, `-reset-requests`.
+    /// `x-ratelimit-limit-{kind}`, `-remaining-{kind}`, `-reset-{kind}`.
     pub fn headers(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("x-ratelimit-limit-requests", self.limit.to_string()),
-            ("x-ratelimit-remaining-requests", self.remaining.to_string()),
-            (
+        let [limit, remaining, reset] = if self.kind == "tokens" {
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ]
+        } else {
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
                 "x-ratelimit-reset-requests",
-                format!("{:.3}s", self.reset_secs),
-            ),
+            ]
+        };
+        vec![
+            (limit, self.limit.to_string()),
+            (remaining, self.remaining.to_string()),
+            (reset, format!("{:.3}s", self.reset_secs.max(0.0))),
         ]
     }
 }
 
+/// Why a request's tokens were refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokensRefused {
+    /// more than the tenant's whole tpm: it could never run (a 400)
+    Never(String),
+    /// not now (a 429)
+    Later(RateInfo),
+}
+
 /// One request's hold on its tenant's concurrency (released when dropped).
 pub struct Slot {
-    reg: std::sync::Arc<Registry>,
-    i: usize,
+    usage: std::sync::Arc<Usage>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.reg.tenants[self.i]
+        self.usage
             .in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// The tokens a request took from its tenant's tpm budget up front; [`Account::settle`] charges
+/// what it really used.
+pub struct Account {
+    usage: std::sync::Arc<Usage>,
+    tpm: u64,
+    taken: u64,
+    settled: bool,
+}
+
+impl Account {
+    /// The request used `used` tokens (prompt and completion): charge the difference to what
+    /// was taken up front (a refund when it used less).
+    pub fn settle(&mut self, used: u64) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        let mut b = self.usage.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        b.refill(self.tpm);
+        b.level = (b.level - used as f64 + self.taken as f64).min(self.tpm as f64);
     }
 }
 
@@ -290,6 +393,18 @@ impl Drop for Slot {
 fn salt_of(name: &str) -> u64 {
     let d = Sha256::digest(format!("kojo-tenant:{name}").as_bytes());
     u64::from_le_bytes(d[..8].try_into().unwrap()) | 1
+}
+
+/// The prefix-cache salt of a request that gives its own `cache_salt` (vLLM's field) on top of
+/// its tenant's `base`: requests share blocks only when both agree.
+pub fn request_salt(base: u64, cache_salt: Option<&str>) -> u64 {
+    match cache_salt {
+        None => base,
+        Some(s) => {
+            let d = Sha256::digest(format!("kojo-request:{base}:{s}").as_bytes());
+            u64::from_le_bytes(d[..8].try_into().unwrap()) | 1
+        }
+    }
 }
 
 impl std::fmt::Debug for Registry {
@@ -301,6 +416,16 @@ impl std::fmt::Debug for Registry {
 
 impl Registry {
     pub fn new(t: Tenants) -> Registry {
+        Registry::build(t, None)
+    }
+
+    /// The registry of a reloaded file: a tenant that keeps its name keeps what its limits
+    /// counted (its buckets, its requests in flight); keys are the new file's only.
+    pub fn reloaded(&self, t: Tenants) -> Registry {
+        Registry::build(t, Some(self))
+    }
+
+    fn build(t: Tenants, old: Option<&Registry>) -> Registry {
         let mut by_key = HashMap::new();
         for k in t.admin_keys {
             by_key.insert(k, Who::Admin);
@@ -313,15 +438,26 @@ impl Registry {
                 for k in &cfg.key_sha256 {
                     by_key.insert(k.clone(), Who::Tenant(i));
                 }
+                let kept = old.and_then(|o| {
+                    o.tenants
+                        .iter()
+                        .find(|x| x.cfg.name == cfg.name)
+                        .map(|x| x.usage.clone())
+                });
                 TenantState {
-                    bucket: std::sync::Mutex::new((cfg.rpm as f64, std::time::Instant::now())),
+                    usage: kept.unwrap_or_else(|| {
+                        std::sync::Arc::new(Usage {
+                            requests: Bucket::full(cfg.rpm),
+                            tokens: Bucket::full(cfg.tpm),
+                            in_flight: Default::default(),
+                        })
+                    }),
                     salt: if cfg.share_prefix_cache {
                         0
                     } else {
                         salt_of(&cfg.name)
                     },
                     cfg,
-                    in_flight: Default::default(),
                 }
             })
             .collect();
@@ -337,12 +473,48 @@ impl Registry {
         &self.tenants[i].cfg
     }
 
+    pub fn len(&self) -> usize {
+        self.tenants.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tenants.is_empty()
+    }
+
+    /// The name `who`'s requests are metered under ("admin" for the admin).
+    pub fn name(&self, who: Who) -> &str {
+        match who {
+            Who::Admin => "admin",
+            Who::Tenant(i) => &self.tenants[i].cfg.name,
+        }
+    }
+
     /// The prefix-cache key of `who`'s requests.
     pub fn cache_salt(&self, who: Who) -> u64 {
         match who {
             Who::Admin => salt_of("\0admin"),
             Who::Tenant(i) => self.tenants[i].salt,
         }
+    }
+
+    /// `who`'s share of the scheduler for a request asking for `priority` (vLLM's field: lower
+    /// runs first); `Err` when the tenant may not ask for it (below its `max_priority`).
+    pub fn share(&self, who: Who, priority: i64) -> Result<fair::Share, String> {
+        let (weight, floor) = match who {
+            Who::Admin => (1.0, i64::MIN),
+            Who::Tenant(i) => (self.tenants[i].cfg.weight, self.tenants[i].cfg.max_priority),
+        };
+        if priority < floor {
+            return Err(format!(
+                "`priority` {priority} is below tenant '{}'s max_priority {floor} (lower runs first)",
+                self.name(who)
+            ));
+        }
+        Ok(fair::Share {
+            tenant: std::sync::Arc::from(self.name(who)),
+            weight,
+            priority,
+        })
     }
 
     /// Take one request from `who`'s requests-per-minute budget (a bucket of `rpm` refilled
@@ -354,40 +526,58 @@ impl Registry {
         if limit == 0 {
             return Ok(None);
         }
-        let mut b = t.bucket.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        let rate = limit as f64 / 60.0;
-        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * rate).min(limit as f64);
-        b.1 = now;
-        let ok = b.0 >= 1.0;
-        if ok {
-            b.0 -= 1.0;
+        let mut b = t.usage.requests.lock().unwrap_or_else(|e| e.into_inner());
+        match b.take(limit, 1.0, "requests", &t.cfg.name) {
+            (true, info) => Ok(Some(info)),
+            (false, info) => Err(info),
         }
-        let info = RateInfo {
-            limit,
-            remaining: b.0.floor() as u64,
-            reset_secs: (limit as f64 - b.0) / rate,
-            next_secs: ((1.0 - b.0).max(0.0) / rate).ceil().max(1.0) as u64,
-            tenant: t.cfg.name.clone(),
-        };
-        if ok {
-            Ok(Some(info))
-        } else {
-            Err(info)
+    }
+
+    /// Take `tokens` (the prompt, plus `max_tokens` when the request set it) from `who`'s
+    /// tokens-per-minute budget; the request settles what it really used when it ends.
+    pub fn take_tokens(
+        &self,
+        who: Who,
+        tokens: u64,
+    ) -> Result<Option<(Account, RateInfo)>, TokensRefused> {
+        let Who::Tenant(i) = who else { return Ok(None) };
+        let t = &self.tenants[i];
+        let limit = t.cfg.tpm;
+        if limit == 0 {
+            return Ok(None);
+        }
+        if tokens > limit {
+            return Err(TokensRefused::Never(format!(
+                "the request needs {tokens} tokens (its prompt, plus max_tokens when given); \
+                 tenant '{}' has a tpm of {limit}, so it could never run",
+                t.cfg.name
+            )));
+        }
+        let mut b = t.usage.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        match b.take(limit, tokens as f64, "tokens", &t.cfg.name) {
+            (true, info) => Ok(Some((
+                Account {
+                    usage: t.usage.clone(),
+                    tpm: limit,
+                    taken: tokens,
+                    settled: false,
+                },
+                info,
+            ))),
+            (false, info) => Err(TokensRefused::Later(info)),
         }
     }
 
     /// A slot for one more request of `who` in flight; `Err` (for a 429) when its tenant's
     /// `max_concurrency` are already running or waiting.
-    pub fn acquire(self: &std::sync::Arc<Self>, who: Who) -> Result<Option<Slot>, String> {
+    pub fn acquire(&self, who: Who) -> Result<Option<Slot>, String> {
         use std::sync::atomic::Ordering;
         let Who::Tenant(i) = who else { return Ok(None) };
         let t = &self.tenants[i];
         let max = t.cfg.max_concurrency;
-        let prev = t.in_flight.fetch_add(1, Ordering::AcqRel);
+        let prev = t.usage.in_flight.fetch_add(1, Ordering::AcqRel);
         let slot = Slot {
-            reg: self.clone(),
-            i,
+            usage: t.usage.clone(),
         };
         if max > 0 && prev >= max {
             drop(slot);
@@ -397,6 +587,48 @@ impl Registry {
             ));
         }
         Ok(Some(slot))
+    }
+}
+
+/// The tenants file a server runs with: reloaded on SIGHUP and `POST /admin/reload`. Each
+/// request holds the registry it was identified by until it ends, so a reload drops nothing
+/// in flight; keys the new file lacks stop working for the next request.
+pub struct Tenancy {
+    pub path: std::path::PathBuf,
+    current: std::sync::RwLock<std::sync::Arc<Registry>>,
+}
+
+impl std::fmt::Debug for Tenancy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tenancy({}, {:?})", self.path.display(), self.current())
+    }
+}
+
+impl Tenancy {
+    pub fn load(path: &std::path::Path) -> Result<Tenancy, String> {
+        let t = Tenants::load(path)?;
+        Ok(Tenancy {
+            path: path.to_path_buf(),
+            current: std::sync::RwLock::new(std::sync::Arc::new(Registry::new(t))),
+        })
+    }
+
+    pub fn current(&self) -> std::sync::Arc<Registry> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Read the file again; on an error (naming the line and field) the old tenants stay.
+    /// The number of tenants now.
+    pub fn reload(&self) -> Result<usize, String> {
+        let t = Tenants::load(&self.path)?;
+        let mut g = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let next = g.reloaded(t);
+        let n = next.len();
+        *g = std::sync::Arc::new(next);
+        Ok(n)
     }
 }
 
