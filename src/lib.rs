@@ -9,8 +9,9 @@
 //! - [`model`]: architectures, weights, the forward pass, generation and perplexity
 //! - [`sampling`]: samplers, penalties, log-probabilities, stop strings
 //! - [`structured`]: grammars (JSON schema, regex, choice, Lark, tool calls) constraining output
-//! - [`tenancy`]: the tenants file (keys, weights, limits)
+//! - [`tenancy`]: the tenants file (keys, weights, limits), fair share between tenants
 //! - [`tokenizer`]: tokenizers, streaming detokenizer, chat templates
+//! - [`usage`]: the usage ledger (SQLite), one row per finished request
 
 pub mod api;
 pub mod backend;

@@ -142,6 +142,14 @@ fn main() {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
+    if matches!(cli.cmd, Cmd::Serve(_)) {
+        // a file past the size limit (RLIMIT_FSIZE: the usage ledger on a full quota) is a
+        // failed write to handle, not the end of the server
+        // SAFETY: setting a signal's disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        }
+    }
     if let Err(e) = run(cli) {
         use std::io::Write as _;
         let _ = writeln!(std::io::stderr(), "error: {e:#}");

@@ -373,3 +373,45 @@ fn a_file_that_is_not_a_ledger_is_a_clear_error_at_start() {
     assert!(err.contains("junk.sqlite"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// A ledger that can no longer grow (the file-size limit stands in for a full disk): serving
+/// goes on, the failure is logged and shown in /health and the metrics.
+#[test]
+fn a_full_disk_is_surfaced_and_serving_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("usage.sqlite");
+    let mut s = Server::spawn_limited(
+        &["--usage-db", db.to_str().unwrap()],
+        &[],
+        Stdio::inherit(),
+        Some((libc::RLIMIT_FSIZE, 96 * 1024)),
+    );
+    s.wait_ready();
+    let body = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
+    let t = Instant::now();
+    loop {
+        let (code, v) = call(&s, "POST", "/v1/chat/completions", "", Some(&body));
+        assert_eq!(code, 200, "{v}");
+        let h: Value = ureq::get(&s.url("/health"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        if h["usage_ledger"].as_str().unwrap().starts_with("failing") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the ledger never filled: {h}"
+        );
+    }
+    assert!(s.metric("kojo:usage_ledger_write_errors_total") >= 1.0);
+    // still serving
+    for _ in 0..3 {
+        assert_eq!(
+            call(&s, "POST", "/v1/chat/completions", "", Some(&body)).0,
+            200
+        );
+    }
+    assert!(s.alive());
+}

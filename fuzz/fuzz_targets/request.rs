@@ -18,6 +18,11 @@ fn check(p: &ValidParams, data: &[u8]) {
     assert!(p.max_tokens.is_none_or(|m| m >= 1 && p.min_tokens <= m));
     assert!(p.logprobs.is_none_or(|k| k <= 20));
     assert!(p.include_usage <= p.stream);
+    assert!((-(1i64 << 31)..1i64 << 31).contains(&p.priority));
+    assert!(p
+        .cache_salt
+        .as_ref()
+        .is_none_or(|s| !s.is_empty() && s.len() <= 1024));
     let sp = p.sampling(data.len() as u64);
     sp.validate().expect("validated parameters the sampler refuses");
     // the engine's pipeline: bias, the end-of-generation ban (id 0 here), penalties, draw

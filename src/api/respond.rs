@@ -535,7 +535,10 @@ impl Progress {
         let completion = self.choices.iter().map(|c| c.tokens).sum();
         if let Some((ledger, row)) = self.meter.finish(self.outcome(), completion) {
             if let Err(e) = ledger.record(row).await {
-                tracing::error!("usage ledger: request {} not recorded: {e}", self.meter.id);
+                tracing::error!(
+                    "usage ledger: request {} not committed: {e} (kept for the next write)",
+                    self.meter.id
+                );
             }
         }
     }

@@ -730,12 +730,14 @@ async fn usage_totals(
                     .map_err(|m: String| ApiError::invalid("group_by", m))?
             }
             "tenant" => query.tenant = Some(v),
-            other => return Err(ApiError::invalid(
-                other,
-                format!(
+            other => {
+                return Err(ApiError::invalid(
+                    other,
+                    format!(
                     "unknown parameter `{other}`; this endpoint takes from, to, group_by, tenant"
                 ),
-            )),
+                ))
+            }
         }
     }
     if let Some(Extension(Caller(reg, who))) = &caller {

@@ -29,6 +29,7 @@ use crate::model::random::Rnd;
 use crate::model::session::{Logits, Session};
 use crate::model::{ModelSource, Transformer};
 use crate::sampling::{log_softmax, SamplingParams};
+use crate::tenancy::fair::Share;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc::error::TryRecvError;
@@ -99,6 +100,9 @@ struct Req {
     arrive: usize,
     /// Turns after its arrival at which its receiver is dropped, if still open.
     abort_after: Option<usize>,
+    /// its tenant (one of three, weights 1, 2 and 0.5) and priority band: the admission and
+    /// preemption orders are fair share's, not the queue's
+    share: Share,
     state: State,
     rx: Option<UnboundedReceiver<Event>>,
     /// `Some(cached_tokens)` once `Scheduled` was seen.
@@ -185,6 +189,12 @@ fn plan(r: &mut Rnd) -> (Vec<Req>, usize) {
         let greedy = chance(r, 0.6);
         let top_k = if !greedy && chance(r, 0.5) { 20 } else { 0 };
         let logprobs = chance(r, 0.25).then(|| 1 + below(r, 3));
+        let tenant = below(r, 3);
+        let share = Share {
+            tenant: Arc::from(["t0", "t1", "t2"][tenant]),
+            weight: [1.0, 2.0, 0.5][tenant],
+            priority: if chance(r, 0.15) { -1 } else { 0 },
+        };
         for _ in 0..copies {
             // the receiver dropped: at once (still in the request channel), or some turns on
             let abort_after =
@@ -200,6 +210,7 @@ fn plan(r: &mut Rnd) -> (Vec<Req>, usize) {
                 logprobs,
                 arrive: t,
                 abort_after,
+                share: share.clone(),
                 state: State::Unsent,
                 rx: None,
                 scheduled: None,
@@ -627,7 +638,7 @@ impl World {
                     logprobs: q.logprobs,
                     constraint: None,
                     cache_salt: 0,
-                    share: Default::default(),
+                    share: q.share.clone(),
                     events: tx,
                     arrived: std::time::Instant::now(),
                 })

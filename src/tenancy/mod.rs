@@ -662,4 +662,72 @@ mod tests {
         assert_eq!(t.tenants[1].key_sha256, vec![h2]);
         assert!(!t.tenants[1].share_prefix_cache);
     }
+
+    fn registry(extra: &str) -> Registry {
+        let text = format!(
+            "[admin]\nkey_sha256 = [\"{}\"]\n[[tenant]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\n{extra}",
+            hash_key("root"),
+            hash_key("k")
+        );
+        Registry::new(Tenants::parse(&text, "t.toml").unwrap())
+    }
+
+    #[test]
+    fn tpm_takes_up_front_and_settles_what_was_used() {
+        let r = registry("tpm = 100\n");
+        let who = r.identify("k").unwrap();
+        assert!(matches!(
+            r.take_tokens(who, 101),
+            Err(TokensRefused::Never(m)) if m.contains("tpm")
+        ));
+        let (mut a, info) = r.take_tokens(who, 60).unwrap().unwrap();
+        assert_eq!((info.limit, info.remaining), (100, 40));
+        assert!(matches!(
+            r.take_tokens(who, 50),
+            Err(TokensRefused::Later(_))
+        ));
+        // it used 20 of the 60 taken: 40 come back
+        a.settle(20);
+        a.settle(0); // once only
+        let (_, info) = r.take_tokens(who, 50).unwrap().unwrap();
+        assert_eq!(info.remaining, 30);
+        let h = info.headers();
+        assert_eq!(h[0], ("x-ratelimit-limit-tokens", "100".to_string()));
+        // no tpm, no limit; the admin has none
+        assert!(r.take_tokens(Who::Admin, 1 << 40).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_reload_keeps_what_a_tenant_of_the_same_name_counted() {
+        let r = registry("max_concurrency = 1\nrpm = 2\n");
+        let who = r.identify("k").unwrap();
+        let _slot = r.acquire(who).unwrap();
+        r.take_request(who).unwrap();
+        let text = format!(
+            "[[tenant]]\nname = \"acme\"\nkey_sha256 = [\"{}\"]\nmax_concurrency = 1\nrpm = 2\n",
+            hash_key("k2")
+        );
+        let r2 = r.reloaded(Tenants::parse(&text, "t.toml").unwrap());
+        assert!(r2.identify("k").is_none(), "the old key is gone");
+        let who2 = r2.identify("k2").unwrap();
+        assert!(
+            r2.acquire(who2).is_err(),
+            "its request in flight still counts"
+        );
+        assert_eq!(r2.take_request(who2).unwrap().unwrap().remaining, 0);
+        assert!(r2.identify("root").is_none());
+    }
+
+    #[test]
+    fn shares_carry_weight_and_bounded_priority() {
+        let r = registry("weight = 3.0\nmax_priority = -2\n");
+        let who = r.identify("k").unwrap();
+        assert!(r.share(who, -3).is_err());
+        let s = r.share(who, -2).unwrap();
+        assert_eq!((&*s.tenant, s.weight, s.priority), ("acme", 3.0, -2));
+        assert_eq!(&*r.share(Who::Admin, -1000).unwrap().tenant, "admin");
+        assert_ne!(request_salt(5, Some("x")), request_salt(5, Some("y")));
+        assert_ne!(request_salt(5, Some("x")), request_salt(7, Some("x")));
+        assert_eq!(request_salt(5, None), 5);
+    }
 }

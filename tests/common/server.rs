@@ -43,6 +43,16 @@ impl Server {
         stderr: Stdio,
         nofile: Option<u64>,
     ) -> Server {
+        Server::spawn_limited(extra, env, stderr, nofile.map(|n| (libc::RLIMIT_NOFILE, n)))
+    }
+
+    /// Start without waiting for it, with one resource limit (soft and hard) set if given.
+    pub fn spawn_limited(
+        extra: &[&str],
+        env: &[(&str, &str)],
+        stderr: Stdio,
+        limit: Option<(libc::__rlimit_resource_t, u64)>,
+    ) -> Server {
         let port = Server::free_port();
         let m = smollm2();
         let port_s = port.to_string();
@@ -64,7 +74,7 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        if let Some(n) = nofile {
+        if let Some((what, n)) = limit {
             use std::os::unix::process::CommandExt as _;
             // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec
             unsafe {
@@ -73,7 +83,7 @@ impl Server {
                         rlim_cur: n as libc::rlim_t,
                         rlim_max: n as libc::rlim_t,
                     };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                    if libc::setrlimit(what, &r) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
