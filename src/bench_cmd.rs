@@ -225,14 +225,20 @@ pub fn run(a: BenchServeArgs) -> Result<()> {
             "aggregate_tok_s": total as f64 / wall,
         });
         if !a.json {
+            // a figure there is none of (one token per request: no inter-token latency) is "-"
+            let f = |k: &str, digits: usize| {
+                row[k]
+                    .as_f64()
+                    .map_or("-".to_string(), |v| format!("{v:.digits$}"))
+            };
             println!(
-                "| {c} | {} | {:.3} | {:.3} | {:.1} | {:.1} | {:.1} |",
+                "| {c} | {} | {} | {} | {} | {} | {} |",
                 samples.len(),
-                row["ttft_p50_s"].as_f64().unwrap(),
-                row["ttft_p90_s"].as_f64().unwrap(),
-                row["itl_p50_ms"].as_f64().unwrap(),
-                row["per_stream_tok_s"].as_f64().unwrap(),
-                row["aggregate_tok_s"].as_f64().unwrap()
+                f("ttft_p50_s", 3),
+                f("ttft_p90_s", 3),
+                f("itl_p50_ms", 1),
+                f("per_stream_tok_s", 1),
+                f("aggregate_tok_s", 1)
             );
         }
         rows.push(row);

@@ -436,3 +436,42 @@ fn unqueueable_request_is_400_and_keys_are_checked() {
         other => panic!("expected 400: {other:?}"),
     }
 }
+
+/// `kojo bench-serve` against a server: the table and the JSON, also for one-token requests
+/// (no inter-token latency to print, which once panicked).
+#[test]
+fn bench_serve_reports_one_token_requests() {
+    let s = Server::start(&[]);
+    let base = s.url("");
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kojo"))
+            .args([
+                "bench-serve",
+                "--url",
+                base.trim_end_matches('/'),
+                "--concurrency",
+                "1,4",
+            ])
+            .args(["--requests", "8", "--prompt", "Hi"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let table = run(&["--max-tokens", "1"]);
+    assert!(
+        table.contains("| 4 | 8 |") && table.contains(" - |"),
+        "{table}"
+    );
+    let v: Value = serde_json::from_str(&run(&["--max-tokens", "4", "--json"])).unwrap();
+    let rows = v["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows[1]["aggregate_tok_s"].as_f64().unwrap() > 0.0);
+    assert!(rows[1]["itl_p50_ms"].as_f64().unwrap() > 0.0);
+}
