@@ -97,6 +97,10 @@ pub struct GenerateArgs {
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,
+    /// A chat template to use instead of the model's own (a file, or the Jinja template
+    /// itself); implies --chat.
+    #[arg(long)]
+    pub chat_template: Option<String>,
     #[arg(long, short = 'n', default_value_t = 128)]
     pub max_tokens: usize,
     /// 0 = greedy.
@@ -319,9 +323,14 @@ fn ctx_size(a: &ModelArgs, model_ctx: usize, need: usize) -> usize {
 
 /// The prompt's token ids: the chat template applied when asked, BOS added when the model adds
 /// it (and the text does not already start with it).
-fn prompt_ids<B: Backend>(l: &Loaded<B>, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+fn prompt_ids<B: Backend>(
+    l: &Loaded<B>,
+    prompt: &str,
+    chat: bool,
+    template: Option<&str>,
+) -> Result<Vec<u32>> {
     let text = if chat {
-        let tmpl = l.src.chat_template(l.tok()?)?;
+        let tmpl = l.src.chat_template_with(l.tok()?, template)?;
         let msgs = serde_json::json!([{"role": "user", "content": prompt}]);
         tmpl.render(&msgs, true, None)?
     } else {
@@ -342,7 +351,8 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn generate_on<B: Backend>(l: &Loaded<B>, a: &GenerateArgs) -> Result<()> {
-    let ids = prompt_ids(l, &a.prompt, a.chat)?;
+    let template = a.chat_template.as_deref();
+    let ids = prompt_ids(l, &a.prompt, a.chat || template.is_some(), template)?;
     let ctx = ctx_size(
         &a.model,
         l.model.cfg.context_length,

@@ -8,16 +8,24 @@ use std::time::Duration;
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// A GGUF file or a Hugging Face folder.
+    /// A GGUF file or a Hugging Face folder (`kojo serve MODEL`, as vLLM takes it).
+    #[arg(value_name = "MODEL", conflicts_with = "model")]
+    pub model_pos: Option<PathBuf>,
+    /// A GGUF file or a Hugging Face folder (as llama-server's -m).
     #[arg(long, short)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// The model id clients use (default: the file name without extension).
+    /// The model ids clients may use (`--served-model-name a b`): the first is the one
+    /// /v1/models lists first and the metrics name (default: the file name without extension).
+    #[arg(long, num_args = 1..)]
+    pub served_model_name: Vec<String>,
+    /// A chat template to use instead of the model's own (a base model has none): a file, or
+    /// the Jinja template itself.
     #[arg(long)]
-    pub served_model_name: Option<String>,
+    pub chat_template: Option<String>,
     /// Require this API key (repeatable; also `KOJO_API_KEY`, comma-separated); every route
     /// but /health (and /metrics, unless --metrics-auth) then needs `Authorization: Bearer KEY`.
     #[arg(
@@ -33,8 +41,9 @@ pub struct ServeArgs {
     /// A file with one API key per line.
     #[arg(long)]
     pub api_key_file: Option<PathBuf>,
-    /// Longest sequence (prompt + output) per request; capped at the model's context.
-    #[arg(long, default_value_t = 4096)]
+    /// Longest sequence (prompt + output) per request; capped at the model's context
+    /// (`-c`/`--ctx-size`, as llama-server names it).
+    #[arg(long, short = 'c', visible_alias = "ctx-size", default_value_t = 4096)]
     pub max_model_len: usize,
     /// KV-cache capacity in tokens, shared by all running requests.
     #[arg(long, default_value_t = 16384)]
@@ -99,22 +108,42 @@ pub struct ServeArgs {
     /// the one default tenant.
     #[arg(long)]
     pub usage_db: Option<PathBuf>,
+    /// text, or json (one object per line)
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     #[command(flatten)]
     pub cpu: crate::gen_cmd::CpuArgs,
     #[command(flatten)]
     pub device: crate::gen_cmd::DeviceArgs,
 }
 
+/// How `serve` writes its log lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// for people: coloured on a terminal (never with NO_COLOR set)
+    Text,
+    /// one JSON object per line, for log collectors
+    Json,
+}
+
 pub fn run(a: ServeArgs) -> Result<()> {
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         // a closed stderr loses log lines, nothing else
-        .log_internal_errors(false)
-        .init();
+        .log_internal_errors(false);
+    match a.log_format {
+        LogFormat::Text => {
+            use std::io::IsTerminal as _;
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+            logs.with_ansi(std::io::stderr().is_terminal() && !no_color)
+                .init()
+        }
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
     a.cpu.init_threads()?;
     // a machine without the device fails here, in one line, before listening
     a.device.probe()?;
@@ -158,16 +187,32 @@ pub fn run(a: ServeArgs) -> Result<()> {
         bail!("--max-connections must be at least 1");
     }
     let secs = Duration::from_secs_f64;
-    let served = a.served_model_name.clone().unwrap_or_else(|| {
-        a.model
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into())
-    });
+    let Some(model) = a.model_pos.clone().or_else(|| a.model.clone()) else {
+        bail!("no model: give its path (`kojo serve MODEL` or -m MODEL)");
+    };
+    let mut names = a.served_model_name.clone();
+    if names.iter().any(|n| n.trim().is_empty()) {
+        bail!("--served-model-name must not be empty");
+    }
+    if names.is_empty() {
+        names.push(
+            model
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into()),
+        );
+    }
+    let served = names.remove(0);
+    if let Some(t) = &a.chat_template {
+        // a bad argument is a start-up error, before the model loads
+        kojo::model::source::template_arg(t)?;
+    }
     let cfg_keys_empty = keys.is_empty();
     let cfg = ServeConfig {
-        model: a.model.clone(),
+        model,
         served_name: served,
+        aliases: names,
+        chat_template: a.chat_template.clone(),
         host: a.host.clone(),
         port: a.port,
         api_keys: keys,

@@ -356,9 +356,15 @@ fn bad_input_gets_clear_errors() {
         v["error"]["message"].as_str().unwrap().contains("JSON"),
         "{v}"
     );
+    // `model` may be left out (the served model answers, as with vLLM); it must be a string
     let (st, v) = s.post(
         "/v1/chat/completions",
-        &json!({"messages": [{"role": "user", "content": "x"}]}).to_string(),
+        &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}).to_string(),
+    );
+    assert_eq!((st, v["model"].as_str()), (200, Some(MODEL_ID)), "{v}");
+    let (st, v) = s.post(
+        "/v1/chat/completions",
+        &json!({"model": 7, "messages": [{"role": "user", "content": "x"}]}).to_string(),
     );
     assert_eq!((st, v["error"]["param"].as_str()), (400, Some("model")));
     let (st, v) = s.post("/v1/chat/completions", &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).to_string());
@@ -474,4 +480,183 @@ fn bench_serve_reports_one_token_requests() {
     assert_eq!(rows.len(), 2);
     assert!(rows[1]["aggregate_tok_s"].as_f64().unwrap() > 0.0);
     assert!(rows[1]["itl_p50_ms"].as_f64().unwrap() > 0.0);
+}
+
+/// What vLLM and llama-server users type: `kojo serve MODEL` (positional), `-c`, several
+/// `--served-model-name`s, `--chat-template FILE` for a base model (the shipped Gemma 3 has
+/// none), `chat_template_kwargs`, a template's own error as a 400 naming its line, `model`
+/// left out, `GET /v1/models/{id}`, `GET /version`, the client's `X-Request-Id` echoed.
+#[test]
+fn the_command_line_and_routes_vllm_users_expect() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmpl = dir.path().join("gemma.jinja");
+    std::fs::write(
+        &tmpl,
+        "{{ bos_token }}{% for m in messages %}<start_of_turn>user\n{{ m['content'] }}<end_of_turn>\n{% endfor %}\
+         {% if extra_text %}{{ extra_text }}\n{% endif %}\
+         {% if fail %}{{ raise_exception('asked to fail') }}{% endif %}\
+         <start_of_turn>model\n",
+    )
+    .unwrap();
+    // a bad --chat-template is a start-up error naming the flag
+    let out = Command::new(env!("CARGO_BIN_EXE_kojo"))
+        .args([
+            "serve",
+            gemma3().to_str().unwrap(),
+            "--chat-template",
+            "no-such-file",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--chat-template"),
+        "{err}"
+    );
+    let port = Server::free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_kojo"))
+        .args([
+            "serve",
+            gemma3().to_str().unwrap(),
+            "-c",
+            "1024",
+            "--port",
+            &port.to_string(),
+        ])
+        .args([
+            "--served-model-name",
+            "g",
+            "gemma3",
+            "--chat-template",
+            tmpl.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut s = Server { child, port };
+    s.wait_ready();
+    let chat = |body: Value| s.post("/v1/chat/completions", &body.to_string());
+    let msg = json!([{"role": "user", "content": "Hello"}]);
+    let (st, plain) = chat(json!({"model": "gemma3", "messages": msg, "max_tokens": 2}));
+    assert_eq!(st, 200, "{plain}");
+    assert_eq!(plain["model"], "gemma3");
+    let (st, more) = chat(json!({"messages": msg, "max_tokens": 2,
+                                 "chat_template_kwargs": {"extra_text": "one two three four five"}}));
+    assert_eq!(st, 200, "{more}");
+    assert_eq!(more["model"], "g", "no model: the served one");
+    let base = plain["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        more["usage"]["prompt_tokens"].as_u64().unwrap() >= base + 4,
+        "{plain} {more}"
+    );
+    let (st, e) = chat(json!({"messages": msg, "chat_template_kwargs": {"fail": true}}));
+    assert_eq!(st, 400, "{e}");
+    let m = e["error"]["message"].as_str().unwrap();
+    assert!(m.contains("asked to fail") && m.contains("line"), "{m}");
+    let (st, e) = chat(json!({"messages": msg, "chat_template_kwargs": [1]}));
+    assert_eq!(
+        (st, e["error"]["param"].as_str()),
+        (400, Some("chat_template_kwargs"))
+    );
+    let (st, e) = chat(json!({"model": "other", "messages": msg}));
+    assert_eq!(st, 404, "{e}");
+    // the routes
+    let get = |p: &str| match ureq::get(&s.url(p)).set("X-Request-Id", "my-id-42").call() {
+        Ok(r) => (
+            r.status(),
+            r.header("x-request-id").map(str::to_string),
+            r.into_json::<Value>().unwrap(),
+        ),
+        Err(ureq::Error::Status(c, r)) => (
+            c,
+            r.header("x-request-id").map(str::to_string),
+            r.into_json::<Value>().unwrap(),
+        ),
+        Err(e) => panic!("{e}"),
+    };
+    let (_, rid, models) = get("/v1/models");
+    assert_eq!(
+        rid.as_deref(),
+        Some("my-id-42"),
+        "the client's request id comes back"
+    );
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["g", "gemma3"]);
+    assert_eq!(models["data"][0]["max_model_len"], 1024);
+    let (st, _, one) = get("/v1/models/gemma3");
+    assert_eq!((st, one["id"].as_str()), (200, Some("gemma3")));
+    let (st, _, e) = get("/v1/models/nope");
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (404, Some("model_not_found")),
+        "{e}"
+    );
+    let (st, _, v) = get("/version");
+    assert_eq!(
+        (st, v["version"].as_str()),
+        (200, Some(env!("CARGO_PKG_VERSION")))
+    );
+    // generate takes the same template
+    let out = Command::new(env!("CARGO_BIN_EXE_kojo"))
+        .args([
+            "generate",
+            "-m",
+            gemma3().to_str().unwrap(),
+            "--chat-template",
+            tmpl.to_str().unwrap(),
+        ])
+        .args(["-p", "Hello", "-n", "2", "--temperature", "0"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Logs: no colour when stderr is not a terminal; `--log-format json` writes one JSON object
+/// per line with the request id the client sent.
+#[test]
+fn logs_are_plain_off_a_terminal_and_json_when_asked() {
+    for json_logs in [false, true] {
+        let mut flags = vec![];
+        if json_logs {
+            flags.extend(["--log-format", "json"]);
+        }
+        let mut s = Server::spawn(
+            &flags,
+            &[("RUST_LOG", "info")],
+            std::process::Stdio::piped(),
+            None,
+        );
+        s.wait_ready();
+        let _ = ureq::get(&s.url("/v1/models"))
+            .set("X-Request-Id", "log-id-9")
+            .call()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = s.child.kill();
+        let mut err = String::new();
+        s.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(!err.contains('\u{1b}'), "colour off a terminal: {err}");
+        assert!(err.contains("log-id-9"), "{err}");
+        if json_logs {
+            for line in err.lines().filter(|l| !l.trim().is_empty()) {
+                let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+                assert!(v["level"].is_string(), "{line}");
+            }
+        }
+    }
 }

@@ -38,6 +38,10 @@ use tokio::sync::Semaphore;
 pub struct ServeConfig {
     pub model: PathBuf,
     pub served_name: String,
+    /// more model ids requests may use (`--served-model-name a b c`)
+    pub aliases: Vec<String>,
+    /// `--chat-template`: a file or the template, instead of the model's own
+    pub chat_template: Option<String>,
     pub host: String,
     pub port: u16,
     pub api_keys: Vec<String>,
@@ -207,7 +211,7 @@ impl AppState {
     }
 
     fn check_model(&self, asked: &str) -> Result<(), ApiError> {
-        if asked == self.cfg.served_name {
+        if asked == self.cfg.served_name || self.cfg.aliases.iter().any(|a| a == asked) {
             Ok(())
         } else {
             Err(ApiError::model_not_found(asked, &self.cfg.served_name))
@@ -478,7 +482,7 @@ async fn chat_as(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (req, r) = (parse_body::<ChatRequest>(&body)?, st.ready()?);
-    let model = req.common.model()?;
+    let model = req.common.model(&st.cfg.served_name)?;
     st.check_model(&model)?;
     let mut v = req.validate(r.vocab)?;
     let share = hold.share(v.params.priority)?;
@@ -493,6 +497,7 @@ async fn chat_as(
     }
     let messages = std::mem::take(&mut v.messages);
     let tools = v.tools.take();
+    let kwargs = v.template_kwargs.take();
     let st2 = st.clone();
     let tools2 = tools.clone();
     let ids = st
@@ -503,8 +508,12 @@ async fn chat_as(
                     "this model has no chat template; use /v1/completions",
                 ));
             };
-            let (messages, extra) =
+            let (messages, mut extra) =
                 super::tools::template_messages(messages, tools2.as_ref(), tmpl.native_tools);
+            if let Some(kw) = kwargs {
+                // the request's variables over kojo's, as vLLM merges them
+                extra.get_or_insert_with(Default::default).extend(kw);
+            }
             let text = tmpl
                 .render(&messages, true, extra.as_ref())
                 .map_err(|e| ApiError::bad_request(format!("the chat template failed: {e}")))?;
@@ -576,7 +585,7 @@ async fn completions_as(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (req, r) = (parse_body::<CompletionRequest>(&body)?, st.ready()?);
-    let model = req.common.model()?;
+    let model = req.common.model(&st.cfg.served_name)?;
     st.check_model(&model)?;
     let mut v = req.validate(r.vocab)?;
     let share = hold.share(v.params.priority)?;
@@ -646,11 +655,39 @@ async fn completions_as(
     Ok(respond(r.engine.clone(), r.tok.clone(), job).await)
 }
 
+impl AppState {
+    /// The served model under `id`, as /v1/models lists it.
+    fn model_card(&self, id: &str) -> Value {
+        json!({
+            "id": id, "object": "model", "created": self.started, "owned_by": "kojo",
+            "root": self.cfg.model.display().to_string(), "parent": null,
+            "max_model_len": self.cfg.max_model_len,
+        })
+    }
+
+    fn model_ids(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.cfg.served_name.as_str())
+            .chain(self.cfg.aliases.iter().map(String::as_str))
+    }
+}
+
 async fn models(State(st): St) -> Json<Value> {
-    Json(json!({"object": "list", "data": [{
-        "id": st.cfg.served_name, "object": "model", "created": st.started, "owned_by": "kojo",
-        "max_model_len": st.cfg.max_model_len,
-    }]}))
+    let data: Vec<Value> = st.model_ids().map(|id| st.model_card(id)).collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// `GET /v1/models/{id}`: one served model, or a 404 naming what is served.
+async fn model_by_id(
+    State(st): St,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    st.check_model(&id)?;
+    Ok(Json(st.model_card(&id)))
+}
+
+/// `GET /version`, as vLLM answers it.
+async fn version() -> Json<Value> {
+    Json(json!({"version": env!("CARGO_PKG_VERSION")}))
 }
 
 /// 200 while the engine can serve; 503 while loading and from the moment the engine stops.
@@ -1000,12 +1037,14 @@ async fn finish(req: Request, next: Next) -> Response {
     if (s.is_client_error() || s.is_server_error()) && !is_json {
         r = ApiError::status_only(s).into_response();
     }
-    // the client's own id when it sent one, else ours
-    let given = client_id.and_then(|v| header::HeaderValue::from_str(&v).ok());
-    if let Some(v) = given.or_else(|| header::HeaderValue::from_str(&format!("req-{id}")).ok()) {
+    // the client's own id when it sent one (echoed, and the id in the log), else ours
+    let rid = client_id
+        .filter(|v| header::HeaderValue::from_str(v).is_ok())
+        .unwrap_or_else(|| format!("req-{id}"));
+    if let Ok(v) = header::HeaderValue::from_str(&rid) {
         r.headers_mut().insert("x-request-id", v);
     }
-    tracing::info!(request_id = id, %method, path, status = s.as_u16(), ms = t.elapsed().as_millis() as u64, "request");
+    tracing::info!(request_id = %rid, %method, path, status = s.as_u16(), ms = t.elapsed().as_millis() as u64, "request");
     r
 }
 
@@ -1014,6 +1053,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model_by_id))
+        .route("/version", get(version))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))
@@ -1031,8 +1072,10 @@ pub fn router(state: Arc<AppState>) -> Router {
 fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Ready> {
     let src = ModelSource::open(&cfg.model)?;
     let tok = src.tokenizer()?;
-    let template = match src.chat_template(&tok) {
+    let template = match src.chat_template_with(&tok, cfg.chat_template.as_deref()) {
         Ok(t) => Some(t),
+        // a template asked for that does not compile is a load error
+        Err(e) if cfg.chat_template.is_some() => return Err(e),
         Err(e) => {
             tracing::warn!("no chat template ({e:#}); /v1/chat/completions will answer 400");
             None

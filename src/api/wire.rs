@@ -126,6 +126,8 @@ fn check_other_fields(other: &serde_json::Map<String, Value>) -> Result<(), ApiE
 #[derive(Deserialize)]
 pub struct ChatRequest {
     pub messages: Option<Value>,
+    /// vLLM's: more variables for the chat template (`{"enable_thinking": false}`)
+    pub chat_template_kwargs: Option<Value>,
     pub logprobs: Option<Value>,
     pub top_logprobs: Option<Value>,
     #[serde(flatten)]
@@ -186,6 +188,8 @@ pub struct ValidChat {
     pub params: ValidParams,
     /// `tools` and `tool_choice`, when tools are offered
     pub tools: Option<ToolSetup>,
+    /// `chat_template_kwargs`: more template variables
+    pub template_kwargs: Option<serde_json::Map<String, Value>>,
 }
 
 pub struct ValidCompletion {
@@ -294,10 +298,12 @@ fn boolean(v: &Option<Value>, param: &str) -> Result<bool, ApiError> {
 
 impl Common {
     /// The model name the request asks for (required).
-    pub fn model(&self) -> Result<String, ApiError> {
+    /// The model asked for; `served` when the request names none (vLLM and llama-server
+    /// serve their one model then).
+    pub fn model(&self, served: &str) -> Result<String, ApiError> {
         match &self.model {
             Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-            None | Some(Value::Null) => Err(bad("model", "`model` is required")),
+            None | Some(Value::Null) => Ok(served.to_string()),
             Some(other) => Err(bad(
                 "model",
                 format!("`model` must be a non-empty string, got {other}"),
@@ -735,10 +741,29 @@ impl ChatRequest {
                 ));
             }
         }
+        let template_kwargs = match &self.chat_template_kwargs {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(m)) => {
+                if m.contains_key("messages") {
+                    return Err(bad(
+                        "chat_template_kwargs",
+                        "`chat_template_kwargs` may not set `messages`",
+                    ));
+                }
+                Some(m.clone())
+            }
+            Some(other) => {
+                return Err(bad(
+                    "chat_template_kwargs",
+                    format!("`chat_template_kwargs` must be an object, got {other}"),
+                ))
+            }
+        };
         Ok(ValidChat {
             messages,
             params,
             tools,
+            template_kwargs,
         })
     }
 }

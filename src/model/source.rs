@@ -101,11 +101,29 @@ impl ModelSource {
 
     /// The model's chat template, ready to render.
     pub fn chat_template(&self, tok: &Tokenizer) -> Result<ChatTemplate> {
-        let src = self
-            .chat_template_source()?
-            .ok_or_else(|| anyhow!("{}: the model has no chat template", self.path().display()))?;
+        self.chat_template_with(tok, None)
+    }
+
+    /// The chat template `given` (`--chat-template`: a file, or the template itself), else
+    /// the model's own.
+    pub fn chat_template_with(&self, tok: &Tokenizer, given: Option<&str>) -> Result<ChatTemplate> {
+        let src = match given {
+            Some(arg) => template_arg(arg)?,
+            None => self.chat_template_source()?.ok_or_else(|| {
+                anyhow!(
+                    "{}: the model has no chat template (give one with --chat-template)",
+                    self.path().display()
+                )
+            })?,
+        };
         let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
-        Ok(ChatTemplate::new(&src, &text(tok.bos()), &text(tok.eos()))?)
+        ChatTemplate::new(&src, &text(tok.bos()), &text(tok.eos())).map_err(|e| match given {
+            Some(arg) if arg.len() < 256 && !arg.contains('\n') => {
+                anyhow!("--chat-template {arg}: {e}")
+            }
+            Some(_) => anyhow!("--chat-template: {e}"),
+            None => anyhow!("{}: {e}", self.path().display()),
+        })
     }
 
     /// Drops this process's resident pages of the mapped file under `data` (a tensor slice
@@ -136,4 +154,17 @@ impl ModelSource {
             ModelSource::Random(_, p) => p,
         }
     }
+}
+
+/// A `--chat-template` argument as vLLM and llama-server take it: the path of a file holding a
+/// Jinja template, or the template itself (it has `{{` or `{%`).
+pub fn template_arg(arg: &str) -> Result<String> {
+    let p = Path::new(arg);
+    if p.is_file() {
+        return std::fs::read_to_string(p).with_context(|| format!("reading {arg}"));
+    }
+    if arg.contains("{{") || arg.contains("{%") {
+        return Ok(arg.to_string());
+    }
+    bail!("--chat-template {arg}: no such file, and not a template (no `{{{{` or `{{%`)")
 }
