@@ -1,4 +1,4 @@
-//! Generation and perplexity on the real models against llama.cpp's outputs in ../shared/ref.
+//! Generation and perplexity on the real models against llama.cpp's outputs in tests/data.
 //!
 //! llama.cpp's numbers are one run of quantized arithmetic (activations rounded to 8 bits per
 //! block), and these small models amplify rounding: flipping the rounding of the ~25 exact
@@ -176,10 +176,7 @@ fn chat_flag_uses_the_template() {
 }
 
 fn perplexity(model: &Path) -> (f64, f64) {
-    let shared = std::env::var("KOJO_SHARED")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| root().join("../shared"));
-    let text = shared.join("ref/ppl-tempest.txt");
+    let text = reference_dir().join("ppl-tempest.txt");
     let out = kojo_ok(&[
         "perplexity",
         "-m",

@@ -1,5 +1,5 @@
 //! Tokenization, detokenization and chat templates against llama.cpp's outputs for the two real
-//! models (../shared/ref), through the `kojo` CLI.
+//! models (tests/data), through the `kojo` CLI.
 
 mod common;
 use common::*;

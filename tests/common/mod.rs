@@ -30,12 +30,16 @@ pub fn gemma3() -> PathBuf {
     model("gemma-3-270m-q4_k_m.gguf")
 }
 
-/// The shared reference folder (`../shared/ref`, or $KOJO_SHARED/ref).
-pub fn reference(file: &str) -> serde_json::Value {
-    let shared = std::env::var("KOJO_SHARED")
+/// The reference data folder: `tests/data` (see its README), or `$KOJO_REFERENCE_DIR`.
+pub fn reference_dir() -> PathBuf {
+    std::env::var("KOJO_REFERENCE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| root().join("../shared"));
-    let p = shared.join("ref").join(file);
+        .unwrap_or_else(|_| root().join("tests/data"))
+}
+
+/// A JSON file of the reference data.
+pub fn reference(file: &str) -> serde_json::Value {
+    let p = reference_dir().join(file);
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
 }
