@@ -356,12 +356,11 @@ fn bad_input_gets_clear_errors() {
         v["error"]["message"].as_str().unwrap().contains("JSON"),
         "{v}"
     );
-    // `model` may be left out (the served model answers, as with vLLM); it must be a string
     let (st, v) = s.post(
         "/v1/chat/completions",
-        &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}).to_string(),
+        &json!({"messages": [{"role": "user", "content": "x"}]}).to_string(),
     );
-    assert_eq!((st, v["model"].as_str()), (200, Some(MODEL_ID)), "{v}");
+    assert_eq!((st, v["error"]["param"].as_str()), (400, Some("model")));
     let (st, v) = s.post(
         "/v1/chat/completions",
         &json!({"model": 7, "messages": [{"role": "user", "content": "x"}]}).to_string(),
@@ -541,20 +540,21 @@ fn the_command_line_and_routes_vllm_users_expect() {
     let (st, plain) = chat(json!({"model": "gemma3", "messages": msg, "max_tokens": 2}));
     assert_eq!(st, 200, "{plain}");
     assert_eq!(plain["model"], "gemma3");
-    let (st, more) = chat(json!({"messages": msg, "max_tokens": 2,
+    let (st, more) = chat(json!({"model": "g", "messages": msg, "max_tokens": 2,
                                  "chat_template_kwargs": {"extra_text": "one two three four five"}}));
     assert_eq!(st, 200, "{more}");
-    assert_eq!(more["model"], "g", "no model: the served one");
+    assert_eq!(more["model"], "g");
     let base = plain["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(
         more["usage"]["prompt_tokens"].as_u64().unwrap() >= base + 4,
         "{plain} {more}"
     );
-    let (st, e) = chat(json!({"messages": msg, "chat_template_kwargs": {"fail": true}}));
+    let (st, e) =
+        chat(json!({"model": "g", "messages": msg, "chat_template_kwargs": {"fail": true}}));
     assert_eq!(st, 400, "{e}");
     let m = e["error"]["message"].as_str().unwrap();
     assert!(m.contains("asked to fail") && m.contains("line"), "{m}");
-    let (st, e) = chat(json!({"messages": msg, "chat_template_kwargs": [1]}));
+    let (st, e) = chat(json!({"model": "g", "messages": msg, "chat_template_kwargs": [1]}));
     assert_eq!(
         (st, e["error"]["param"].as_str()),
         (400, Some("chat_template_kwargs"))

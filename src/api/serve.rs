@@ -482,7 +482,7 @@ async fn chat_as(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (req, r) = (parse_body::<ChatRequest>(&body)?, st.ready()?);
-    let model = req.common.model(&st.cfg.served_name)?;
+    let model = req.common.model()?;
     st.check_model(&model)?;
     let mut v = req.validate(r.vocab)?;
     let share = hold.share(v.params.priority)?;
@@ -585,7 +585,7 @@ async fn completions_as(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (req, r) = (parse_body::<CompletionRequest>(&body)?, st.ready()?);
-    let model = req.common.model(&st.cfg.served_name)?;
+    let model = req.common.model()?;
     st.check_model(&model)?;
     let mut v = req.validate(r.vocab)?;
     let share = hold.share(v.params.priority)?;

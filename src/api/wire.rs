@@ -298,12 +298,13 @@ fn boolean(v: &Option<Value>, param: &str) -> Result<bool, ApiError> {
 
 impl Common {
     /// The model name the request asks for (required).
-    /// The model asked for; `served` when the request names none (vLLM and llama-server
-    /// serve their one model then).
-    pub fn model(&self, served: &str) -> Result<String, ApiError> {
+    /// The model asked for. Required, as OpenAI requires it (and llm-comply checks): vLLM
+    /// serves a request without one, but a client that leaves it out is more often wrong
+    /// than relying on that.
+    pub fn model(&self) -> Result<String, ApiError> {
         match &self.model {
             Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-            None | Some(Value::Null) => Ok(served.to_string()),
+            None | Some(Value::Null) => Err(bad("model", "`model` is required")),
             Some(other) => Err(bad(
                 "model",
                 format!("`model` must be a non-empty string, got {other}"),
