@@ -603,22 +603,19 @@ fn the_command_line_and_routes_vllm_users_expect() {
         (200, Some(env!("CARGO_PKG_VERSION")))
     );
     // generate takes the same template
-    let out = Command::new(env!("CARGO_BIN_EXE_kojo"))
-        .args([
-            "generate",
-            "-m",
-            gemma3().to_str().unwrap(),
-            "--chat-template",
-            tmpl.to_str().unwrap(),
-        ])
-        .args(["-p", "Hello", "-n", "2", "--temperature", "0"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    kojo_ok(&[
+        "generate",
+        "-m",
+        gemma3().to_str().unwrap(),
+        "--chat-template",
+        tmpl.to_str().unwrap(),
+        "-p",
+        "Hello",
+        "-n",
+        "2",
+        "--temperature",
+        "0",
+    ]);
 }
 
 /// Logs: no colour when stderr is not a terminal; `--log-format json` writes one JSON object

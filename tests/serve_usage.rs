@@ -5,11 +5,12 @@
 
 mod common;
 
+use common::kojo_ok;
 use common::server::*;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -239,22 +240,10 @@ fn the_ledger_totals_are_the_usage_the_clients_got() {
     assert!(ids > 0);
 
     // offline, while the server runs: the same totals
-    let out = Command::new(env!("CARGO_BIN_EXE_kojo"))
-        .args(["usage", "--db", db.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let offline: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let offline: Value =
+        serde_json::from_str(&kojo_ok(&["usage", "--db", db.to_str().unwrap()])).unwrap();
     assert_eq!(offline["data"], all["data"]);
-    let out = Command::new(env!("CARGO_BIN_EXE_kojo"))
-        .args(["usage", "--db", db.to_str().unwrap(), "--csv"])
-        .output()
-        .unwrap();
-    let csv = String::from_utf8(out.stdout).unwrap();
+    let csv = kojo_ok(&["usage", "--db", db.to_str().unwrap(), "--csv"]);
     assert!(
         csv.starts_with(
             "tenant,outcome,requests,prompt_tokens,cached_prompt_tokens,completion_tokens\n"

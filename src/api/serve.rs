@@ -713,11 +713,7 @@ async fn metrics(State(st): St) -> Response {
     if let Some(l) = &st.cfg.usage {
         use std::fmt::Write as _;
         let m = crate::engine::metrics::go_float;
-        let name = st
-            .cfg
-            .served_name
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"");
+        let name = crate::engine::metrics::escape(&st.cfg.served_name);
         let _ = write!(
             text,
             "# HELP kojo:usage_ledger_rows_total Rows committed to the usage ledger.\n\

@@ -105,7 +105,7 @@ pub fn go_float(v: f64) -> String {
 }
 
 /// A label value with `\`, `"` and newlines escaped.
-fn escape(v: &str) -> String {
+pub fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
